@@ -1,0 +1,44 @@
+"""Shared helpers for the benchmark scripts: timing and a random-weight model from a config."""
+
+from __future__ import annotations
+
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
+
+
+def time_fn(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall seconds of fn(*args) (blocking on the result), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def random_model(cfg: LatentLMConfig, seed: int = 0):
+    """LatentLM with random weights everywhere (the zero-init head outputs are perturbed so sampling does work)."""
+    model = LatentLM(cfg)
+    n = cfg.max_len
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, n), jnp.int32),
+                                          jnp.zeros((1, n, cfg.latent_dim)), jnp.zeros((1, n), bool)))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    leaves = [x + 0.02 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return model, jax.tree.unflatten(tree, leaves)
+
+
+def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+    """Achieved FLOP/s of a dense n×n×n matmul: the machine's practical peak for this dtype."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    return 2 * n ** 3 / time_fn(f, a, b, repeats=repeats)

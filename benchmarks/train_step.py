@@ -1,0 +1,86 @@
+"""Achieved FLOP/s of the LatentLM train step vs a dense-matmul peak measured in the same run.
+
+  python benchmarks/train_step.py                      # the embedded default model (configs/default.py)
+  python benchmarks/train_step.py --size=B --dtype=bfloat16 --batch=32 --peak=989e12   # GPU MFU
+FLOPs come from latent_lm.training.flops (the head counted ×batch_mul).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from benchmarks.common import matmul_peak_flops, time_fn
+from configs import default
+from latent_lm.models.latent_lm import LatentLMConfig
+from latent_lm.models.presets import apply_preset
+from latent_lm.parallel.mesh import DEFAULT_RULES, make_mesh, shard_batch
+from latent_lm.training.flops import train_flops_per_step
+from latent_lm.training.tasks import LatentLMTask, LatentNormalization
+from latent_lm.training.train_loop import build_state_fns, make_train_step
+from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", default=None, help="a preset (B, L, H, Base, …); default: the embedded model")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--latent_dim", type=int, default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--peak", type=float, default=None, help="vendor peak FLOP/s (else a measured matmul peak)")
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args()
+
+    c = default.get_config()
+    if args.size:
+        apply_preset(c.model, c.head, args.size)
+        c.model.update(dict(max_len=256, latent_dim=16, num_classes=1000))
+    if args.tokens:
+        c.model.max_len = args.tokens
+    if args.latent_dim:
+        c.model.latent_dim = args.latent_dim
+    c.model.dtype = args.dtype
+    c.vae.latent_dim = c.model.latent_dim
+    batch = args.batch or c.train.batch_size
+    task = LatentLMTask.from_config(c, LatentNormalization(1.0, 0.0))
+    cfg: LatentLMConfig = task.model.config
+    tx = make_optimizer(c.optim, 1000)
+    mesh = make_mesh(ml_collections.ConfigDict(dict(shape=(-1, 1, 1))), jax.devices()[:1])
+    init, _, shardings = build_state_fns(task, tx, mesh, DEFAULT_RULES, 0)
+    with jax.set_mesh(mesh):
+        import flax.linen as nn
+        with nn.logical_axis_rules(DEFAULT_RULES):
+            state = init(jax.random.PRNGKey(0))
+            step = jax.jit(make_train_step(task, tx, learning_rate_schedule(c.optim, 1000), 0.999),
+                           donate_argnums=0)
+            data = shard_batch({"latents": jax.random.normal(jax.random.PRNGKey(1),
+                                                             (batch, cfg.max_len, cfg.latent_dim)),
+                                "label": jnp.zeros((batch,), jnp.int32)}, mesh)
+            holder = [state]
+
+            def one():
+                holder[0], m = step(holder[0], data)
+                return m["loss"]
+
+            seconds = time_fn(one, repeats=args.steps, warmup=2)
+    flops = train_flops_per_step(cfg, batch, cfg.max_len, c.diffusion.batch_mul)
+    peak = args.peak or matmul_peak_flops(dtype=jnp.dtype(args.dtype))
+    achieved = flops["total"] / seconds
+    print(f"device: {jax.devices()[0].device_kind}  model: width {cfg.width} depth {cfg.depth} "
+          f"head {cfg.head_depth}  batch {batch} × {cfg.max_len} tokens  head ×{c.diffusion.batch_mul}  {args.dtype}")
+    print(f"train step: {seconds * 1e3:.1f} ms   FLOPs/step {flops['total'] / 1e9:.2f} G "
+          f"(backbone {flops['backbone'] / 1e9:.2f} G, head {flops['head'] / 1e9:.2f} G)")
+    print(f"achieved {achieved / 1e9:.1f} GFLOP/s   peak {'(given)' if args.peak else '(measured matmul)'} "
+          f"{peak / 1e9:.1f} GFLOP/s   ratio (MFU) {achieved / peak:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""PNG image grids."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+from PIL import Image
+
+
+def make_grid(images_uint8: np.ndarray, ncols: int = 10, pad: int = 2) -> np.ndarray:
+    """Tiles images [N,H,W,C] row-major into [rows·(H+pad)+pad, ncols·(W+pad)+pad, C], background 0."""
+    images = np.asarray(images_uint8)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images [N,H,W,C], got {images.dtype} {images.shape}")
+    n, h, w, c = images.shape
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, -(-n // ncols))
+    grid = np.zeros((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, ncols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = im
+    return grid
+
+
+def save_image_grid(images_uint8: np.ndarray, path: str, ncols: int = 10, pad: int = 2) -> None:
+    """Writes the grid of `make_grid` as a PNG (grayscale for C=1), atomically (temp file + rename)."""
+    grid = make_grid(images_uint8, ncols, pad)
+    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,97 @@
+"""Per-token diffusion head: timestep embedding, adaLN SwiGLU blocks, zero-init final layer (spec §3.1–3.3).
+
+The head never mixes tokens: every row of x_t [..., C] is denoised independently given its condition [..., D].
+Its width is the backbone width D; with the zero-init adaLN and output linears it outputs exactly 0 at init.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from latent_lm.models.layers import Dense, SwiGLU, modulate, rms_norm, swiglu_hidden
+
+Dtype = Any
+FREQ_DIM = 256
+
+
+def timestep_sinusoid(t: jax.Array, dim: int = FREQ_DIM, max_period: float = 10000.0) -> jax.Array:
+    """[cos ‖ sin] of the raw timestep (0…999 as float) at frequencies exp(−ln(max_period)·k/half) (spec §3.2)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """sinusoid(256) → Linear(256→D) → SiLU → Linear(D→D), no biases, weights N(0, 0.02)."""
+
+    width: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        init = nn.initializers.normal(0.02)
+        h = Dense(self.width, ("freq", "embed"), kernel_init=init, dtype=self.dtype, name="mlp_0")(
+            timestep_sinusoid(t))
+        return Dense(self.width, ("embed", "embed_out"), kernel_init=init, dtype=self.dtype, name="mlp_2")(
+            jax.nn.silu(h))
+
+
+class MLPBlock(nn.Module):
+    """x + gate ⊙ SwiGLU(modulate(RMSNorm x, shift, scale)); (shift, scale, gate) = Linear(SiLU c), zero-init."""
+
+    mlp_ratio: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        mod = Dense(3 * width, ("embed", "mlp"), kernel_init=nn.initializers.zeros_init(), dtype=self.dtype,
+                    name="adaLN_modulation")(jax.nn.silu(c))
+        shift, scale, gate = jnp.split(mod, 3, axis=-1)
+        h = SwiGLU(swiglu_hidden(width, self.mlp_ratio), self.dtype, name="mlp")(modulate(rms_norm(x), shift, scale))
+        return x + gate * h
+
+
+class FinalLayer(nn.Module):
+    """Linear(modulate(RMSNorm x, shift, scale)) with (shift, scale) = Linear(SiLU c); both zero-init."""
+
+    out_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        mod = Dense(2 * width, ("embed", "mlp"), kernel_init=nn.initializers.zeros_init(), dtype=self.dtype,
+                    name="adaLN_modulation")(jax.nn.silu(c))
+        shift, scale = jnp.split(mod, 2, axis=-1)
+        return Dense(self.out_dim, ("embed", "latent"), kernel_init=nn.initializers.zeros_init(), dtype=self.dtype,
+                     name="linear")(modulate(rms_norm(x), shift, scale))
+
+
+class DiffusionHead(nn.Module):
+    """Predicts ε (or v) for noisy latents x_t [..., C] at timesteps t [...] given conditions [..., D]."""
+
+    latent_dim: int
+    depth: int
+    mlp_ratio: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_t: jax.Array, t: jax.Array, condition: jax.Array) -> jax.Array:
+        chex.assert_equal_shape_prefix([x_t, t, condition], t.ndim)
+        chex.assert_axis_dimension(x_t, -1, self.latent_dim)
+        width = condition.shape[-1]
+        c = condition.astype(self.dtype) + TimestepEmbedder(width, self.dtype, name="t_embedder")(t)
+        # noisy_x_embedder keeps PyTorch's default bias init (official initialize_weights zeroes only x_embedder's).
+        h = Dense(width, ("latent", "embed"), use_bias=True, bias_init=None, dtype=self.dtype,
+                  name="noisy_x_embedder")(x_t)
+        for i in range(self.depth):
+            h = MLPBlock(self.mlp_ratio, self.dtype, name=f"blocks_{i}")(h, c)
+        return FinalLayer(self.latent_dim, self.dtype, name="final_layer")(h, c)

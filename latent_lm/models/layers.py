@@ -1,0 +1,170 @@
+"""Backbone building blocks (spec §2.1–2.2, §3.3; official_code_facts §1, §7).
+
+Every parameter carries logical axis names; the logical→mesh mapping lives in the config (`mesh.rules`).
+Parameters are stored in `param_dtype` (fp32) and cast to the compute `dtype` (e.g. bf16) at use.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import chex
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Initializer = nn.initializers.Initializer
+
+RMS_EPS = 1e-6
+
+
+def torch_default_init(fan_in: int) -> Initializer:
+    """PyTorch's default Linear/Conv init, Kaiming-uniform(a=√5) = U(±1/√fan_in) (spec §3.3, §7.2)."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Dense(nn.Module):
+    """Linear map contracting the last `contract` axes of x into `features` (a bias-free default).
+
+    The kernel has shape `x.shape[-contract:] + features` and logical names `axes` (one per kernel dim).
+    Default init is PyTorch's (U(±1/√fan_in)); `bias_init=None` means PyTorch's default bias too.
+    """
+
+    features: int | Sequence[int]
+    axes: Sequence[str | None]
+    contract: int = 1
+    use_bias: bool = False
+    kernel_init: Initializer | None = None
+    bias_init: Initializer | None = nn.initializers.zeros_init()
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        in_shape = x.shape[x.ndim - self.contract:]
+        fan_in = int(np.prod(in_shape))
+        chex.assert_equal(len(self.axes), len(in_shape) + len(features))
+        init = self.kernel_init or torch_default_init(fan_in)
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
+                            in_shape + features, self.param_dtype)
+        x = x.astype(self.dtype)
+        y = jax.lax.dot_general(
+            x, kernel.astype(self.dtype),
+            ((tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))), ((), ())))
+        if self.use_bias:
+            binit = self.bias_init or torch_default_init(fan_in)
+            bias = self.param("bias", nn.with_logical_partitioning(binit, tuple(self.axes[len(in_shape):])),
+                              features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def rms_norm(x: jax.Array, eps: float = RMS_EPS) -> jax.Array:
+    """RMSNorm without gain, computed in fp32 and cast back (spec §2.1; official `RMSNorm(affine=False)`)."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN modulation x·(1+scale)+shift (official `modulate`)."""
+    return x * (1 + scale) + shift
+
+
+def swiglu_hidden(width: int, mlp_ratio: float) -> int:
+    """SwiGLU hidden size ⌊D·ratio·2/3/64⌋·64 (spec §2.1); e.g. 768→2048, 1024→2688 at ratio 4."""
+    return int(width * mlp_ratio * 2 / 3 / 64) * 64
+
+
+def rope_frequencies(head_dim: int, posi_scale: float = 1.0) -> np.ndarray:
+    """Official RoPE angles 1/(10000·s)^linspace(0, 1, d/2): the grid *includes* the endpoint (spec §2.2)."""
+    return 1.0 / (10000.0 * posi_scale) ** np.linspace(0.0, 1.0, head_dim // 2, dtype=np.float64)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, posi_scale: float = 1.0) -> jax.Array:
+    """Interleaved (GPT-J) rotary embedding on x [B,T,N,H] at integer positions [B,T] (spec §2.2).
+
+    Pairs (2i, 2i+1) rotate together. Angles are computed in fp32 and the rotation is done in fp32;
+    the official code casts the tables to x.dtype first, which only differs under bf16.
+    """
+    chex.assert_rank(x, 4)
+    chex.assert_equal_shape_prefix([x, positions], 2)
+    freqs = jnp.asarray(rope_frequencies(x.shape[-1], posi_scale), jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None, None] * freqs  # [B,T,1,H/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    x_even, x_odd = xf[..., 0], xf[..., 1]
+    out = jnp.stack([x_even * cos - x_odd * sin, x_odd * cos + x_even * sin], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """fc2(SiLU(fc1 x) ⊙ gate x), bias-free (official `SwiGLU`: the SiLU is on fc1)."""
+
+    hidden: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        a = Dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
+        g = Dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="gate")(x)
+        h = nn.with_logical_constraint(jax.nn.silu(a) * g, ("batch", "length", "mlp"))
+        return Dense(width, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Static-size per-layer cache of *rotated* keys and values, [B, max_len, n_kv, d_head] each."""
+
+    key: jax.Array
+    value: jax.Array
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with GQA, interleaved RoPE and an optional static KV cache (spec §2.1).
+
+    q/k/v are separate kernels ([D, heads, d_head]) so tensor parallelism can shard whole heads; the official
+    fused `qkv.weight` is their row-concatenation [q | k | v] (see latent_lm/convert).
+    With a cache, the new keys/values are written at `positions` and every query attends to cache slots
+    whose index ≤ its own position, which is exactly causal attention over the filled prefix.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    posi_scale: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        width = x.shape[-1]
+        head_dim = width // self.num_heads
+        q = Dense((self.num_heads, head_dim), ("embed", "heads", "kv"), dtype=self.dtype, name="query")(x)
+        k = Dense((self.num_kv_heads, head_dim), ("embed", "kv_heads", "kv"), dtype=self.dtype, name="key")(x)
+        v = Dense((self.num_kv_heads, head_dim), ("embed", "kv_heads", "kv"), dtype=self.dtype, name="value")(x)
+        q = apply_rope(q, positions, self.posi_scale)
+        k = apply_rope(k, positions, self.posi_scale)
+        if cache is None:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # Every row of the batch writes at the same offset (positions[0, 0]); the sampler guarantees it.
+            start = positions[0, 0]
+            key = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), start, axis=1)
+            value = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), start, axis=1)
+            cache = KVCache(key=key, value=value)
+            slots = jnp.arange(key.shape[1])
+            mask = slots[None, None, None, :] <= positions[:, None, :, None]  # [B,1,T,S]
+            out = jax.nn.dot_product_attention(q, key.astype(self.dtype), value.astype(self.dtype), mask=mask)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+        out = Dense(width, ("heads", "kv", "embed"), contract=2, dtype=self.dtype, name="proj")(out)
+        return out, cache

@@ -1,0 +1,111 @@
+"""Device mesh and logical-axis sharding (DESIGN §3).
+
+The mesh has axes (data, fsdp, tensor); `config.mesh.shape` may hold one -1 that is filled from the device count.
+Logical axis names on parameters and activations are mapped to mesh axes by `config.mesh.rules` only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# The default mapping: batch over (data, fsdp), parameters' model dim over fsdp, MLP/heads/vocab over tensor.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("embed_out", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("latent", None),
+    ("freq", None),
+    ("patch", None),
+    ("pos", None),
+)
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Fills a single -1; raises one clear error if the shape cannot cover `num_devices`."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh.shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh.shape {shape}: use positive sizes and at most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"mesh.shape {shape} does not divide the {num_devices} available devices")
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh.shape {shape} has {math.prod(shape)} devices but {num_devices} are available")
+    return shape
+
+
+def make_mesh(mesh_config=None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axis types (so GSPMD propagates logical constraints)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = resolve_mesh_shape(mesh_config.shape if mesh_config is not None else (-1, 1, 1), len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_rules(mesh_config=None) -> tuple[tuple[str, Any], ...]:
+    rules = mesh_config.get("rules") if mesh_config is not None else None
+    if not rules:
+        return DEFAULT_RULES
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def logical_shardings(abstract_tree, mesh: Mesh, rules) -> Any:
+    """NamedShardings for a tree of (boxed) abstract params; unboxed leaves are replicated.
+
+    A dimension whose size the mapped mesh axes do not divide (e.g. a 1001-row class table on tensor=2) is
+    replicated along that dimension instead of failing; everything else follows the rules.
+    """
+    specs = nn.get_partition_spec(abstract_tree)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    return jax.tree.map(lambda x, s: _divisible(x.shape, s), nn.unbox(abstract_tree), shardings)
+
+
+def _divisible(shape: tuple[int, ...], sharding: NamedSharding) -> NamedSharding:
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    for i, axes in enumerate(spec):
+        if axes is None:
+            continue
+        ways = math.prod(sharding.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+        if shape[i] % ways:
+            spec[i] = None
+    return NamedSharding(sharding.mesh, P(*spec))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) axis over (data, fsdp); the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles the global batch from this process's rows (one process: the whole batch)."""
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
+    return jax.tree.map(put, batch)

@@ -1,0 +1,155 @@
+"""The one train loop. Every experiment (σ-VAE, LatentLM, …) is a `Task` plus a config; nothing else differs.
+
+A Task supplies `init_params(rng) -> boxed params` (with logical axis names) and
+`loss(params, batch, rng) -> (loss, metrics)`. The loop builds the train state on the mesh's shardings, compiles
+one step with `jax.jit(in_shardings, out_shardings, donate)` under `jax.set_mesh`, skips non-finite steps, keeps
+an EMA, logs JSONL/TensorBoard and a progress line, checkpoints periodically and resumes from the latest
+checkpoint (state, data iterator and all).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Iterator, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from latent_lm.checkpoint import Checkpointer
+from latent_lm.parallel.mesh import data_parallel_size, logical_shardings, replicated, shard_batch
+from latent_lm.training.metrics_writer import MetricsWriter
+from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
+from latent_lm.training.train_state import TrainState, ema_update, tree_all_finite
+
+
+class Task(Protocol):
+    def init_params(self, rng: jax.Array) -> Any: ...
+
+    def loss(self, params, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]: ...
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    final_metrics: dict[str, float]
+    steps_per_sec: float
+
+
+def build_state_fns(task: Task, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int):
+    """(jitted init, abstract state, state shardings) for `task` on `mesh`."""
+
+    def init_boxed(rng):
+        params = task.init_params(rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          ema_params=params, rng=rng, skipped=jnp.zeros((), jnp.int32))
+
+    rng = jax.random.PRNGKey(seed)
+    with nn.logical_axis_rules(rules):
+        abstract_boxed = jax.eval_shape(init_boxed, rng)
+    shardings = logical_shardings(abstract_boxed, mesh, rules)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nn.unbox(abstract_boxed), shardings)
+    init = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=shardings)
+    return init, abstract, shardings
+
+
+def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule, ema_decay: float):
+    def train_step(state: TrainState, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & tree_all_finite(grads)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            ema_params=keep(ema_update(state.ema_params, params, state.step, ema_decay), state.ema_params),
+            skipped=state.skipped + (~finite).astype(jnp.int32))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
+                       skipped=new_state.skipped)
+        return new_state, metrics
+
+    return train_step
+
+
+def train(task: Task, data: Iterator[dict], *, optim_config, train_config, mesh: Mesh, rules, workdir: str,
+          meta: dict | None = None, checkpoint_config=None, data_for_checkpoint=None,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Trains `task` for `train_config.steps` steps, resuming from `workdir` checkpoints if present.
+
+    `data` yields host-local numpy batches of `train_config.batch_size` global rows (split by process);
+    `data_for_checkpoint` is the grain iterator whose state is checkpointed (usually `data` itself).
+    """
+    total = int(train_config.steps)
+    dp = data_parallel_size(mesh)
+    if train_config.batch_size % dp:
+        raise ValueError(f"batch_size {train_config.batch_size} is not divisible by the data-parallel size {dp} "
+                         f"(mesh data×fsdp)")
+    tx = make_optimizer(optim_config, total)
+    schedule = learning_rate_schedule(optim_config, total)
+    init, abstract, shardings = build_state_fns(task, tx, mesh, rules, train_config.get("seed", 0))
+    ckpt_cfg = checkpoint_config
+    ckpt = Checkpointer(f"{workdir}/checkpoints", max_to_keep=ckpt_cfg.max_to_keep if ckpt_cfg else 2,
+                        save_every=ckpt_cfg.every if ckpt_cfg else total,
+                        async_save=ckpt_cfg.get("async_save", True) if ckpt_cfg else True)
+    state = None
+    restored = ckpt.restore(abstract, data_iter=data_for_checkpoint)
+    if restored is not None:
+        state, _ = restored
+        log(f"resumed from step {int(state.step)}")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        if state is None:
+            state = init(jax.random.PRNGKey(train_config.get("seed", 0)))
+        step_fn = jax.jit(make_train_step(task, tx, schedule, optim_config.ema_decay),
+                          in_shardings=(shardings, None), out_shardings=(shardings, replicated(mesh)),
+                          donate_argnums=0)
+        writer = MetricsWriter(workdir)
+        log_every = int(train_config.get("log_every", 100))
+        start = int(state.step)
+        t0 = time.time()
+        t_last, s_last = t0, start
+        metrics = {}
+        for step in range(start, total):
+            batch = shard_batch(next(data), mesh)
+            state, metrics = step_fn(state, batch)
+            done = step + 1
+            if done % log_every == 0 or done == total:
+                metrics = jax.device_get(metrics)
+                now = time.time()
+                rate = (done - s_last) / max(now - t_last, 1e-9)
+                t_last, s_last = now, done
+                writer.write(done, dict(metrics, steps_per_sec=rate))
+                eta = (total - done) / max(rate, 1e-9)
+                log(f"[{workdir.rsplit('/', 1)[-1]}] step {done}/{total} loss {metrics['loss']:.4f} "
+                    f"{rate:.2f} steps/s ETA {eta / 60:.1f} min" +
+                    (f" skipped {int(metrics['skipped'])}" if metrics['skipped'] else ""))
+            if ckpt_cfg is not None and done % ckpt.save_every == 0 and done != total:
+                ckpt.save(done, state, data_iter=data_for_checkpoint, meta=meta)
+        elapsed = time.time() - t0
+        if total > start or ckpt.latest_step() is None:
+            ckpt.save(int(state.step), state, data_iter=data_for_checkpoint, meta=meta, force=True)
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+    steps_per_sec = (total - start) / elapsed if total > start else 0.0
+    return TrainResult(state=state, final_metrics={k: float(v) for k, v in jax.device_get(metrics).items()},
+                       steps_per_sec=steps_per_sec)
+
+
+def load_state(task: Task, *, optim_config, train_config, mesh: Mesh, rules, workdir: str) -> TrainState:
+    """Restores the latest train state in `workdir` onto `mesh` (for sampling / evaluation / export)."""
+    tx = make_optimizer(optim_config, int(train_config.steps))
+    _, abstract, _ = build_state_fns(task, tx, mesh, rules, train_config.get("seed", 0))
+    ckpt = Checkpointer(f"{workdir}/checkpoints", async_save=False)
+    restored = ckpt.restore(abstract)
+    ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: run the training mode first")
+    return restored[0]

@@ -1,0 +1,23 @@
+"""latent-lm: LatentLM (next-token diffusion) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+TORCH = "torch==2.13.0"  # exact pin: an unpinned torch resolves to a multi-GB CUDA build
+
+setup(
+    name="latent-lm",
+    version="0.1.0",
+    description="LatentLM: multimodal latent language modeling with next-token diffusion, in JAX/Flax",
+    python_requires=">=3.10",
+    # configs/ is a package of ml_collections .py files so installed copies can import them too.
+    packages=find_packages(include=["latent_lm", "latent_lm.*", "data_pipelines", "data_pipelines.*", "configs"]),
+    install_requires=[
+        "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "ml-collections", "tensorflow-datasets",
+        "einops", "chex", "absl-py", "tensorboardX", "importlib_resources", "array_record", "numpy", "scipy",
+        "matplotlib", "safetensors", "pillow",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "diffusers", TORCH],
+        "torch": [TORCH],
+    },
+)

@@ -1,0 +1,116 @@
+"""Spec §7.1 numerics a port gets wrong, parameter counts, and KV-cache equivalence."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from latent_lm.models import layers
+from latent_lm.models.diffusion_head import DiffusionHead, timestep_sinusoid
+from latent_lm.models.latent_lm import LatentLM, LatentLMConfig, init_cache
+from latent_lm.models.presets import EXPECTED_PARAMS, PRESETS
+
+TINY = LatentLMConfig(width=64, depth=2, num_heads=4, num_kv_heads=2, latent_dim=4, head_depth=2,
+                      num_classes=10, max_len=16)
+
+
+def test_rope_frequency_grid_includes_endpoint():
+    f = layers.rope_frequencies(64)
+    assert f.shape == (32,)
+    np.testing.assert_allclose(f[0], 1.0)
+    np.testing.assert_allclose(f[-1], 1e-4, rtol=1e-12)  # linspace(0, 1): the last exponent is exactly 1
+    np.testing.assert_allclose(f, 10000.0 ** -(np.arange(32) / 31), rtol=1e-12)
+
+
+def test_rope_rotates_interleaved_pairs():
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 2, 8))
+    pos = jnp.array([[0, 1, 5]])
+    y = np.asarray(layers.apply_rope(x, pos))
+    ang = 5 * layers.rope_frequencies(8)
+    x2 = np.asarray(x)[0, 2, 1]
+    expect = np.empty(8)
+    expect[0::2] = x2[0::2] * np.cos(ang) - x2[1::2] * np.sin(ang)
+    expect[1::2] = x2[1::2] * np.cos(ang) + x2[0::2] * np.sin(ang)
+    np.testing.assert_allclose(y[0, 2, 1], expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y[0, 0], np.asarray(x)[0, 0], atol=1e-7)  # position 0 is the identity
+
+
+@pytest.mark.parametrize("width,ratio,hidden", [(768, 4, 2048), (1024, 4, 2688), (1280, 4, 3392), (1024, 6, 4096),
+                                                (64, 4, 128), (24, 1, 0)])
+def test_swiglu_hidden_sizes(width, ratio, hidden):
+    assert layers.swiglu_hidden(width, ratio) == hidden
+
+
+def test_rms_norm_fp32_no_gain():
+    x = jnp.array([[3.0, 4.0]], jnp.bfloat16)
+    y = layers.rms_norm(x)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), [[3 / np.sqrt(12.5 + 1e-6), 4 / np.sqrt(12.5 + 1e-6)]],
+                               rtol=1e-2)
+
+
+def test_timestep_sinusoid_cos_first():
+    e = timestep_sinusoid(jnp.array([0.0, 999.0]))
+    assert e.shape == (2, 256)
+    np.testing.assert_allclose(e[0, :128], 1.0)
+    np.testing.assert_allclose(e[0, 128:], 0.0)
+    np.testing.assert_allclose(e[1, 0], np.cos(999.0), rtol=1e-4)
+
+
+def test_torch_default_init_bounds():
+    d = layers.Dense(256, ("embed", "mlp"))
+    params = nn.unbox(d.init(jax.random.PRNGKey(0), jnp.zeros((1, 100))))
+    k = np.asarray(params["params"]["kernel"])
+    assert np.abs(k).max() <= 0.1 and np.abs(k).max() > 0.098
+    np.testing.assert_allclose(k.std(), 0.1 / np.sqrt(3), rtol=0.05)
+
+
+def test_diffusion_head_outputs_zero_at_init():
+    head = DiffusionHead(latent_dim=4, depth=3, mlp_ratio=4.0)
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 7, 4))
+    t = jnp.full((5, 7), 500)
+    c = jax.random.normal(jax.random.PRNGKey(2), (5, 7, 64))
+    params = head.init(jax.random.PRNGKey(0), x, t, c)
+    assert np.all(np.asarray(head.apply(params, x, t, c)) == 0.0)
+
+
+def test_every_parameter_has_logical_axes():
+    params = LatentLM(TINY).init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32), jnp.zeros((1, 16, 4)),
+                                 jnp.zeros((1, 16), bool))
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+
+
+@pytest.mark.parametrize("size", list(PRESETS))
+def test_paper_parameter_counts(size):
+    depth, width, heads, ratio, head_depth = PRESETS[size]
+    cfg = LatentLMConfig(width=width, depth=depth, num_heads=heads, mlp_ratio=ratio, latent_dim=16,
+                         head_depth=head_depth, num_classes=1000, max_len=256)
+    shapes = jax.eval_shape(LatentLM(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 256), jnp.int32),
+                            jnp.zeros((1, 256, 16)), jnp.zeros((1, 256), bool))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
+    assert abs(count - EXPECTED_PARAMS[size]) / EXPECTED_PARAMS[size] < 0.02, (size, count)
+
+
+def test_kv_cache_matches_parallel_forward():
+    model = LatentLM(TINY)
+    rng = jax.random.PRNGKey(3)
+    b, n = 2, 9
+    tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(jnp.array([3, 7]))
+    latents = jax.random.normal(rng, (b, n, 4))
+    is_latent = jnp.arange(n)[None].repeat(b, 0) > 0
+    params = model.init(rng, tokens, latents, is_latent)
+    cond_par, _ = model.apply(params, tokens, latents, is_latent)
+    caches = init_cache(TINY, b, n)
+    h = model.apply(params, tokens, latents, is_latent, method=LatentLM.embed)
+    # prefill 3 positions, then one position at a time
+    out = []
+    c, _, caches = model.apply(params, h[:, :3], jnp.broadcast_to(jnp.arange(3), (b, 3)), caches,
+                               method=LatentLM.backbone_forward)
+    out.append(c)
+    for i in range(3, n):
+        c, _, caches = model.apply(params, h[:, i:i + 1], jnp.full((b, 1), i), caches,
+                                   method=LatentLM.backbone_forward)
+        out.append(c)
+    np.testing.assert_allclose(np.concatenate(out, 1), cond_par, atol=2e-5, rtol=1e-5)
