@@ -21,8 +21,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # σ-VAE (spec §1): ViT encoder/decoder, patch 4 → a 7×7 grid of latent vectors.
     c.vae = ml_collections.ConfigDict(dict(
-        patch_size=4, width=128, depth=2, num_heads=4, mlp_ratio=4.0, latent_dim=4, std=0.5, kl_weight=0.01))
-    c.vae_train = ml_collections.ConfigDict(dict(steps=1500, batch_size=128, log_every=100, seed=0))
+        patch_size=4, width=96, depth=2, num_heads=4, mlp_ratio=4.0, latent_dim=4, std=0.5, kl_weight=0.01))
+    c.vae_train = ml_collections.ConfigDict(dict(steps=1000, batch_size=64, log_every=100, seed=0))
     c.vae_optim = ml_collections.ConfigDict(dict(
         lr=2e-3, warmup_steps=100, final_lr_ratio=0.05, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
         clip_norm=1.0, ema_decay=0.0))
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # LatentLM backbone (spec §2) and diffusion head (spec §3).
     c.model = ml_collections.ConfigDict(dict(
-        width=128, depth=4, num_heads=4, num_kv_heads=None, mlp_ratio=4.0, posi_scale=1.0,
+        width=96, depth=4, num_heads=4, num_kv_heads=None, mlp_ratio=4.0, posi_scale=1.0,
         latent_dim=c.vae.latent_dim, num_classes=c.data.num_classes, text_vocab_size=0,
         max_len=num_tokens, remat=False, dtype="float32", class_dropout=0.1))
     c.head = ml_collections.ConfigDict(dict(depth=2, mlp_ratio=None))
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         schedule="cosine", num_train_steps=1000, prediction_type="v_prediction", batch_mul=4,
         diffusion_weight=1.0, num_sampling_steps=20, cfg_scale=3.0, x0_clip=None))
 
-    c.train = ml_collections.ConfigDict(dict(steps=1200, batch_size=64, log_every=100, seed=0))
+    c.train = ml_collections.ConfigDict(dict(steps=1000, batch_size=64, log_every=100, seed=0))
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3, warmup_steps=100, final_lr_ratio=0.05, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
         clip_norm=1.0, ema_decay=0.995))

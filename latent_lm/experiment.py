@@ -19,6 +19,7 @@ import numpy as np
 from data_pipelines.embedded import load_embedded
 from data_pipelines.image_pipeline import make_image_dataset
 from data_pipelines.latent_cache import make_latent_dataset, read_latent_cache_meta, write_latent_cache
+from latent_lm.config_validation import validate
 from latent_lm.evaluation import classifier as clf
 from latent_lm.evaluation.frechet import feature_stats, frechet_distance
 from latent_lm.evaluation.grids import save_image_grid
@@ -210,6 +211,7 @@ def run(config, workdir: str, mode: str) -> dict:
     """Runs one stage, or all of them in order for mode='all'; prints a summary table at the end."""
     if mode != "all" and mode not in RUNNERS:
         raise ValueError(f"unknown --mode={mode}; choose one of {['all', *RUNNERS]}")
+    validate(config)
     mesh = make_mesh(config.mesh)
     rules = logical_rules(config.mesh)
     os.makedirs(workdir, exist_ok=True)

@@ -8,7 +8,7 @@ Modes: train_vae | encode | train | sample | eval | all (the stages in order).
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from latent_lm import experiment
@@ -23,6 +23,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # orbax/grain INFO logs drown the progress lines
+        logging.set_verbosity(logging.WARNING)
     experiment.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
 
 

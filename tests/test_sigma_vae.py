@@ -53,6 +53,10 @@ def test_shapes_32x32x3_patch8_and_official_param_count():
     assert sum(math.prod(v.shape) for v in jax.tree.leaves(nn.unbox(shapes))) == 231_812
     out = jax.eval_shape(lambda p: model.apply(p, x, rng=jax.random.key(1)), nn.unbox(shapes))
     assert out["mu"].shape == (2, 16, 4) and out["recon"].shape == (2, 32, 32, 3)
+    # Without CLS: encoder and decoder each lose the token and one position row (2·64 params each).
+    no_cls = model.clone(use_cls=False)
+    shapes = jax.eval_shape(lambda: no_cls.init({"params": jax.random.key(0)}, x, rng=jax.random.key(1)))
+    assert sum(math.prod(v.shape) for v in jax.tree.leaves(nn.unbox(shapes))) == 231_812 - 4 * 64
 
 
 def test_bf16_compute_keeps_fp32_params():
