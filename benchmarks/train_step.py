@@ -21,7 +21,7 @@ from benchmarks.common import matmul_peak_flops, time_fn
 from configs import default
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.presets import apply_preset
-from latent_lm.parallel.mesh import DEFAULT_RULES, make_mesh, shard_batch
+from latent_lm.parallel.mesh import DEFAULT_RULES, make_mesh, replicated, shard_batch
 from latent_lm.training.flops import train_flops_per_step
 from latent_lm.training.tasks import LatentLMTask, LatentNormalization
 from latent_lm.training.train_loop import build_state_fns, make_train_step
@@ -60,6 +60,7 @@ def main():
         with nn.logical_axis_rules(DEFAULT_RULES):
             state = init(jax.random.PRNGKey(0))
             step = jax.jit(make_train_step(task, tx, learning_rate_schedule(c.optim, 1000), 0.999),
+                           in_shardings=(shardings, None), out_shardings=(shardings, replicated(mesh)),
                            donate_argnums=0)
             data = shard_batch({"latents": jax.random.normal(jax.random.PRNGKey(1),
                                                              (batch, cfg.max_len, cfg.latent_dim)),
