@@ -54,7 +54,7 @@ def test_cli_rejects_unknown_config_key(tmp_path):
     (("vae", "patch_size"), 5, "not divisible by vae.patch_size"),
     (("model", "latent_dim"), 8, "must equal vae.latent_dim"),
     (("diffusion", "prediction_type"), "x0", "prediction_type"),
-    (("model", "num_heads"), 3, "even size"),
+    (("model", "num_heads"), 5, "heads of even size"),
 ])
 def test_invalid_configs_fail_with_one_clear_error(path, value, msg):
     c = default.get_config()
