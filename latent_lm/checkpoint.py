@@ -46,22 +46,6 @@ class Checkpointer:
         logging.info("restored checkpoint step %d from %s", step, self.directory)
         return restored["state"], restored["meta"]
 
-    def restore_meta(self, step: int | None = None) -> dict | None:
-        step = self.latest_step() if step is None else step
-        if step is None:
-            return None
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-    def restore_params(self, abstract_params, *, step: int | None = None, ema: bool = True):
-        """Restores only the (EMA or raw) params subtree of a saved train state, e.g. for sampling."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}: train first")
-        key = "ema_params" if ema else "params"
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item={key: abstract_params}, partial_restore=True)))
-        return restored["state"][key]
-
     def wait(self):
         self.manager.wait_until_finished()
 

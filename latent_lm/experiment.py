@@ -8,7 +8,6 @@ Layout of a workdir:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 

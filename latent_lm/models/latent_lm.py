@@ -12,7 +12,6 @@ Class-conditional image generation is the special case [class][z0..z_{N-2}] → 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import chex
 import flax.linen as nn

@@ -10,7 +10,6 @@ checkpoint (state, data iterator and all).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from typing import Any, Callable, Iterator, Protocol
 
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from latent_lm.checkpoint import Checkpointer
+from latent_lm.checkpoint import Checkpointer, abstract_with_shardings
 from latent_lm.parallel.mesh import data_parallel_size, logical_shardings, replicated, shard_batch
 from latent_lm.training.metrics_writer import MetricsWriter
 from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
@@ -52,8 +51,7 @@ def build_state_fns(task: Task, tx: optax.GradientTransformation, mesh: Mesh, ru
     with nn.logical_axis_rules(rules):
         abstract_boxed = jax.eval_shape(init_boxed, rng)
     shardings = logical_shardings(abstract_boxed, mesh, rules)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            nn.unbox(abstract_boxed), shardings)
+    abstract = abstract_with_shardings(nn.unbox(abstract_boxed), shardings)
     init = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=shardings)
     return init, abstract, shardings
 
