@@ -78,7 +78,8 @@ def test_attention_biases_and_logical_names(mnist_like):
     leaves = _boxed_leaves(variables)
     assert all(isinstance(v, nn.LogicallyPartitioned) for v in leaves)
     assert all(len(v.names) == v.value.ndim for v in leaves)
-    specs = jax.tree.leaves(nn.get_partition_spec(variables), is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+    is_spec = lambda s: isinstance(s, jax.sharding.PartitionSpec)  # noqa: E731
+    specs = jax.tree.leaves(nn.get_partition_spec(variables), is_leaf=is_spec)
     assert len(specs) == len(leaves)
     used = {n for v in leaves for n in v.names}
     assert {"embed", "mlp", "heads", "patch", "latent", "pos"} <= used

@@ -167,7 +167,7 @@ class ViTBody(nn.Module):
 
 
 class ViTEncoder(nn.Module):
-    """Patchify → Linear(p²·C_in → width) → ViT → Linear(width → latent_dim) = μ [B, T, latent_dim] (spec §1.3)."""
+    """Patchify → Linear(p²·C_in → width) → ViT → Linear(width → latent_dim) = μ [B,T,latent_dim] (spec §1.3)."""
 
     patch_size: int
     width: int
@@ -219,7 +219,8 @@ class ViTDecoder(nn.Module):
                   name="head_fc1")(x)
         x = Dense(p * p * self.out_channels, ("mlp", "patch"), use_bias=True, kernel_init=trunc_normal,
                   dtype=self.dtype, name="head_fc2")(jnp.tanh(x))
-        return einops.rearrange(x, "b (h w) (i j c) -> b (h i) (w j) c", h=self.grid[0], w=self.grid[1], i=p, j=p)
+        h, w = self.grid
+        return einops.rearrange(x, "b (h w) (i j c) -> b (h i) (w j) c", h=h, w=w, i=p, j=p)
 
 
 class SigmaVAE(nn.Module):
