@@ -110,9 +110,8 @@ def train_lm(config, workdir, mesh, rules):
     return {"lm_final_loss": res.final_metrics.get("loss"), "lm_steps_per_sec": res.steps_per_sec}
 
 
-def _decode_fn(config, workdir, mesh, rules):
+def _decode_fn(config, params):
     vae = VAETask.from_config(config).model
-    params = _vae_params(config, workdir, mesh, rules)
     return jax.jit(lambda z: jnp.clip(vae.apply(params, z, method=SigmaVAE.decode), -1.0, 1.0))
 
 
@@ -126,7 +125,7 @@ def sample(config, workdir, mesh, rules):
     settings = SamplerSettings(num_steps=d.num_sampling_steps, cfg_scale=d.cfg_scale,
                                prediction_type=d.prediction_type, x0_clip=d.x0_clip)
     sampler = make_sampler(task.model, task.schedule, settings, config.model.max_len)
-    decode = _decode_fn(config, workdir, mesh, rules)
+    decode = _decode_fn(config, _vae_params(config, workdir, mesh, rules))
     labels = np.repeat(np.arange(config.data.num_classes), config.eval.samples_per_class).astype(np.int32)
     rng = jax.random.PRNGKey(config.eval.seed)
     t0 = time.time()
@@ -171,20 +170,17 @@ def evaluate(config, workdir, mesh, rules):
 
     # Baseline: decode latents drawn from N(0, I) in LM space (the normalised latent prior).
     norm = _latent_norm(workdir)
-    decode = _decode_fn(config, workdir, mesh, rules)
+    vae = VAETask.from_config(config).model
+    vparams = _vae_params(config, workdir, mesh, rules)
+    decode = _decode_fn(config, vparams)
     z = jax.random.normal(jax.random.PRNGKey(123), (len(data["images"]), config.model.max_len,
                                                     config.model.latent_dim))
     rand_images = to_uint8(_batched(lambda zz: decode(norm.denormalize(zz)), np.asarray(z), 500))
     _, fd_random = score(rand_images)
 
-    vae = VAETask.from_config(config).model
-    vparams = _vae_params(config, workdir, mesh, rules)
-    recon = jax.jit(lambda x: vae.apply(vparams, vae.apply(vparams, x, method=SigmaVAE.encode),
-                                        method=SigmaVAE.decode))
     x = _to_float_images(test_x)
-    rec = _batched(recon, x, 500)
-    enc = jax.jit(lambda xx: vae.apply(vparams, xx, method=SigmaVAE.encode))
-    mu = _batched(enc, x, 500)
+    mu = _batched(jax.jit(lambda xx: vae.apply(vparams, xx, method=SigmaVAE.encode)), x, 500)
+    rec = _batched(jax.jit(lambda z: vae.apply(vparams, z, method=SigmaVAE.decode)), mu, 500)
     mean_abs_sigma = config.vae.std / 0.8 * np.sqrt(2 / np.pi)  # E|σ| for σ ~ N(0, (std/0.8)²)
     result = {
         "dataset": name,
