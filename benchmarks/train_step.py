@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,10 +22,10 @@ from benchmarks.common import matmul_peak_flops, time_fn
 from configs import default
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.presets import apply_preset
-from latent_lm.parallel.mesh import DEFAULT_RULES, make_mesh, replicated, shard_batch
+from latent_lm.parallel.mesh import DEFAULT_RULES, make_mesh, shard_batch
 from latent_lm.training.flops import train_flops_per_step
 from latent_lm.training.tasks import LatentLMTask, LatentNormalization
-from latent_lm.training.train_loop import build_state_fns, make_train_step
+from latent_lm.training.train_loop import build_state_fns, jit_train_step
 from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
 
 
@@ -56,12 +57,9 @@ def main():
     mesh = make_mesh(ml_collections.ConfigDict(dict(shape=(-1, 1, 1))), jax.devices()[:1])
     init, _, shardings = build_state_fns(task, tx, mesh, DEFAULT_RULES, 0)
     with jax.set_mesh(mesh):
-        import flax.linen as nn
         with nn.logical_axis_rules(DEFAULT_RULES):
             state = init(jax.random.PRNGKey(0))
-            step = jax.jit(make_train_step(task, tx, learning_rate_schedule(c.optim, 1000), 0.999),
-                           in_shardings=(shardings, None), out_shardings=(shardings, replicated(mesh)),
-                           donate_argnums=0)
+            step = jit_train_step(task, tx, learning_rate_schedule(c.optim, 1000), 0.999, shardings, mesh)
             data = shard_batch({"latents": jax.random.normal(jax.random.PRNGKey(1),
                                                              (batch, cfg.max_len, cfg.latent_dim)),
                                 "label": jnp.zeros((batch,), jnp.int32)}, mesh)

@@ -11,12 +11,12 @@ class ConfigError(ValueError):
 
 def validate(config) -> None:
     d, v, m, diff = config.data, config.vae, config.model, config.diffusion
+    num_tokens = (d.image_size // v.patch_size) ** 2
     checks = [
         (d.image_size % v.patch_size == 0,
          f"data.image_size={d.image_size} is not divisible by vae.patch_size={v.patch_size}"),
-        (m.max_len == (d.image_size // v.patch_size) ** 2,
-         f"model.max_len={m.max_len} must equal the number of latent tokens "
-         f"{(d.image_size // v.patch_size) ** 2} (image_size/patch_size)²"),
+        (m.max_len == num_tokens,
+         f"model.max_len={m.max_len} must equal the number of latent tokens {num_tokens} (image_size/patch_size)²"),
         (m.latent_dim == v.latent_dim, f"model.latent_dim={m.latent_dim} must equal vae.latent_dim={v.latent_dim}"),
         (m.width % m.num_heads == 0 and (m.width // m.num_heads) % 2 == 0,
          f"model.width={m.width} must split into num_heads={m.num_heads} heads of even size (RoPE pairs)"),

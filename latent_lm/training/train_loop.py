@@ -77,6 +77,13 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
     return train_step
 
 
+def jit_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule, ema_decay: float,
+                   shardings, mesh: Mesh):
+    """The compiled step: state laid out by `shardings`, metrics replicated, the old state donated."""
+    return jax.jit(make_train_step(task, tx, schedule, ema_decay), in_shardings=(shardings, None),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+
 def train(task: Task, data: Iterator[dict], *, optim_config, train_config, mesh: Mesh, rules, workdir: str,
           meta: dict | None = None, checkpoint_config=None, data_for_checkpoint=None,
           log: Callable[[str], None] = print) -> TrainResult:
@@ -105,9 +112,7 @@ def train(task: Task, data: Iterator[dict], *, optim_config, train_config, mesh:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         if state is None:
             state = init(jax.random.PRNGKey(train_config.get("seed", 0)))
-        step_fn = jax.jit(make_train_step(task, tx, schedule, optim_config.ema_decay),
-                          in_shardings=(shardings, None), out_shardings=(shardings, replicated(mesh)),
-                          donate_argnums=0)
+        step_fn = jit_train_step(task, tx, schedule, optim_config.ema_decay, shardings, mesh)
         writer = MetricsWriter(workdir)
         log_every = int(train_config.get("log_every", 100))
         start = int(state.step)
