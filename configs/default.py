@@ -16,8 +16,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
 
+    # tfds datasets (ImageNet): `data_dir` of the prepared ArrayRecord files ("" = tfds default), σ-VAE training
+    # `mixture` of (tfds name, weight) pairs, ADM `random_flip`; latent caches have `cache_shards` shard files.
     c.data = ml_collections.ConfigDict(dict(
-        dataset=dataset, image_size=28, channels=1, num_classes=DATASETS[dataset], num_workers=0))
+        dataset=dataset, image_size=28, channels=1, num_classes=DATASETS[dataset], num_workers=0, data_dir="",
+        mixture=(), random_flip=True, cache_shards=4, encode_batch_size=500))
 
     # σ-VAE (spec §1): ViT encoder/decoder, patch 4 → a 7×7 grid of latent vectors.
     c.vae = ml_collections.ConfigDict(dict(
@@ -34,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         width=96, depth=4, num_heads=4, num_kv_heads=None, mlp_ratio=4.0, posi_scale=1.0,
         latent_dim=c.vae.latent_dim, num_classes=c.data.num_classes, text_vocab_size=0,
-        max_len=num_tokens, remat=False, dtype="float32", class_dropout=0.1))
+        max_len=num_tokens, remat="none", dtype="float32", class_dropout=0.1))
     c.head = ml_collections.ConfigDict(dict(depth=2, mlp_ratio=None))
     c.diffusion = ml_collections.ConfigDict(dict(
         schedule="cosine", num_train_steps=1000, prediction_type="v_prediction", batch_mul=4,
@@ -45,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         lr=1e-3, warmup_steps=100, final_lr_ratio=0.05, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
         clip_norm=1.0, ema_decay=0.995))
 
-    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=()))
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), dcn_shape=(1, 1, 1), rules=()))
     c.checkpoint = ml_collections.ConfigDict(dict(every=500, max_to_keep=2, async_save=True))
     c.eval = ml_collections.ConfigDict(dict(
         samples_per_class=100, sample_batch=500, use_ema=True, classifier_steps=1500, seed=1))

@@ -19,7 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     num_tokens = (c.data.image_size // c.vae.patch_size) ** 2
     apply_preset(c.model, c.head, size)
     c.model.update(dict(latent_dim=c.vae.latent_dim, num_classes=1000, max_len=num_tokens, dtype="bfloat16",
-                        remat=True))
+                        remat="full"))
     c.diffusion.update(dict(prediction_type="epsilon", num_sampling_steps=20, cfg_scale=4.0))
     c.train.update(dict(steps=250_000, batch_size=2048, log_every=100))
     c.optim.update(dict(lr=8e-4, warmup_steps=5000, final_lr_ratio=0.0, weight_decay=0.01, ema_decay=0.9999))

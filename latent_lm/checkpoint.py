@@ -1,19 +1,29 @@
 """Thin orbax wrapper: items `state` (train state), `data` (grain iterator state) and `meta` (JSON) (DESIGN §3).
 
 Saves are asynchronous; orbax writes each step to a temporary directory and renames it when complete, so a
-partially written step is never listed as a checkpoint. Restores target the abstract state built for the
-*current* mesh, so a run can resume on a different device count.
+partially written step (e.g. after `kill -9` during a save) is never listed as a checkpoint, and the leftover
+temporary directory is removed when the next manager opens. Restores target the abstract state built for the
+*current* mesh, so a run can resume on a different mesh or device count. A latest checkpoint that cannot be read
+(corrupted, truncated) is moved aside with a warning and the previous one is used.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from latent_lm.errors import UserError
+
+
+class NoUsableCheckpointError(UserError, RuntimeError):
+    pass
 
 
 class Checkpointer:
@@ -23,7 +33,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                                 create=True))
+                                                 create=True, cleanup_tmp_directories=True))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -35,16 +45,46 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, abstract_state, *, step: int | None = None, data_iter=None) -> tuple[Any, dict] | None:
-        """Restores (state, meta) at `step` (default: latest), placing arrays on `abstract_state`'s shardings."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            return None
-        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        logging.info("restored checkpoint step %d from %s", step, self.directory)
-        return restored["state"], restored["meta"]
+        """Restores (state, meta) at `step`, placing arrays on `abstract_state`'s shardings.
+
+        Without `step`: the latest readable checkpoint; unreadable newer ones are quarantined (renamed to
+        `corrupt.<step>.<time>`) with a warning. Returns None when there is no checkpoint at all.
+        """
+        steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        for s in steps:
+            items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+            if data_iter is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            try:
+                restored = self.manager.restore(s, args=ocp.args.Composite(**items))
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                if step is not None:
+                    raise
+                self._quarantine(s, e)
+                continue
+            logging.info("restored checkpoint step %d from %s", s, self.directory)
+            return restored["state"], restored["meta"]
+        if steps:
+            raise NoUsableCheckpointError(
+                f"none of the checkpoints under {self.directory} could be read (moved aside as corrupt.*); "
+                f"remove the directory to start from scratch")
+        return None
+
+    def _quarantine(self, step: int, error: Exception) -> None:
+        message = (f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
+                   f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); falling back to the previous one")
+        logging.warning(message)
+        if jax.process_index() == 0:
+            print(message, flush=True)
+            os.replace(os.path.join(self.directory, str(step)),
+                       os.path.join(self.directory, f"corrupt.{step}.{int(time.time())}"))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+        self.manager.reload()
+
+    def reached_preemption(self, step: int) -> bool:
+        """JAX's preemption sync point (multi-host: every process agrees on the same step)."""
+        return jax.process_count() > 1 and self.manager.reached_preemption(step)
 
     def wait(self):
         self.manager.wait_until_finished()

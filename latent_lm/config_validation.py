@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from latent_lm.diffusion import PREDICTION_TYPES
-
-
-class ConfigError(ValueError):
-    pass
+from latent_lm.errors import ConfigError
+from latent_lm.models.transformer import REMAT_POLICIES
 
 
 def validate(config) -> None:
@@ -22,6 +20,7 @@ def validate(config) -> None:
          f"model.width={m.width} must split into num_heads={m.num_heads} heads of even size (RoPE pairs)"),
         (m.num_kv_heads is None or m.num_heads % m.num_kv_heads == 0,
          f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}"),
+        (m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} must be one of {list(REMAT_POLICIES)}"),
         (v.width % v.num_heads == 0, f"vae.width={v.width} is not divisible by vae.num_heads={v.num_heads}"),
         (diff.prediction_type in PREDICTION_TYPES,
          f"diffusion.prediction_type={diff.prediction_type!r} must be one of {list(PREDICTION_TYPES)}"),

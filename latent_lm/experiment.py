@@ -14,16 +14,18 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines.embedded import load_embedded
-from data_pipelines.image_pipeline import make_image_dataset
-from data_pipelines.latent_cache import make_latent_dataset, read_latent_cache_meta, write_latent_cache
+from data_pipelines.image_pipeline import make_training_images, ordered_images
+from data_pipelines.latent_cache import encode_to_latent_cache, make_latent_dataset, read_latent_cache_meta
 from latent_lm.config_validation import validate
 from latent_lm.evaluation import classifier as clf
 from latent_lm.evaluation.frechet import feature_stats, frechet_distance
 from latent_lm.evaluation.grids import save_image_grid
 from latent_lm.evaluation.image_metrics import psnr, to_uint8, variance_collapse_ratio
-from latent_lm.models.sigma_vae import SigmaVAE, sample_latent
+from latent_lm.models.sigma_vae import SIGMA_DIVISOR, SigmaVAE
 from latent_lm.parallel.mesh import logical_rules, make_mesh
 from latent_lm.sampling import SamplerSettings, make_sampler
 from latent_lm.training.tasks import LatentLMTask, LatentNormalization, VAETask
@@ -66,32 +68,57 @@ def _latent_norm(workdir: str) -> LatentNormalization:
 
 def train_vae(config, workdir, mesh, rules):
     task = VAETask.from_config(config)
-    it = iter(make_image_dataset(config.data.dataset, "train", config.vae_train.batch_size,
-                                 seed=config.vae_train.seed))
+    # Each process reads its own slice and yields its rows (batch_size / process_count) of every global batch.
+    it = iter(make_training_images(config.data, config.vae_train.batch_size, seed=config.vae_train.seed))
     res = train(task, it, optim_config=config.vae_optim, train_config=config.vae_train, mesh=mesh, rules=rules,
                 workdir=f"{workdir}/vae", meta={"config": config.to_json()},
-                checkpoint_config=config.checkpoint, data_for_checkpoint=it, log=_log)
+                checkpoint_config=config.checkpoint, log=_log)
     return {"vae_final_loss": res.final_metrics.get("loss")}
 
 
 def encode(config, workdir, mesh, rules):
-    """Encodes both splits to σ-VAE means μ; estimates the latent normalisation from σ-sampled latents."""
-    vae = VAETask.from_config(config).model
-    params = _vae_params(config, workdir, mesh, rules)
-    enc = jax.jit(lambda x: vae.apply(params, x, method=SigmaVAE.encode))
+    """Encodes both splits to σ-VAE means μ in sharded, resumable latent caches (data_pipelines.latent_cache).
+
+    Every process encodes its own shards on its own devices with a full copy of the σ-VAE, out of step with the
+    others. The latent normalisation (spec §1.7: moments of σ-sampled latents z = μ + σ_b·ε) is computed in closed
+    form over the whole train split: E z = E μ and Var z = Var μ + E σ_b², σ_b ~ N(0, (C_σ/0.8)²); the official
+    code estimates it from one sampled batch.
+    """
+    task = VAETask.from_config(config)
+    state = load_state(task, optim_config=config.vae_optim, train_config=config.vae_train, mesh=mesh, rules=rules,
+                       workdir=f"{workdir}/vae")
+    params = (multihost_utils.process_allgather(state.params, tiled=True) if jax.process_count() > 1
+              else jax.device_get(state.params))
+    local = Mesh(np.array(jax.local_devices()), ("batch",))
+    params = jax.device_put(params, NamedSharding(local, PartitionSpec()))
+    rows = NamedSharding(local, PartitionSpec("batch"))
+    enc = jax.jit(lambda p, x: task.model.apply(p, x, method=SigmaVAE.encode))
+    batch = -(-config.data.encode_batch_size // local.size) * local.size
+
+    def encode_fn(images: np.ndarray) -> np.ndarray:
+        n = len(images)  # the last batch of a shard is padded: one compiled shape
+        padded = np.zeros((batch, *images.shape[1:]), np.float32)
+        padded[:n] = images
+        return np.asarray(enc(params, jax.device_put(padded, rows)))[:n]
+
+    def latent_norm(moments: dict) -> dict:
+        var = moments["std"] ** 2 + (config.vae.std / SIGMA_DIVISOR) ** 2
+        norm = LatentNormalization(scale=float(var ** -0.5), bias=-float(moments["mean"]))
+        return {"latent_norm": norm.to_dict()}
+
+    fingerprint = {"vae_step": int(state.step), "vae": config.vae.to_dict(), "dataset": config.data.dataset,
+                   "image_size": config.data.image_size}
     out = {}
     for split in ("train", "test"):
-        images, labels = load_embedded(config.data.dataset, split)
-        mu = _batched(enc, _to_float_images(images), 500)
-        meta = {}
+        count, read_batches = ordered_images(config.data, split, batch)
+        meta = encode_to_latent_cache(f"{workdir}/latents/{split}", num_examples=count, read_batches=read_batches,
+                                      encode_fn=encode_fn, num_shards=config.data.cache_shards,
+                                      metadata=latent_norm if split == "train" else {},
+                                      fingerprint=dict(fingerprint, split=split))
         if split == "train":
-            # Spec §1.7: statistics of *sampled* latents z = μ + σ·ε (the official code uses the first batch).
-            z = sample_latent(jax.random.PRNGKey(config.seed), jnp.asarray(mu), config.vae.std)
-            norm = LatentNormalization.estimate(np.asarray(z))
-            meta["latent_norm"] = norm.to_dict()
-            out.update(latent_scale=norm.scale, latent_bias=norm.bias)
-        write_latent_cache(f"{workdir}/latents/{split}", mu.astype(np.float32), labels, meta)
-        out[f"{split}_latents"] = list(mu.shape)
+            norm = meta["metadata"]["latent_norm"]
+            out.update(latent_scale=norm["scale"], latent_bias=norm["bias"])
+        out[f"{split}_latents"] = [meta["count"], *meta["shape"]]
     _log(f"encoded latents {out}")
     return out
 
@@ -102,11 +129,13 @@ def _lm_task(config, workdir) -> LatentLMTask:
 
 def train_lm(config, workdir, mesh, rules):
     task = _lm_task(config, workdir)
+    # `batch_size` is global: each process reads its slice of the cache and yields batch_size / process_count rows.
     it = iter(make_latent_dataset(f"{workdir}/latents/train", config.train.batch_size, seed=config.train.seed,
-                                  expected_shape=(config.model.max_len, config.model.latent_dim)))
+                                  expected_shape=(config.model.max_len, config.model.latent_dim),
+                                  num_workers=config.data.get("num_workers", 0)))
     res = train(task, it, optim_config=config.optim, train_config=config.train, mesh=mesh, rules=rules,
                 workdir=f"{workdir}/lm", meta={"config": config.to_json(), "latent_norm": task.norm.to_dict()},
-                checkpoint_config=config.checkpoint, data_for_checkpoint=it, log=_log)
+                checkpoint_config=config.checkpoint, log=_log)
     return {"lm_final_loss": res.final_metrics.get("loss"), "lm_steps_per_sec": res.steps_per_sec}
 
 

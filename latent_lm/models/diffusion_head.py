@@ -88,10 +88,12 @@ class DiffusionHead(nn.Module):
         chex.assert_equal_shape_prefix([x_t, t, condition], t.ndim)
         chex.assert_axis_dimension(x_t, -1, self.latent_dim)
         width = condition.shape[-1]
-        c = condition.astype(self.dtype) + TimestepEmbedder(width, self.dtype, name="t_embedder")(t)
+        # Rows of the head (tokens × batch multiplier) follow the batch sharding, whatever the leading rank.
+        rows = lambda x: nn.with_logical_constraint(x, ("batch", *["length"] * (x.ndim - 2), "embed"))
+        c = rows(condition.astype(self.dtype) + rows(TimestepEmbedder(width, self.dtype, name="t_embedder")(t)))
         # noisy_x_embedder keeps PyTorch's default bias init (official initialize_weights zeroes only x_embedder's).
         h = Dense(width, ("latent", "embed"), use_bias=True, bias_init=None, dtype=self.dtype,
                   name="noisy_x_embedder")(x_t)
         for i in range(self.depth):
-            h = MLPBlock(self.mlp_ratio, self.dtype, name=f"blocks_{i}")(h, c)
+            h = rows(MLPBlock(self.mlp_ratio, self.dtype, name=f"blocks_{i}")(h, c))
         return FinalLayer(self.latent_dim, self.dtype, name="final_layer")(h, c)

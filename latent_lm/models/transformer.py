@@ -1,4 +1,9 @@
-"""Causal Transformer backbone and ConditionLayer (spec §2.1–2.2; official `Transformer.blocks`, `ConditionLayer`)."""
+"""Causal Transformer backbone and ConditionLayer (spec §2.1–2.2; official `Transformer.blocks`, `ConditionLayer`).
+
+The blocks are one `nn.scan` over a stacked layer axis (logical name "layers"), so the compiled program holds one
+block whatever the depth; compile time and HLO size stay flat from 2 to 48 layers. Parameters are stored as
+`backbone/blocks/<param>` with a leading [depth] axis; the PyTorch export unstacks them into `blocks.{i}.*`.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,13 @@ import jax.numpy as jnp
 from latent_lm.models.layers import Attention, Dense, KVCache, SwiGLU, rms_norm, swiglu_hidden
 
 Dtype = Any
+
+# Rematerialisation policies (config `model.remat`): what the backward pass keeps instead of recomputing.
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, recompute the rest
+}
 
 
 class Block(nn.Module):
@@ -33,29 +45,30 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of causal blocks; no final norm inside (the ConditionLayer / LM head normalise).
-
-    `remat` wraps every block in `jax.checkpoint` (recompute activations in the backward pass).
-    """
+    """`depth` causal blocks scanned over a stacked "layers" axis; no final norm (the ConditionLayer and LM head
+    normalise). `caches` is one KVCache whose arrays carry a leading [depth] axis (see `init_cache`)."""
 
     depth: int
     num_heads: int
     num_kv_heads: int
     mlp_ratio: float
     posi_scale: float = 1.0
-    remat: bool = False
+    remat: str = "none"
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, caches: list[KVCache] | None = None
-                 ) -> tuple[jax.Array, list[KVCache] | None]:
-        block_cls = nn.remat(Block, static_argnums=()) if self.remat else Block
-        new_caches = []
-        for i in range(self.depth):
-            x, c = block_cls(self.num_heads, self.num_kv_heads, self.mlp_ratio, self.posi_scale, self.dtype,
-                             name=f"blocks_{i}")(x, positions, None if caches is None else caches[i])
-            new_caches.append(c)
-        return x, (None if caches is None else new_caches)
+    def __call__(self, x: jax.Array, positions: jax.Array, caches: KVCache | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r} must be one of {list(REMAT_POLICIES)}")
+        block_cls = Block
+        if self.remat != "none":
+            block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, 0), out_axes=0, length=self.depth,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        return stack(self.num_heads, self.num_kv_heads, self.mlp_ratio, self.posi_scale, self.dtype,
+                     name="blocks")(x, positions, caches)
 
 
 class ConditionLayer(nn.Module):

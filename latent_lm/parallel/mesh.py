@@ -1,6 +1,9 @@
 """Device mesh and logical-axis sharding (DESIGN §3).
 
 The mesh has axes (data, fsdp, tensor); `config.mesh.shape` may hold one -1 that is filled from the device count.
+Multi-slice TPU and multi-node GPU jobs add `config.mesh.dcn_shape` (default (1, 1, 1)): the slow data-centre
+network between slices (TPU) or processes (GPU nodes) carries those factors, `shape` is the fast ICI/NVLink mesh
+inside each one, and the global mesh is their elementwise product (`mesh_utils.create_hybrid_device_mesh`).
 Logical axis names on parameters and activations are mapped to mesh axes by `config.mesh.rules` only.
 """
 
@@ -12,7 +15,11 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from latent_lm.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -32,6 +39,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("freq", None),
     ("patch", None),
     ("pos", None),
+    ("layers", None),  # the scanned layer axis: stacked, never split (pipeline parallelism would use it)
 )
 
 
@@ -39,24 +47,42 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     """Fills a single -1; raises one clear error if the shape cannot cover `num_devices`."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh.shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
+        raise ConfigError(f"mesh.shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh.shape {shape}: use positive sizes and at most one -1")
+        raise ConfigError(f"mesh.shape {shape}: use positive sizes and at most one -1")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(f"mesh.shape {shape} does not divide the {num_devices} available devices")
+            raise ConfigError(f"mesh.shape {shape} does not divide the {num_devices} available devices")
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
-        raise ValueError(f"mesh.shape {shape} has {math.prod(shape)} devices but {num_devices} are available")
+        raise ConfigError(f"mesh.shape {shape} has {math.prod(shape)} devices but {num_devices} are available")
     return shape
 
 
 def make_mesh(mesh_config=None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh with Auto axis types (so GSPMD propagates logical constraints)."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = resolve_mesh_shape(mesh_config.shape if mesh_config is not None else (-1, 1, 1), len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    dcn = tuple(int(s) for s in (mesh_config.get("dcn_shape") or (1, 1, 1))) if mesh_config is not None else (1,) * 3
+    if len(dcn) != len(MESH_AXES) or any(s < 1 for s in dcn):
+        raise ConfigError(f"mesh.dcn_shape must be {len(MESH_AXES)} positive sizes {MESH_AXES}, got {dcn}")
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    ici_devices = len(devices) // math.prod(dcn)
+    if len(devices) % math.prod(dcn):
+        raise ConfigError(f"mesh.dcn_shape {dcn} does not divide the {len(devices)} available devices")
+    shape = resolve_mesh_shape(mesh_config.shape if mesh_config is not None else (-1, 1, 1), ici_devices)
+    if math.prod(dcn) == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    # TPU multislice: one granule per slice. GPU nodes and CPU processes (whose devices all report slice 0, or
+    # nothing): one granule per process.
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    by_process = len(slices) == 1
+    granules = len({d.process_index for d in devices}) if by_process else len(slices)
+    if granules != math.prod(dcn):
+        raise ConfigError(f"mesh.dcn_shape {dcn} needs {math.prod(dcn)} {'processes' if by_process else 'slices'}, "
+                          f"found {granules}")
+    array = mesh_utils.create_hybrid_device_mesh(shape, dcn, devices, process_is_granule=by_process)
+    return Mesh(array, MESH_AXES, axis_types=axis_types)
 
 
 def logical_rules(mesh_config=None) -> tuple[tuple[str, Any], ...]:
@@ -109,3 +135,12 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
     return jax.tree.map(put, batch)
+
+
+def largest_replicated(tree, shardings) -> tuple[str, int]:
+    """(path, element count) of the largest array that every device holds whole (no dimension split)."""
+    best = ("", 0)
+    for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shardings)):
+        if s.shard_shape(x.shape) == tuple(x.shape) and math.prod(x.shape) > best[1]:
+            best = (jax.tree_util.keystr(path), math.prod(x.shape))
+    return best

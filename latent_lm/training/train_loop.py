@@ -4,12 +4,18 @@ A Task supplies `init_params(rng) -> boxed params` (with logical axis names) and
 `loss(params, batch, rng) -> (loss, metrics)`. The loop builds the train state on the mesh's shardings, compiles
 one step with `jax.jit(in_shardings, out_shardings, donate)` under `jax.set_mesh`, skips non-finite steps, keeps
 an EMA, logs JSONL/TensorBoard and a progress line, checkpoints periodically and resumes from the latest
-checkpoint (state, data iterator and all).
+checkpoint (state, data iterator and all) bit-exactly, onto whatever mesh the current run has.
+
+Preemption: SIGTERM (one process) or JAX's preemption sync point (multi-host; the coordination service turns a
+SIGTERM or a TPU maintenance notice on any host into the same step on every host) ⇒ checkpoint at the next step
+boundary and raise `Preempted`; rerunning the same command resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Protocol
 
@@ -20,7 +26,9 @@ import optax
 from jax.sharding import Mesh
 
 from latent_lm.checkpoint import Checkpointer, abstract_with_shardings
-from latent_lm.parallel.mesh import data_parallel_size, logical_shardings, replicated, shard_batch
+from latent_lm.errors import ConfigError, MissingInputError
+from latent_lm.parallel.device_prefetch import DevicePrefetcher
+from latent_lm.parallel.mesh import data_parallel_size, logical_shardings, replicated
 from latent_lm.training.metrics_writer import MetricsWriter
 from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
 from latent_lm.training.train_state import TrainState, ema_update, tree_all_finite
@@ -30,6 +38,35 @@ class Task(Protocol):
     def init_params(self, rng: jax.Array) -> Any: ...
 
     def loss(self, params, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]: ...
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is written; the run resumes from it when started again."""
+
+    def __init__(self, step: int, directory: str):
+        super().__init__(f"preempted: checkpoint of step {step} saved in {directory}; rerun the same command to "
+                         f"resume")
+        self.step = step
+
+
+class _SigtermFlag:
+    """Single-process SIGTERM → a flag checked at step boundaries. With several processes the coordination
+    service owns SIGTERM (JAX's preemption notifier) and `Checkpointer.reached_preemption` reports it."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _log0(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 @dataclasses.dataclass
@@ -85,17 +122,16 @@ def jit_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax
 
 
 def train(task: Task, data: Iterator[dict], *, optim_config, train_config, mesh: Mesh, rules, workdir: str,
-          meta: dict | None = None, checkpoint_config=None, data_for_checkpoint=None,
-          log: Callable[[str], None] = print) -> TrainResult:
+          meta: dict | None = None, checkpoint_config=None, log: Callable[[str], None] = _log0) -> TrainResult:
     """Trains `task` for `train_config.steps` steps, resuming from `workdir` checkpoints if present.
 
-    `data` yields host-local numpy batches of `train_config.batch_size` global rows (split by process);
-    `data_for_checkpoint` is the grain iterator whose state is checkpointed (usually `data` itself).
+    `data` yields this process's rows of each global batch of `train_config.batch_size` (numpy); when it is a
+    grain iterator (has get_state/set_state) its position is checkpointed with the state and restored on resume.
     """
     total = int(train_config.steps)
     dp = data_parallel_size(mesh)
     if train_config.batch_size % dp:
-        raise ValueError(f"batch_size {train_config.batch_size} is not divisible by the data-parallel size {dp} "
+        raise ConfigError(f"batch_size {train_config.batch_size} is not divisible by the data-parallel size {dp} "
                          f"(mesh data×fsdp)")
     tx = make_optimizer(optim_config, total)
     schedule = learning_rate_schedule(optim_config, total)
@@ -104,43 +140,54 @@ def train(task: Task, data: Iterator[dict], *, optim_config, train_config, mesh:
     ckpt = Checkpointer(f"{workdir}/checkpoints", max_to_keep=ckpt_cfg.max_to_keep if ckpt_cfg else 2,
                         save_every=ckpt_cfg.every if ckpt_cfg else total,
                         async_save=ckpt_cfg.get("async_save", True) if ckpt_cfg else True)
+    batches = DevicePrefetcher(data, mesh, size=int(train_config.get("prefetch", 2)))
+    data_state = batches if hasattr(data, "get_state") and hasattr(data, "set_state") else None
+    meta = dict(meta or {}, mesh={"shape": dict(mesh.shape), "process_count": jax.process_count()})
     state = None
-    restored = ckpt.restore(abstract, data_iter=data_for_checkpoint)
+    restored = ckpt.restore(abstract, data_iter=data_state)
     if restored is not None:
         state, _ = restored
         log(f"resumed from step {int(state.step)}")
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        if state is None:
-            state = init(jax.random.PRNGKey(train_config.get("seed", 0)))
-        step_fn = jit_train_step(task, tx, schedule, optim_config.ema_decay, shardings, mesh)
-        writer = MetricsWriter(workdir)
-        log_every = int(train_config.get("log_every", 100))
-        start = int(state.step)
-        t0 = time.time()
-        t_last, s_last = t0, start
-        metrics = {}
-        for step in range(start, total):
-            batch = shard_batch(next(data), mesh)
-            state, metrics = step_fn(state, batch)
-            done = step + 1
-            if done % log_every == 0 or done == total:
-                metrics = jax.device_get(metrics)
-                now = time.time()
-                rate = (done - s_last) / max(now - t_last, 1e-9)
-                t_last, s_last = now, done
-                writer.write(done, dict(metrics, steps_per_sec=rate))
-                eta = (total - done) / max(rate, 1e-9)
-                log(f"[{workdir.rsplit('/', 1)[-1]}] step {done}/{total} loss {metrics['loss']:.4f} "
-                    f"{rate:.2f} steps/s ETA {eta / 60:.1f} min" +
-                    (f" skipped {int(metrics['skipped'])}" if metrics['skipped'] else ""))
-            if ckpt_cfg is not None and done % ckpt.save_every == 0 and done != total:
-                ckpt.save(done, state, data_iter=data_for_checkpoint, meta=meta)
-        elapsed = time.time() - t0
-        if total > start or ckpt.latest_step() is None:
-            ckpt.save(int(state.step), state, data_iter=data_for_checkpoint, meta=meta, force=True)
-        ckpt.wait()
+    sigterm = _SigtermFlag()
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            if state is None:
+                state = init(jax.random.PRNGKey(train_config.get("seed", 0)))
+            step_fn = jit_train_step(task, tx, schedule, optim_config.ema_decay, shardings, mesh)
+            writer = MetricsWriter(workdir)
+            log_every = int(train_config.get("log_every", 100))
+            start = int(state.step)
+            t0 = time.time()
+            t_last, s_last = t0, start
+            metrics = {}
+            for step in range(start, total):
+                state, metrics = step_fn(state, next(batches))
+                done = step + 1
+                if done % log_every == 0 or done == total:
+                    metrics = jax.device_get(metrics)
+                    now = time.time()
+                    rate = (done - s_last) / max(now - t_last, 1e-9)
+                    t_last, s_last = now, done
+                    writer.write(done, dict(metrics, steps_per_sec=rate))
+                    eta = (total - done) / max(rate, 1e-9)
+                    log(f"[{workdir.rsplit('/', 1)[-1]}] step {done}/{total} loss {metrics['loss']:.4f} "
+                        f"{rate:.2f} steps/s ETA {eta / 60:.1f} min" +
+                        (f" skipped {int(metrics['skipped'])}" if metrics['skipped'] else ""))
+                if done != total and (sigterm.event.is_set() or ckpt.reached_preemption(done)):
+                    ckpt.save(done, state, data_iter=data_state, meta=meta, force=True)
+                    ckpt.wait()
+                    writer.close()
+                    raise Preempted(done, ckpt.directory)
+                if ckpt_cfg is not None and done % ckpt.save_every == 0 and done != total:
+                    ckpt.save(done, state, data_iter=data_state, meta=meta)
+            elapsed = time.time() - t0
+            if total > start or ckpt.latest_step() is None:
+                ckpt.save(int(state.step), state, data_iter=data_state, meta=meta, force=True)
+            ckpt.wait()
+            writer.close()
+    finally:
+        sigterm.close()
         ckpt.close()
-        writer.close()
     steps_per_sec = (total - start) / elapsed if total > start else 0.0
     return TrainResult(state=state, final_metrics={k: float(v) for k, v in jax.device_get(metrics).items()},
                        steps_per_sec=steps_per_sec)
@@ -154,5 +201,5 @@ def load_state(task: Task, *, optim_config, train_config, mesh: Mesh, rules, wor
     restored = ckpt.restore(abstract)
     ckpt.close()
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: run the training mode first")
+        raise MissingInputError(f"no checkpoint under {workdir}/checkpoints: run the training mode first")
     return restored[0]

@@ -1,0 +1,50 @@
+"""Multi-host start-up: `jax.distributed.initialize` before any other JAX call (DESIGN §4).
+
+- TPU VM pods and SLURM jobs: detected from the environment, JAX finds the coordinator itself.
+- GPU clusters without SLURM, and local testing: explicit coordinator address, process count and id (flags
+  `--coordinator_address --num_processes --process_id`). CPU processes talk through gloo collectives.
+After initialization every process sees all devices of the job (`jax.devices()`) and its own
+(`jax.local_devices()`); global batches are assembled with `jax.make_array_from_process_local_data`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def cluster_detected(env: dict[str, str] | None = None) -> bool:
+    """True inside a multi-process TPU VM slice/multislice or SLURM job, where JAX auto-detects the cluster."""
+    env = os.environ if env is None else env
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        return True
+    if "MEGASCALE_COORDINATOR_ADDRESS" in env:  # multislice
+        return True
+    return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, mode: str = "auto") -> bool:
+    """Initializes the JAX distributed runtime if this is a multi-process job; returns whether it did.
+
+    mode: "auto" (explicit flags, else a detected cluster, else single process), "on" (always, letting JAX
+    detect the cluster) or "off".
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"--distributed={mode!r} must be one of auto, on, off")
+    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    if explicit and (coordinator_address is None or num_processes is None or process_id is None):
+        raise ValueError("--coordinator_address, --num_processes and --process_id must be given together")
+    if mode == "off" or (mode == "auto" and not explicit and not cluster_detected()):
+        return False
+    # Affects only the CPU backend (local multi-process tests, CPU clusters); accelerators use their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    else:
+        jax.distributed.initialize()
+    return True

@@ -1,0 +1,106 @@
+"""Planning mode (issue #4): exact per-device state bytes, FSDP scaling, one clear error for a bad mesh, the CLI."""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs import default
+from latent_lm.errors import ConfigError
+from latent_lm.parallel.mesh import logical_rules, make_mesh
+from latent_lm.parallel.planning import plan_memory
+from latent_lm.training.optimizer import make_optimizer
+from latent_lm.training.tasks import LatentLMTask, LatentNormalization
+from latent_lm.training.train_loop import build_state_fns
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(mesh_shape, batch_size=16):
+    """The embedded default model (0.7 M params, width 96 so every embed dim splits 8 ways), remat as on ImageNet."""
+    c = default.get_config()
+    c.mesh.shape = mesh_shape
+    c.train.batch_size = batch_size
+    c.model.remat = "full"
+    return c
+
+
+def per_device_shard_bytes(tree) -> int:
+    """What the fullest device really holds of an initialised (concrete) tree."""
+    held: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return max(held.values())
+
+
+def test_plan_bytes_equal_initialised_shards_and_compiled_arguments():
+    config = tiny_config((2, 2, 2))
+    plan = plan_memory(config, 8, stage="compile", hbm_bytes=1e9)
+
+    mesh = make_mesh(config.mesh, jax.devices()[:8])
+    task = LatentLMTask.from_config(config, LatentNormalization(1.0, 0.0))
+    init, _, _ = build_state_fns(task, make_optimizer(config.optim, config.train.steps), mesh,
+                                 logical_rules(config.mesh), 0)
+    with jax.set_mesh(mesh):
+        state = init(jax.random.PRNGKey(0))
+    assert plan.params == per_device_shard_bytes(state.params)
+    assert plan.opt_state == per_device_shard_bytes(state.opt_state)
+    assert plan.ema == per_device_shard_bytes(state.ema_params)
+    assert plan.params < sum(x.nbytes for x in jax.tree.leaves(state.params))  # really sharded
+    # The compiled step's arguments are exactly the state plus the batch shard the planner counted.
+    assert plan.compiled_argument_bytes == plan.state + plan.batch
+    assert plan.batch == (16 // 4) * (49 * 4 * 4 + 4)  # 4 sequences per (data, fsdp) shard: latents + label
+    assert plan.activation_source == "compiled (XLA:CPU)"
+    # The analytic estimate is the fallback when the step is not compiled: same order as the compiler's figure.
+    assert 0.3 < plan.analytic_activations / plan.activations < 3.0
+    assert plan.fits() and not plan.fits(hbm_bytes=plan.total)  # 90% of HBM usable by default
+
+
+def test_fsdp_divides_state_bytes_by_its_size():
+    replicated = plan_memory(tiny_config((8, 1, 1)), 8, stage="shapes")
+    sharded = plan_memory(tiny_config((1, 8, 1)), 8, stage="shapes")
+    assert replicated.params == 4 * replicated.num_params  # pure data parallelism: every device holds all fp32 params
+    assert replicated.params == 8 * sharded.params
+    assert replicated.opt_state == 2 * replicated.params + 8  # AdamW μ, ν + two int32 step counts (Adam, schedule)
+    assert sharded.opt_state == 2 * sharded.params + 8
+    assert replicated.ema == 8 * sharded.ema
+    assert sharded.largest_replicated == ("", 0)
+    task = LatentLMTask.from_config(tiny_config((8, 1, 1)), LatentNormalization(1.0, 0.0))
+    shapes = jax.tree.leaves(jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
+    path, nbytes = replicated.largest_replicated
+    assert "mlp" in path and nbytes == max(4 * math.prod(x.shape) for x in shapes)
+    # The batch splits over data×fsdp, so both meshes hold the same 2 sequences per device.
+    assert replicated.batch == sharded.batch
+
+
+def test_mesh_that_does_not_cover_the_devices_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"mesh.shape \(2, 2, 1\) has 4 devices but 8 are available"):
+        plan_memory(tiny_config((2, 2, 1)), 8, stage="shapes")
+    with pytest.raises(ConfigError, match="planning for 16 devices but jax sees 8"):
+        plan_memory(tiny_config((2, 8, 1)), 16, stage="shapes")
+    with pytest.raises(ConfigError, match="batch_size 12 is not divisible by the data-parallel size 8"):
+        plan_memory(tiny_config((2, 4, 1), batch_size=12), 8, stage="shapes")
+
+
+def test_multi_slice_mesh_is_planned_as_its_global_mesh():
+    """Per-device memory depends on the global mesh (shape × dcn_shape), which one process of fake devices can hold."""
+    config = tiny_config((1, 4, 1))
+    config.mesh.dcn_shape = (2, 1, 1)
+    plan = plan_memory(config, 8, stage="shapes")
+    assert plan.mesh_shape == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert plan.params == plan_memory(tiny_config((2, 4, 1)), 8, stage="shapes").params
+
+
+def test_cli_gives_itself_the_fake_devices():
+    """launch/plan.py sets the device count before importing jax (the parent's XLA_FLAGS say 8)."""
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch", "plan.py"), "--config=configs/default.py", "--num_devices=16",
+         "--config.mesh.shape=(2,8,1)", "--config.train.batch_size=32", "--stage=shapes", "--hbm_gb=0.01"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "on 16 devices, mesh data=2 fsdp=8 tensor=1, global batch 32" in out.stdout
+    assert "does NOT fit" in out.stdout  # a few MB per device against 10 MB at 90% usable
