@@ -4,7 +4,8 @@ Saves are asynchronous; orbax writes each step to a temporary directory and rena
 partially written step (e.g. after `kill -9` during a save) is never listed as a checkpoint, and the leftover
 temporary directory is removed when the next manager opens. Restores target the abstract state built for the
 *current* mesh, so a run can resume on a different mesh or device count. A latest checkpoint that cannot be read
-(corrupted, truncated) is moved aside with a warning and the previous one is used.
+(corrupted, truncated) is moved aside with a warning and the previous one is used; a checkpoint that does not fit a
+changed config is an error and is never moved.
 """
 
 from __future__ import annotations
@@ -47,32 +48,43 @@ class Checkpointer:
     def restore(self, abstract_state, *, step: int | None = None, data_iter=None) -> tuple[Any, dict] | None:
         """Restores (state, meta) at `step`, placing arrays on `abstract_state`'s shardings.
 
-        Without `step`: the latest readable checkpoint; unreadable newer ones are quarantined (renamed to
-        `corrupt.<step>.<time>`) with a warning. Returns None when there is no checkpoint at all.
+        Without `step`: the latest checkpoint that restores. Newer ones that failed are quarantined (renamed to
+        `corrupt.<step>.<time>`, with a warning) only once an older one has restored into the same abstract state,
+        which shows the failure was the checkpoint's and not a changed config. If none restores, nothing is moved
+        and one error says so. Returns None when there is no checkpoint at all.
         """
         steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        failed: list[tuple[int, Exception]] = []
         for s in steps:
             items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
             if data_iter is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+                if os.path.isdir(os.path.join(self.directory, str(s), "data")):
+                    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+                else:
+                    logging.warning("checkpoint step %d has no data-iterator state: the data starts afresh", s)
             try:
                 restored = self.manager.restore(s, args=ocp.args.Composite(**items))
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
                 if step is not None:
                     raise
-                self._quarantine(s, e)
+                failed.append((s, e))
                 continue
+            for bad, error in failed:
+                self._quarantine(bad, error)
             logging.info("restored checkpoint step %d from %s", s, self.directory)
             return restored["state"], restored["meta"]
-        if steps:
+        if failed:
+            s, e = failed[0]
             raise NoUsableCheckpointError(
-                f"none of the checkpoints under {self.directory} could be read (moved aside as corrupt.*); "
-                f"remove the directory to start from scratch")
+                f"none of the {len(failed)} checkpoints under {self.directory} restores into this run's state "
+                f"(latest, step {s}: {type(e).__name__}: {str(e).splitlines()[0][:300]}). If the model or "
+                f"optimizer config changed, use a new --workdir; if the files are damaged, move them aside")
         return None
 
     def _quarantine(self, step: int, error: Exception) -> None:
         message = (f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
-                   f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); falling back to the previous one")
+                   f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); moved aside as corrupt.{step}.*, "
+                   f"falling back to the previous one")
         logging.warning(message)
         if jax.process_index() == 0:
             print(message, flush=True)

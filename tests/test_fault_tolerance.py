@@ -3,10 +3,10 @@ corrupted latest checkpoint. Resumed runs end bit-identical to an uninterrupted 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -16,9 +16,10 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from test_train_loop import ToyTask, configs, toy_data
+from test_train_loop import MODEL, ToyTask, configs, toy_data
 
 from latent_lm.checkpoint import NoUsableCheckpointError
+from latent_lm.models.latent_lm import LatentLM
 from latent_lm.parallel.mesh import DEFAULT_RULES, make_mesh
 from latent_lm.training.train_loop import train
 
@@ -142,6 +143,23 @@ def test_all_checkpoints_corrupt_is_one_clear_error(tmp_path):
     for n in os.listdir(tmp_path / "checkpoints"):
         if n.isdigit():
             _damage(str(tmp_path / "checkpoints" / n), "garbage")
-    with pytest.raises(NoUsableCheckpointError, match="none of the checkpoints"):
+    with pytest.raises(NoUsableCheckpointError, match="none of the 2 checkpoints"):
         _run(tmp_path, 6)
-    shutil.rmtree(tmp_path / "checkpoints")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]  # nothing is moved when nothing restores
+
+
+def test_checkpoint_of_another_config_is_an_error_not_corruption(tmp_path):
+    _run(tmp_path, 4)
+    wider = WiderTask()
+    optim, train_cfg, ckpt = configs(6, 2)
+    mesh = make_mesh(ml_collections.ConfigDict(dict(shape=(1, 1, 1))), jax.devices()[:1])
+    with pytest.raises(NoUsableCheckpointError, match="use a new --workdir"):
+        train(wider, toy_data(), optim_config=optim, train_config=train_cfg, mesh=mesh, rules=DEFAULT_RULES,
+              workdir=str(tmp_path), checkpoint_config=ckpt, log=lambda s: None)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+
+
+class WiderTask(ToyTask):
+    @property
+    def model(self):
+        return LatentLM(dataclasses.replace(MODEL, width=48))

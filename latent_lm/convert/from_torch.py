@@ -1,0 +1,269 @@
+"""Import PyTorch weights into an orbax checkpoint that the train loop resumes from (issue #6).
+
+  python -m latent_lm.convert.from_torch --torch_dir=runs/default/export --workdir=runs/finetune \
+      [--config=configs/default.py[:arg]] [--what=all|lm|vae] [--step=0]
+
+Reads an export directory (ours, or an official state dict with a config.json holding `architecture` and the
+constructor `kwargs`), checks it against the experiment config, and writes `<workdir>/lm/checkpoints/<step>` (and
+`<workdir>/vae/checkpoints/<step>`) through the train loop's own `build_state_fns` + `Checkpointer.save`, so
+`--mode=train` resumes from it. The weights become both `params` and `ema_params`; the optimizer state is fresh
+(zero Adam moments, bias correction from the start) with the learning-rate schedule positioned at `step`. The
+experiment config defaults to the one embedded in the export's config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+import torch
+from flax import traverse_util
+
+from data_pipelines.image_pipeline import make_image_dataset
+from data_pipelines.latent_cache import make_latent_dataset
+from latent_lm.checkpoint import Checkpointer
+from latent_lm.convert import param_mapping
+from latent_lm.convert.torch_files import (
+    VAE_DIR,
+    ConversionError,
+    check_state_dict,
+    expected_shapes,
+    read_config,
+    read_state_dict,
+)
+from latent_lm.models.latent_lm import LatentLMConfig
+from latent_lm.models.sigma_vae import SigmaVAE
+from latent_lm.parallel.device_prefetch import DevicePrefetcher
+from latent_lm.parallel.mesh import logical_rules, make_mesh
+from latent_lm.training.optimizer import make_optimizer
+from latent_lm.training.tasks import LatentLMTask, LatentNormalization, VAETask
+from latent_lm.training.train_loop import build_state_fns
+
+
+def state_dict_to_params(state_dict: dict[str, torch.Tensor], table: list[param_mapping.Rule]) -> dict:
+    """{"params": tree} of float32 numpy arrays; per-layer rules are stacked back along the leading axis."""
+    flat, layered = {}, collections.defaultdict(dict)
+    for rule in table:
+        arrays = [state_dict[k].detach().to(torch.float32).cpu().numpy() for k in rule.torch_keys]
+        for path, value in zip(rule.jax_paths, rule.from_torch(*arrays)):
+            if rule.layer is None:
+                flat[path] = value
+            else:
+                layered[path][rule.layer] = value
+    for path, layers in layered.items():
+        flat[path] = np.stack([layers[i] for i in range(len(layers))])
+    return {"params": traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})}
+
+
+def check_params(params: dict, abstract_params, what: str) -> None:
+    """Same parameter paths and shapes as the model the experiment config builds (one error naming the path)."""
+    got = traverse_util.flatten_dict(params["params"], sep="/")
+    want = traverse_util.flatten_dict(abstract_params["params"], sep="/")
+    for path in sorted(set(want) | set(got)):
+        if path not in got:
+            raise ConversionError(f"{what}: no PyTorch weight maps to the JAX parameter {path!r}")
+        if path not in want:
+            raise ConversionError(f"{what}: JAX parameter {path!r} is not in the configured model")
+        if tuple(got[path].shape) != tuple(want[path].shape):
+            raise ConversionError(f"{what}: JAX parameter {path!r} would get shape {list(got[path].shape)} but the "
+                                  f"configured model has {list(want[path].shape)}")
+
+
+def _compare(what: str, pairs) -> None:
+    for torch_name, torch_value, jax_name, jax_value in pairs:
+        if torch_value != jax_value:
+            raise ConversionError(f"{what}: config.json {torch_name}={torch_value!r} but the experiment config has "
+                                  f"{jax_name}={jax_value!r}")
+
+
+def check_lm_config(torch_config: dict, cfg: LatentLMConfig, what: str) -> None:
+    if torch_config["architecture"] != "Transformer":
+        raise ConversionError(f"{what}: architecture {torch_config['architecture']!r} is not a LatentLM "
+                              f"'Transformer' checkpoint")
+    k = torch_config["kwargs"]
+    side = k.get("input_size", 32)
+    head_ratio = k.get("diffusion_mlp_ratio") or k.get("mlp_ratio", 4.0)
+    _compare(what, [
+        ("hidden_size", k.get("hidden_size"), "model.width", cfg.width),
+        ("depth", k.get("depth"), "model.depth", cfg.depth),
+        ("num_heads", k.get("num_heads"), "model.num_heads", cfg.num_heads),
+        ("num_kv_heads", k.get("num_kv_heads") or k.get("num_heads"), "model.num_kv_heads", cfg.kv_heads),
+        ("mlp_ratio", float(k.get("mlp_ratio", 4.0)), "model.mlp_ratio", float(cfg.mlp_ratio)),
+        ("diffusion_depth", k.get("diffusion_depth", 3), "head.depth", cfg.head_depth),
+        ("diffusion mlp ratio", float(head_ratio), "head.mlp_ratio", float(cfg.head_mlp_ratio or cfg.mlp_ratio)),
+        ("in_channels", k.get("in_channels", 4), "model.latent_dim", cfg.latent_dim),
+        ("num_classes", k.get("num_classes", 1000), "model.num_classes", cfg.num_classes),
+        ("text_vocab_size", k.get("text_vocab_size", 0), "model.text_vocab_size", cfg.text_vocab_size),
+        ("sequence length", k.get("max_len") or side * side, "model.max_len", cfg.max_len),
+        ("posi_scale", float(k.get("posi_scale", 1)), "model.posi_scale", float(cfg.posi_scale)),
+    ])
+    if cfg.num_classes and not k.get("class_dropout_prob", 0.1) > 0:
+        raise ConversionError(f"{what}: class_dropout_prob=0, so y_embedder.embedding_table has no null-class row; "
+                              f"the JAX model needs it for classifier-free guidance")
+
+
+def check_vae_config(torch_config: dict, vae: SigmaVAE, what: str) -> None:
+    if torch_config["architecture"] != "SigmaVAE":
+        raise ConversionError(f"{what}: architecture {torch_config['architecture']!r} is not a 'SigmaVAE' checkpoint")
+    k = torch_config["kwargs"]
+    enc, dec = k["encoder_config"], k["decoder_config"]
+    _compare(what, [
+        ("encoder_config.img_size", enc.get("img_size"), "data.image_size", vae.image_size),
+        ("encoder_config.in_chans", enc.get("in_chans"), "data.channels", vae.in_channels),
+        ("patch_size", k.get("patch_size"), "vae.patch_size", vae.patch_size),
+        ("latent_size", k.get("latent_size"), "vae.latent_dim", vae.latent_dim),
+        ("encoder_config.embed_dim", enc.get("embed_dim"), "vae.width", vae.width),
+        ("decoder_config.embed_dim", dec.get("embed_dim"), "vae.width", vae.width),
+        ("encoder_config.depth", enc.get("depth"), "vae.depth", vae.depth),
+        ("decoder_config.depth", dec.get("depth"), "vae.depth", vae.depth),
+        ("encoder_config.num_heads", enc.get("num_heads"), "vae.num_heads", vae.num_heads),
+        ("encoder_config.mlp_ratio", float(enc.get("mlp_ratio", 4.0)), "vae.mlp_ratio", float(vae.mlp_ratio)),
+        ("std", float(k.get("std", 0.75)), "vae.std", float(vae.std)),
+    ])
+
+
+def read_torch_params(torch_dir: str, model) -> tuple[dict, dict]:
+    """(JAX params {"params": …} as numpy, config.json) for a LatentLM (`model` a LatentLMConfig) or a SigmaVAE."""
+    config = read_config(torch_dir)
+    if isinstance(model, LatentLMConfig):
+        check_lm_config(config, model, torch_dir)
+        table = param_mapping.latent_lm_table(model)
+    else:
+        check_vae_config(config, model, torch_dir)
+        table = param_mapping.sigma_vae_table(model)
+    state_dict = read_state_dict(torch_dir)
+    check_state_dict(state_dict, expected_shapes(config), torch_dir)
+    # The PyTorch model may hold keys the JAX model cannot represent (e.g. a flatten_input variant).
+    check_state_dict(state_dict, {k: tuple(state_dict[k].shape) for k in param_mapping.torch_keys(table)}, torch_dir)
+    return state_dict_to_params(state_dict, table), config
+
+
+def _schedule_at(opt_state, step: int):
+    """Fresh optimizer state whose learning-rate schedule continues at `step` (the Adam moments stay fresh)."""
+    def at(s):
+        if isinstance(s, optax.ScaleByScheduleState):
+            return s._replace(count=jax.device_put(np.asarray(step, s.count.dtype), s.count.sharding))
+        return s
+
+    return jax.tree.map(at, opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
+
+
+def write_checkpoint(params: dict, task, *, optim_config, train_config, mesh, rules, train_dir: str, step: int = 0,
+                     meta: dict | None = None, data=None) -> str:
+    """Writes `<train_dir>/checkpoints/<step>` for `task` with `params` as params and EMA, fresh optimizer.
+
+    `data` is the iterator `train` will be given (its current position is saved, as `train` would save it).
+    Refuses a directory that already has checkpoints.
+    """
+    if step < 0:
+        raise ValueError(f"step={step} must be ≥ 0")
+    tx = make_optimizer(optim_config, int(train_config.steps))
+    seed = train_config.get("seed", 0)
+    init, abstract, shardings = build_state_fns(task, tx, mesh, rules, seed)
+    check_params(params, abstract.params, train_dir)
+
+    def put(tree, target_shardings):
+        return jax.tree.map(lambda x, s, a: jax.device_put(np.asarray(x, a.dtype), s), tree, target_shardings,
+                            abstract.params)
+
+    ckpt = Checkpointer(f"{train_dir}/checkpoints", async_save=False)
+    try:
+        if ckpt.latest_step() is not None:
+            raise ConversionError(f"{train_dir}/checkpoints already holds step {ckpt.latest_step()}: import into a "
+                                  f"fresh workdir")
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            state = init(jax.random.PRNGKey(seed))
+        state = state.replace(step=jax.device_put(np.asarray(step, np.int32), shardings.step),
+                              params=put(params, shardings.params), ema_params=put(params, shardings.ema_params),
+                              opt_state=_schedule_at(state.opt_state, step))
+        data_state = None
+        if data is not None and hasattr(data, "get_state"):
+            data_state = DevicePrefetcher(data, mesh)  # the wrapper `train` checkpoints, at the same position
+        mesh_meta = {"shape": dict(mesh.shape), "process_count": jax.process_count()}
+        ckpt.save(step, state, data_iter=data_state, meta=dict(meta or {}, mesh=mesh_meta), force=True)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    return f"{train_dir}/checkpoints/{step}"
+
+
+# ---- into an experiment workdir ----
+
+def load_experiment_config(spec: str) -> ml_collections.ConfigDict:
+    """`path/to/config.py[:arg]` → `get_config(arg)`."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("imported_experiment_config", path)
+    if module_spec is None or not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path} not found")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def import_workdir(torch_dir: str, workdir: str, *, config: ml_collections.ConfigDict | None = None,
+                   what: str = "all", step: int = 0, mesh=None) -> dict:
+    """Writes `<workdir>/lm` (from `torch_dir`) and `<workdir>/vae` (from `torch_dir/vae`) checkpoints.
+
+    `mesh` defaults to the config's. The data iterators are built as the experiment stages build them; the
+    LatentLM one reads `<workdir>/latents/train`, so import the σ-VAE and run `--mode=encode` (or copy the
+    latents) first. Their positions are saved because `train` restores them with the state.
+    """
+    if what not in ("all", "lm", "vae"):
+        raise ValueError(f"what={what!r} must be 'all', 'lm' or 'vae'")
+    if config is None:
+        embedded = read_config(torch_dir).get("experiment_config")
+        if embedded is None:
+            raise ConversionError(f"{torch_dir}/config.json holds no experiment config: pass --config")
+        config = ml_collections.ConfigDict(embedded)
+    latents = f"{workdir}/latents/train"
+    if what in ("all", "lm") and not os.path.exists(latents):
+        raise FileNotFoundError(f"{latents} not found: the LatentLM checkpoint stores the position of the latent data "
+                                f"iterator that --mode=train resumes, so import --what=vae, run --mode=encode, then "
+                                f"import --what=lm (or copy latents/ from the source run)")
+    mesh, rules = mesh or make_mesh(config.mesh), logical_rules(config.mesh)
+    written = {}
+    if what in ("all", "vae"):
+        task = VAETask.from_config(config)
+        params, _ = read_torch_params(os.path.join(torch_dir, VAE_DIR), task.model)
+        data = iter(make_image_dataset(config.data.dataset, "train", config.vae_train.batch_size,
+                                       seed=config.vae_train.seed))
+        written["vae"] = write_checkpoint(params, task, optim_config=config.vae_optim, train_config=config.vae_train,
+                                          mesh=mesh, rules=rules, train_dir=f"{workdir}/vae", step=step,
+                                          meta={"config": config.to_json(), "imported_from": torch_dir}, data=data)
+    if what in ("all", "lm"):
+        lm_cfg = LatentLMConfig.from_config(config)
+        params, tconfig = read_torch_params(torch_dir, lm_cfg)
+        norm = LatentNormalization(**tconfig.get("latent_norm", {"scale": 1.0, "bias": 0.0}))
+        task = LatentLMTask.from_config(config, norm)
+        data = iter(make_latent_dataset(latents, config.train.batch_size, seed=config.train.seed,
+                                        expected_shape=(config.model.max_len, config.model.latent_dim)))
+        written["lm"] = write_checkpoint(params, task, optim_config=config.optim, train_config=config.train,
+                                         mesh=mesh, rules=rules, train_dir=f"{workdir}/lm", step=step,
+                                         meta={"config": config.to_json(), "latent_norm": norm.to_dict(),
+                                               "imported_from": torch_dir}, data=data)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--torch_dir", required=True, help="export directory (model.safetensors|model.pt + config.json)")
+    p.add_argument("--workdir", required=True, help="experiment workdir to write lm/ and vae/ checkpoints into")
+    p.add_argument("--config", default=None, help="experiment config file[:arg] (default: the one in config.json)")
+    p.add_argument("--what", choices=["all", "lm", "vae"], default="all")
+    p.add_argument("--step", type=int, default=0, help="step of the written checkpoint (schedule position)")
+    args = p.parse_args(argv)
+    config = load_experiment_config(args.config) if args.config else None
+    written = import_workdir(args.torch_dir, args.workdir, config=config, what=args.what, step=args.step)
+    for k, v in written.items():
+        print(f"imported {k} into {v}")
+
+
+if __name__ == "__main__":
+    main()

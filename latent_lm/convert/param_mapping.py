@@ -1,0 +1,190 @@
+"""JAX ↔ PyTorch parameter tables: which official PyTorch key holds which JAX parameter, in which layout.
+
+One table per architecture (`TABLES`): a function of the model dimensions returning `Rule`s. A rule ties one or
+more PyTorch keys to one or more JAX parameters (paths under `params`, "/"-joined) with a pair of exact layout
+transforms (transposes, reshapes, concatenations, slices: no arithmetic, so JAX → PyTorch → JAX is bit-exact).
+`layer=i` marks parameters of the scanned backbone, which carry a leading [depth] axis in JAX: the rule then
+reads/writes slice i, so an exporter can gather one layer at a time. Adding the DiT twin (issue #5) is one more
+table function here plus its `TABLES` entry.
+
+Layouts (PyTorch Linear weights are [out, in]; JAX Dense kernels [in…, out…]):
+  Linear          kernel [in, out]                  ↔ weight [out, in]
+  fused qkv       q [D, H, hd], k/v [D, Hkv, hd]    ↔ weight [(H + 2·Hkv)·hd, D], rows q heads | k heads | v heads
+  attn proj       kernel [H, hd, D]                 ↔ weight [D, H·hd]
+  1×1 PatchEmbed  kernel [C, D] + bias              ↔ proj.weight [D, C, 1, 1] + proj.bias
+  token table     [K+1+V, D] (classes, null, text) ↔ y_embedder.embedding_table.weight [K+1, D] ‖ text_embedder.weight
+  σ-VAE patches   pixels flattened (i, j, c)        ↔ conv weight [D, C, p, p] / pixel head rows (c, i, j)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+Array = np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    torch_keys: tuple[str, ...]
+    jax_paths: tuple[str, ...]
+    to_torch: Callable[..., tuple[Array, ...]]    # JAX arrays (slice `layer` if set) → PyTorch arrays
+    from_torch: Callable[..., tuple[Array, ...]]  # PyTorch arrays → JAX arrays (slice `layer` if set)
+    layer: int | None = None
+
+
+# ---- layout transforms (pure numpy, exact) ----
+
+def _t(x: Array) -> Array:
+    return np.ascontiguousarray(x.T)
+
+
+def linear(torch_key: str, jax_path: str, layer: int | None = None) -> Rule:
+    return Rule((torch_key,), (jax_path,), lambda k: (_t(k),), lambda w: (_t(w),), layer)
+
+
+def same(torch_key: str, jax_path: str, layer: int | None = None, torch_shape: Sequence[int] | None = None,
+         jax_shape: Sequence[int] | None = None) -> Rule:
+    """Identical values, optionally reshaped (e.g. a [W] CLS token ↔ (1, 1, W))."""
+    to_t = (lambda x: (np.ascontiguousarray(x.reshape(torch_shape)),)) if torch_shape else (lambda x: (x,))
+    from_t = (lambda x: (np.ascontiguousarray(x.reshape(jax_shape)),)) if jax_shape else (lambda x: (x,))
+    return Rule((torch_key,), (jax_path,), to_t, from_t, layer)
+
+
+def conv1x1(torch_prefix: str, jax_prefix: str) -> list[Rule]:
+    return [Rule((f"{torch_prefix}.weight",), (f"{jax_prefix}/kernel",),
+                 lambda k: (np.ascontiguousarray(k.T[:, :, None, None]),),
+                 lambda w: (np.ascontiguousarray(w[:, :, 0, 0].T),)),
+            same(f"{torch_prefix}.bias", f"{jax_prefix}/bias")]
+
+
+def fused_qkv(torch_key: str, jax_prefix: str, num_heads: int, kv_heads: int, head_dim: int,
+              layer: int | None) -> Rule:
+    def to_torch(q, k, v):
+        d = q.shape[0]
+        return (_t(np.concatenate([q.reshape(d, -1), k.reshape(d, -1), v.reshape(d, -1)], axis=1)),)
+
+    def from_torch(w):
+        wt = w.T
+        d, nq = wt.shape[0], num_heads * head_dim
+        q, k, v = np.split(wt, [nq, nq + kv_heads * head_dim], axis=1)
+        return tuple(np.ascontiguousarray(a.reshape(d, n, head_dim))
+                     for a, n in ((q, num_heads), (k, kv_heads), (v, kv_heads)))
+
+    paths = tuple(f"{jax_prefix}/{n}/kernel" for n in ("query", "key", "value"))
+    return Rule((torch_key,), paths, to_torch, from_torch, layer)
+
+
+def heads_out(torch_key: str, jax_path: str, num_heads: int, head_dim: int, layer: int | None = None) -> Rule:
+    """Kernel [H, hd, D] ↔ weight [D, H·hd] (the attention output projection)."""
+    return Rule((torch_key,), (jax_path,), lambda k: (_t(k.reshape(num_heads * head_dim, -1)),),
+                lambda w: (np.ascontiguousarray(w.T.reshape(num_heads, head_dim, -1)),), layer)
+
+
+# ---- LatentLM (official `Transformer`) ----
+
+def latent_lm_table(cfg) -> list[Rule]:
+    """`cfg` has the `LatentLMConfig` fields (width, depth, num_heads, kv_heads, head_depth, num_classes, …)."""
+    hd = cfg.width // cfg.num_heads
+    rules = conv1x1("x_embedder.proj", "x_embedder") + conv1x1("noisy_x_embedder.proj", "head/noisy_x_embedder")
+    rules += [linear("t_embedder.mlp.0.weight", "head/t_embedder/mlp_0/kernel"),
+              linear("t_embedder.mlp.2.weight", "head/t_embedder/mlp_2/kernel")]
+    rules.append(_token_table(cfg.num_classes, cfg.text_vocab_size))
+    blocks = "backbone/blocks"
+    for i in range(cfg.depth):
+        rules += [fused_qkv(f"blocks.{i}.attn.qkv.weight", f"{blocks}/attn", cfg.num_heads, cfg.kv_heads, hd, i),
+                  heads_out(f"blocks.{i}.attn.proj.weight", f"{blocks}/attn/proj/kernel", cfg.num_heads, hd, i)]
+        rules += [linear(f"blocks.{i}.mlp.{n}.weight", f"{blocks}/mlp/{n}/kernel", i) for n in ("fc1", "gate", "fc2")]
+    for i in range(cfg.head_depth):
+        rules += [linear(f"diffusion_blocks.{i}.mlp.{n}.weight", f"head/blocks_{i}/mlp/{n}/kernel")
+                  for n in ("fc1", "gate", "fc2")]
+        rules.append(linear(f"diffusion_blocks.{i}.adaLN_modulation.1.weight",
+                            f"head/blocks_{i}/adaLN_modulation/kernel"))
+    rules += [linear("condition_layer.linear.weight", "condition_layer/linear/kernel"),
+              linear("final_layer.linear.weight", "head/final_layer/linear/kernel"),
+              linear("final_layer.adaLN_modulation.1.weight", "head/final_layer/adaLN_modulation/kernel")]
+    if cfg.text_vocab_size:
+        rules.append(linear("lm_head.weight", "lm_head/kernel"))
+    return rules
+
+
+def _token_table(num_classes: int, text_vocab: int) -> Rule:
+    """JAX keeps one table [classes, null, text]; PyTorch splits it into the official class table and the text one."""
+    keys = (("y_embedder.embedding_table.weight",) if num_classes else ()) + (
+        ("text_embedder.weight",) if text_vocab else ())
+    split = num_classes + 1 if num_classes else 0
+
+    def to_torch(e):
+        parts = ([e[:split]] if num_classes else []) + ([e[split:]] if text_vocab else [])
+        return tuple(np.ascontiguousarray(p) for p in parts)
+
+    return Rule(keys, ("token_embed/embedding",), to_torch, lambda *parts: (np.concatenate(parts, axis=0),))
+
+
+# ---- σ-VAE (official `SigmaVAE`, ViT encoder/decoder) ----
+
+def sigma_vae_table(cfg) -> list[Rule]:
+    """`cfg` has depth, width, num_heads, patch_size, in_channels, latent_dim (the `SigmaVAE` fields)."""
+    w, h, p, c = cfg.width, cfg.num_heads, cfg.patch_size, cfg.in_channels
+    hd = w // h
+
+    def patch_to_torch(k):  # [(i j c), D] → [D, c, i, j]
+        return (np.ascontiguousarray(k.reshape(p, p, c, -1).transpose(3, 2, 0, 1)),)
+
+    def patch_from_torch(wt):
+        return (np.ascontiguousarray(wt.transpose(2, 3, 1, 0).reshape(p * p * c, -1)),)
+
+    def pixels_to_torch(k, b):  # kernel [W, (i j c)], bias [(i j c)] → rows (c i j)
+        return (np.ascontiguousarray(k.reshape(-1, p, p, c).transpose(3, 1, 2, 0).reshape(c * p * p, -1)),
+                np.ascontiguousarray(b.reshape(p, p, c).transpose(2, 0, 1).reshape(-1)))
+
+    def pixels_from_torch(wt, b):
+        return (np.ascontiguousarray(wt.reshape(c, p, p, -1).transpose(3, 1, 2, 0).reshape(-1, p * p * c)),
+                np.ascontiguousarray(b.reshape(c, p, p).transpose(1, 2, 0).reshape(-1)))
+
+    rules = [Rule(("encoder.patch_embed.proj.weight",), ("encoder/patch_embed/kernel",), patch_to_torch,
+                  patch_from_torch),
+             same("encoder.patch_embed.proj.bias", "encoder/patch_embed/bias")]
+    rules += _vit_body("encoder", "encoder/vit", cfg.depth, w, h, hd)
+    rules += [linear("encoder_post_processor.dense.weight", "encoder/head/kernel"),
+              same("encoder_post_processor.dense.bias", "encoder/head/bias")]
+    rules += conv1x1("decoder.patch_embed.proj", "decoder/patch_embed")
+    rules += _vit_body("decoder", "decoder/vit", cfg.depth, w, h, hd)
+    rules += [linear("decoder_post_processor.fc1.weight", "decoder/head_fc1/kernel"),
+              same("decoder_post_processor.fc1.bias", "decoder/head_fc1/bias"),
+              Rule(("decoder_post_processor.fc2.weight", "decoder_post_processor.fc2.bias"),
+                   ("decoder/head_fc2/kernel", "decoder/head_fc2/bias"), pixels_to_torch, pixels_from_torch)]
+    return rules
+
+
+def _vit_body(tp: str, jp: str, depth: int, w: int, h: int, hd: int) -> list[Rule]:
+    rules = [same(f"{tp}.cls_token", f"{jp}/cls_token", torch_shape=(1, 1, w), jax_shape=(w,)),
+             same(f"{tp}.pos_embed", f"{jp}/pos_embed", torch_shape=(1, -1, w), jax_shape=(-1, w))]
+    for i in range(depth):
+        t, j = f"{tp}.blocks.{i}", f"{jp}/blocks_{i}"
+        rules += [same(f"{t}.norm1.weight", f"{j}/norm1/scale"), same(f"{t}.norm1.bias", f"{j}/norm1/bias"),
+                  same(f"{t}.attn.q_bias", f"{j}/q_bias", torch_shape=(w,), jax_shape=(h, hd)),
+                  same(f"{t}.attn.v_bias", f"{j}/v_bias", torch_shape=(w,), jax_shape=(h, hd)),
+                  Rule((f"{t}.attn.qkv.weight",), (f"{j}/qkv/kernel",), lambda k: (_t(k.reshape(w, 3 * w)),),
+                       lambda wt: (np.ascontiguousarray(wt.T.reshape(w, 3, h, hd)),)),
+                  heads_out(f"{t}.attn.proj.weight", f"{j}/proj/kernel", h, hd),
+                  same(f"{t}.attn.proj.bias", f"{j}/proj/bias"),
+                  same(f"{t}.norm2.weight", f"{j}/norm2/scale"), same(f"{t}.norm2.bias", f"{j}/norm2/bias"),
+                  linear(f"{t}.mlp.fc1.weight", f"{j}/fc1/kernel"), same(f"{t}.mlp.fc1.bias", f"{j}/fc1/bias"),
+                  linear(f"{t}.mlp.fc2.weight", f"{j}/fc2/kernel"), same(f"{t}.mlp.fc2.bias", f"{j}/fc2/bias")]
+    rules += [same(f"{tp}.fc_norm.weight", f"{jp}/fc_norm/scale"), same(f"{tp}.fc_norm.bias", f"{jp}/fc_norm/bias")]
+    return rules
+
+
+# Architecture name (the PyTorch class) → table. The DiT twin (issue #5) adds "DiT": dit_table.
+TABLES: dict[str, Callable[..., list[Rule]]] = {"Transformer": latent_lm_table, "SigmaVAE": sigma_vae_table}
+
+
+def jax_paths(table: Sequence[Rule]) -> set[str]:
+    return {p for r in table for p in r.jax_paths}
+
+
+def torch_keys(table: Sequence[Rule]) -> list[str]:
+    return [k for r in table for k in r.torch_keys]

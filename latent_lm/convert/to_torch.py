@@ -1,0 +1,248 @@
+"""Export an orbax checkpoint to PyTorch (issue #6): `model.safetensors`, `model.pt`, `config.json`.
+
+  python -m latent_lm.convert.to_torch --workdir=runs/default --out=runs/default/export \
+      [--params=ema|raw] [--dtype=float32|bfloat16] [--what=all|lm|vae] [--step=N]
+
+The LatentLM goes to `<out>/` (official `Transformer` keys, plus `other_state.pth` with the latent normalisation in
+the official format) and the σ-VAE to `<out>/vae/`. The experiment config is read from the checkpoint's own
+metadata, so only the workdir is needed. Parameters are gathered to host one tensor at a time, and the scanned
+backbone one layer at a time (`x[i]` of the stacked arrays): devices hold their training shards plus one gathered
+tensor, never the whole model. Multi-host arrays are assembled with `process_allgather`; process 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import torch
+from flax import traverse_util
+from jax.experimental import multihost_utils
+
+from latent_lm.checkpoint import Checkpointer
+from latent_lm.convert import param_mapping
+from latent_lm.convert.torch_files import DTYPES, VAE_DIR, ConversionError, write_export
+from latent_lm.models.latent_lm import LatentLMConfig
+from latent_lm.models.sigma_vae import SigmaVAE
+from latent_lm.parallel.mesh import logical_rules, make_mesh
+from latent_lm.training.optimizer import make_optimizer
+from latent_lm.training.tasks import LatentLMTask, LatentNormalization, VAETask
+from latent_lm.training.train_loop import build_state_fns
+
+DEFAULT_CLASS_DROPOUT = 0.1  # official default; only sets whether the PyTorch class table has the null row
+
+
+def lm_torch_kwargs(cfg: LatentLMConfig, class_dropout: float) -> dict:
+    """Constructor arguments of the PyTorch `Transformer` (official names; extensions only when needed)."""
+    side = math.isqrt(cfg.max_len)
+    kwargs = dict(input_size=side, patch_size=1, flatten_input=False, in_channels=cfg.latent_dim,
+                  hidden_size=cfg.width, depth=cfg.depth, diffusion_depth=cfg.head_depth, num_heads=cfg.num_heads,
+                  num_kv_heads=cfg.num_kv_heads, mlp_ratio=cfg.mlp_ratio,
+                  # The JAX table always has the null row; the PyTorch class has it only when this is > 0.
+                  class_dropout_prob=class_dropout if class_dropout > 0 else DEFAULT_CLASS_DROPOUT,
+                  num_classes=cfg.num_classes, posi_scale=cfg.posi_scale)
+    if cfg.head_mlp_ratio is not None and cfg.head_mlp_ratio != cfg.mlp_ratio:
+        kwargs["diffusion_mlp_ratio"] = cfg.head_mlp_ratio
+    if cfg.text_vocab_size:
+        kwargs["text_vocab_size"] = cfg.text_vocab_size
+    if side * side != cfg.max_len:
+        kwargs["max_len"] = cfg.max_len
+    return kwargs
+
+
+def vae_torch_kwargs(vae: SigmaVAE, kl_weight: float) -> dict:
+    """Constructor arguments of the PyTorch (and official) `SigmaVAE` with ViT encoder and decoder."""
+    common = dict(arch="vit-base", embed_dim=vae.width, depth=vae.depth, num_heads=vae.num_heads,
+                  mlp_ratio=vae.mlp_ratio, qkv_bias=True, use_cls=vae.use_cls)
+    grid = vae.image_size // vae.patch_size
+    return dict(encoder_config=dict(common, img_size=vae.image_size, patch_size=vae.patch_size,
+                                    in_chans=vae.in_channels),
+                decoder_config=dict(common, img_size=grid, patch_size=1, in_chans=vae.latent_dim),
+                patch_size=vae.patch_size, latent_size=vae.latent_dim, kl_weight=kl_weight, std=vae.std)
+
+
+def to_host(x, layer: int | None = None) -> np.ndarray:
+    """One parameter (or layer `layer` of a stacked one) as a float32 numpy array on this host."""
+    if layer is not None:
+        x = x[layer]
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x), np.float32)
+
+
+def flat_params(params) -> dict[str, object]:
+    """{"params": tree} or tree → {"a/b/kernel": leaf}."""
+    tree = params["params"] if "params" in params else params
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def params_to_state_dict(params, table: list[param_mapping.Rule], dtype: str = "float32",
+                         what: str = "export") -> dict[str, torch.Tensor]:
+    """Applies the table; every JAX parameter must be mapped exactly once (else one error naming it)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
+    flat = flat_params(params)
+    wanted = param_mapping.jax_paths(table)
+    missing, extra = sorted(wanted - set(flat)), sorted(set(flat) - wanted)
+    if missing:
+        raise ConversionError(f"{what}: the checkpoint has no parameter {missing[0]!r}: it is not the architecture "
+                              f"being exported")
+    if extra:
+        raise ConversionError(f"{what}: the checkpoint parameter {extra[0]!r} has no PyTorch key: it is not the "
+                              f"architecture being exported")
+    state_dict = {}
+    for rule in table:
+        arrays = [to_host(flat[p], rule.layer) for p in rule.jax_paths]
+        for key, value in zip(rule.torch_keys, rule.to_torch(*arrays)):
+            state_dict[key] = torch.from_numpy(np.array(value, np.float32, order="C")).to(DTYPES[dtype])
+    return state_dict
+
+
+def export_latent_lm(params, cfg: LatentLMConfig, out_dir: str, *, dtype: str = "float32",
+                     class_dropout: float = DEFAULT_CLASS_DROPOUT, latent_norm: dict | None = None,
+                     diffusion: dict | None = None, source: dict | None = None,
+                     experiment_config: dict | None = None) -> dict:
+    """Writes the LatentLM files; returns config.json's content (`experiment_config` is kept for re-import)."""
+    state_dict = params_to_state_dict(params, param_mapping.latent_lm_table(cfg), dtype, f"LatentLM → {out_dir}")
+    norm = latent_norm or {"scale": 1.0, "bias": 0.0}
+    config = dict(architecture="Transformer", kwargs=lm_torch_kwargs(cfg, class_dropout), latent_norm=norm,
+                  diffusion=diffusion or {}, source=dict(source or {}, dtype=dtype))
+    if experiment_config is not None:
+        config["experiment_config"] = experiment_config
+    other = {"scaling_factor": norm["scale"], "bias_factor": norm["bias"],
+             "steps": int((source or {}).get("step", 0)), "ema": None}
+    if jax.process_index() == 0:
+        write_export(out_dir, state_dict, config, other)
+    return config
+
+
+def export_sigma_vae(params, vae: SigmaVAE, out_dir: str, *, dtype: str = "float32", kl_weight: float = 0.01,
+                     source: dict | None = None, experiment_config: dict | None = None) -> dict:
+    state_dict = params_to_state_dict(params, param_mapping.sigma_vae_table(vae), dtype, f"σ-VAE → {out_dir}")
+    config = dict(architecture="SigmaVAE", kwargs=vae_torch_kwargs(vae, kl_weight),
+                  image=dict(size=vae.image_size, channels=vae.in_channels, value_range=[-1.0, 1.0], layout="NCHW"),
+                  source=dict(source or {}, dtype=dtype))
+    if experiment_config is not None:
+        config["experiment_config"] = experiment_config
+    if jax.process_index() == 0:
+        write_export(out_dir, state_dict, config)
+    return config
+
+
+# ---- from a training workdir ----
+
+def read_meta(train_dir: str, step: int | None = None) -> tuple[int, dict]:
+    """(step, meta) of a checkpoint under `<train_dir>/checkpoints` (default: the latest)."""
+    ckpt = Checkpointer(f"{train_dir}/checkpoints", async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {train_dir}/checkpoints")
+        meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    finally:
+        ckpt.close()
+    return step, meta
+
+
+def config_from_meta(meta: dict, where: str) -> ml_collections.ConfigDict:
+    if "config" not in meta:
+        raise ConversionError(f"{where}: checkpoint metadata has no experiment config")
+    return ml_collections.ConfigDict(json.loads(meta["config"]))
+
+
+def restore_mesh(config, mesh=None):
+    """(mesh, rules): `mesh`, else the run's mesh if this machine can build it, else all local devices as data
+    parallel (restores re-shard onto whatever mesh is given)."""
+    if mesh is not None:
+        return mesh, logical_rules(config.mesh)
+    try:
+        return make_mesh(config.mesh), logical_rules(config.mesh)
+    except ValueError:
+        return make_mesh(None), logical_rules(config.mesh)
+
+
+def restore_state(task, optim_config, train_config, train_dir: str, step: int, mesh, rules):
+    tx = make_optimizer(optim_config, int(train_config.steps))
+    _, abstract, _ = build_state_fns(task, tx, mesh, rules, train_config.get("seed", 0))
+    ckpt = Checkpointer(f"{train_dir}/checkpoints", async_save=False)
+    try:
+        restored = ckpt.restore(abstract, step=step)
+    finally:
+        ckpt.close()
+    return restored[0]
+
+
+def export_workdir(workdir: str, out_dir: str, *, params: str = "ema", dtype: str = "float32", what: str = "all",
+                   step: int | None = None, vae_params: str = "raw", mesh=None) -> dict:
+    """Exports `<workdir>/lm` to `out_dir` and `<workdir>/vae` to `out_dir/vae` (see the module docstring).
+
+    Arrays are restored onto `mesh` (default: the run's mesh if this machine can build it, else all local devices).
+    """
+    for name, value in (("params", params), ("vae_params", vae_params)):
+        if value not in ("ema", "raw"):
+            raise ValueError(f"{name}={value!r} must be 'ema' or 'raw'")
+    if what not in ("all", "lm", "vae"):
+        raise ValueError(f"what={what!r} must be 'all', 'lm' or 'vae'")
+    written = {}
+    if what in ("all", "lm"):
+        lm_dir = f"{workdir}/lm"
+        s, meta = read_meta(lm_dir, step)
+        config = config_from_meta(meta, lm_dir)
+        if "latent_norm" not in meta:
+            raise ConversionError(f"{lm_dir}: checkpoint metadata has no latent_norm: not a LatentLM checkpoint")
+        task = LatentLMTask.from_config(config, LatentNormalization(**meta["latent_norm"]))
+        state = restore_state(task, config.optim, config.train, lm_dir, s, *restore_mesh(config, mesh))
+        d = config.diffusion
+        diffusion = dict(prediction_type=d.prediction_type, schedule=d.schedule, num_train_steps=d.num_train_steps,
+                         num_sampling_steps=d.num_sampling_steps, cfg_scale=d.cfg_scale, x0_clip=d.x0_clip)
+        export_latent_lm(state.ema_params if params == "ema" else state.params, task.model.config, out_dir,
+                         dtype=dtype, class_dropout=config.model.class_dropout, latent_norm=meta["latent_norm"],
+                         diffusion=diffusion, source=dict(checkpoint=os.path.abspath(lm_dir), step=s, params=params),
+                         experiment_config=json.loads(config.to_json()))
+        written["lm"] = out_dir
+    if what in ("all", "vae"):
+        vae_dir = f"{workdir}/vae"
+        s, meta = read_meta(vae_dir)
+        config = config_from_meta(meta, vae_dir)
+        task = VAETask.from_config(config)
+        state = restore_state(task, config.vae_optim, config.vae_train, vae_dir, s, *restore_mesh(config, mesh))
+        export_sigma_vae(state.ema_params if vae_params == "ema" else state.params, task.model,
+                         os.path.join(out_dir, VAE_DIR), dtype=dtype, kl_weight=config.vae.kl_weight,
+                         source=dict(checkpoint=os.path.abspath(vae_dir), step=s, params=vae_params),
+                         experiment_config=json.loads(config.to_json()))
+        written["vae"] = os.path.join(out_dir, VAE_DIR)
+    return written
+
+
+def export_stage(config, workdir: str, mesh=None, rules=None) -> dict:
+    """The experiment's `--mode=export`: `<workdir>/export`, EMA params as `eval.use_ema` says, fp32."""
+    params = "ema" if config.eval.get("use_ema", True) else "raw"
+    written = export_workdir(workdir, f"{workdir}/export", params=params, mesh=mesh)
+    return {f"export_{k}": v for k, v in written.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True, help="experiment workdir holding lm/ and vae/ checkpoints")
+    p.add_argument("--out", default=None, help="output directory (default <workdir>/export)")
+    p.add_argument("--params", choices=["ema", "raw"], default="ema", help="LatentLM weights")
+    p.add_argument("--vae_params", choices=["ema", "raw"], default="raw",
+                   help="σ-VAE weights (the pipeline decodes with the raw ones)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--what", choices=["all", "lm", "vae"], default="all")
+    p.add_argument("--step", type=int, default=None, help="LatentLM checkpoint step (default: latest)")
+    args = p.parse_args(argv)
+    written = export_workdir(args.workdir, args.out or f"{args.workdir}/export", params=args.params,
+                             dtype=args.dtype, what=args.what, step=args.step, vae_params=args.vae_params)
+    for k, v in written.items():
+        print(f"exported {k} to {v}")
+
+
+if __name__ == "__main__":
+    main()

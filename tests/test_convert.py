@@ -1,0 +1,387 @@
+"""PyTorch export/import (issue #6): official keys, JAX ↔ PyTorch parity (fp32, CPU), bit-exact round trips,
+resuming training from an imported checkpoint, and one clear error for bad input."""
+
+import dataclasses
+import functools
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import traverse_util
+from safetensors.torch import load_file, save_file
+
+from configs import default
+from data_pipelines.latent_cache import make_latent_dataset, write_latent_cache
+from latent_lm.convert import from_torch, param_mapping, to_torch, torch_sampling
+from latent_lm.convert.torch_files import ConversionError, load_model, read_config
+from latent_lm.diffusion import dpm_solver_sample, make_schedule
+from latent_lm.models.latent_lm import LatentLM, LatentLMConfig, class_conditional_batch, init_cache
+from latent_lm.models.sigma_vae import SigmaVAE
+from latent_lm.parallel.mesh import logical_rules, make_mesh
+from latent_lm.sampling import SamplerSettings, sample_latents
+from latent_lm.training.metrics_writer import read_metrics
+from latent_lm.training.tasks import LatentLMTask, LatentNormalization
+from latent_lm.training.train_loop import load_state, train
+
+# The configuration official_state_dict_keys.md records (input_size 4, C 4, D 64, depth 2, head depth 2, 4 heads,
+# 10 classes), with its state-dict keys and shapes in order.
+OFFICIAL_CFG = LatentLMConfig(width=64, depth=2, num_heads=4, latent_dim=4, head_depth=2, num_classes=10, max_len=16)
+OFFICIAL_KEYS = [
+    ("x_embedder.proj.weight", (64, 4, 1, 1)), ("x_embedder.proj.bias", (64,)),
+    ("noisy_x_embedder.proj.weight", (64, 4, 1, 1)), ("noisy_x_embedder.proj.bias", (64,)),
+    ("t_embedder.mlp.0.weight", (64, 256)), ("t_embedder.mlp.2.weight", (64, 64)),
+    ("y_embedder.embedding_table.weight", (11, 64)),
+    *[(f"blocks.{i}.{k}", s) for i in range(2) for k, s in (
+        ("attn.qkv.weight", (192, 64)), ("attn.proj.weight", (64, 64)), ("mlp.fc1.weight", (128, 64)),
+        ("mlp.gate.weight", (128, 64)), ("mlp.fc2.weight", (64, 128)))],
+    *[(f"diffusion_blocks.{i}.{k}", s) for i in range(2) for k, s in (
+        ("mlp.fc1.weight", (128, 64)), ("mlp.gate.weight", (128, 64)), ("mlp.fc2.weight", (64, 128)),
+        ("adaLN_modulation.1.weight", (192, 64)))],
+    ("condition_layer.linear.weight", (64, 64)), ("final_layer.linear.weight", (4, 64)),
+    ("final_layer.adaLN_modulation.1.weight", (128, 64)),
+]
+GQA_CFG = LatentLMConfig(width=64, depth=2, num_heads=4, num_kv_heads=2, latent_dim=4, head_depth=2, num_classes=10,
+                         max_len=16)
+TEXT_CFG = LatentLMConfig(width=64, depth=2, num_heads=4, latent_dim=3, head_depth=1, head_mlp_ratio=2.0,
+                          num_classes=3, text_vocab_size=7, max_len=12)
+VAE_SMALL = SigmaVAE(image_size=32, in_channels=3, patch_size=8, width=64, depth=2, num_heads=4, latent_dim=4)
+
+
+def _random_params(init_fn, seed: int = 0, std: float = 0.05):
+    """N(0, std²) for every parameter of `init_fn`'s tree (shapes from eval_shape: nothing to compile), so the
+    zero-initialised head layers are exercised too."""
+    rng = np.random.default_rng(seed)
+    abstract = nn.unbox(jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, std, s.shape), jnp.float32), abstract)
+
+
+@functools.lru_cache(maxsize=None)
+def _lm_params(cfg):
+    n = cfg.max_len
+    return _random_params(lambda k: LatentLM(cfg).init(k, jnp.zeros((1, n), jnp.int32),
+                                                       jnp.zeros((1, n, cfg.latent_dim)), jnp.zeros((1, n), bool)))
+
+
+@functools.lru_cache(maxsize=None)
+def _vae_params():
+    return _random_params(lambda k: VAE_SMALL.init(k, jnp.zeros((1, 32, 32, 3)), rng=k))
+
+
+def _export_lm(tmp_path, cfg, params, name="lm", **kw):
+    out = str(tmp_path / name)
+    to_torch.export_latent_lm(params, cfg, out, **kw)
+    return out
+
+
+def _to_nchw(x, side):  # JAX [B, T, C] → PyTorch (B, C, h, w)
+    return torch.from_numpy(np.array(x)).permute(0, 2, 1).reshape(x.shape[0], x.shape[2], side, side)
+
+
+def _to_btc(x):  # PyTorch (B, C, h, w) → [B, T, C]
+    return x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1).numpy()
+
+
+@pytest.fixture(scope="module")
+def gqa(tmp_path_factory):
+    """A random GQA LatentLM, its export, and the PyTorch model loaded from the export."""
+    params = _lm_params(GQA_CFG)
+    out = _export_lm(tmp_path_factory.mktemp("gqa"), GQA_CFG, params,
+                     diffusion=dict(prediction_type="v_prediction", schedule="cosine", num_train_steps=1000,
+                                    num_sampling_steps=5, cfg_scale=3.0, x0_clip=None))
+    model, _ = load_model(out)
+    return params, model
+
+
+def test_keys_shapes_and_order_are_the_official_ones(tmp_path):
+    out = _export_lm(tmp_path, OFFICIAL_CFG, _lm_params(OFFICIAL_CFG))
+    sd = load_file(os.path.join(out, "model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in sd.items()} == dict(OFFICIAL_KEYS)  # safetensors sorts its keys
+    pt = torch.load(os.path.join(out, "model.pt"), weights_only=True)
+    assert [(k, tuple(v.shape)) for k, v in pt.items()] == OFFICIAL_KEYS  # state-dict order kept
+    config = read_config(out)
+    assert config["architecture"] == "Transformer" and config["kwargs"]["input_size"] == 4
+    other = torch.load(os.path.join(out, "other_state.pth"), weights_only=True)
+    assert set(other) == {"scaling_factor", "bias_factor", "steps", "ema"}
+    # GQA shrinks only the fused qkv rows: D + 2·n_kv·d_head.
+    qkv = next(r for r in param_mapping.latent_lm_table(GQA_CFG) if r.torch_keys == ("blocks.0.attn.qkv.weight",))
+    assert qkv.to_torch(np.zeros((64, 4, 16)), np.zeros((64, 2, 16)), np.zeros((64, 2, 16)))[0].shape == (128, 64)
+
+
+def test_conditions_and_head_match_jax(gqa):
+    params, model = gqa
+    rng = np.random.default_rng(0)
+    b, n, c = 3, 16, 4
+    lat = rng.standard_normal((b, n, c)).astype(np.float32)
+    labels = np.array([1, 5, 10])  # 10 = the null class
+    batch = class_conditional_batch(jnp.asarray(lat), jnp.asarray(labels))
+    cond, _ = jax.jit(LatentLM(GQA_CFG).apply)(params, batch["tokens"], batch["latents"], batch["is_latent"])
+    with torch.no_grad():
+        t_cond = model.forward_parallel(_to_nchw(lat, 4), torch.from_numpy(labels)).numpy()
+    assert np.abs(t_cond - np.asarray(cond)).max() <= 1e-5
+
+    t = rng.integers(0, 1000, (b, n))
+    x_t = rng.standard_normal((b, n, c)).astype(np.float32)
+    out = jax.jit(lambda *a: LatentLM(GQA_CFG).apply(params, *a, method=LatentLM.diffuse))(
+        jnp.asarray(x_t), jnp.asarray(t), cond)
+    with torch.no_grad():
+        t_out = model.forward_diffusion(_to_nchw(x_t, 4), torch.from_numpy(t).float(), torch.from_numpy(t_cond))
+    assert np.abs(np.asarray(out)).max() > 0.1  # a non-trivial head
+    assert np.abs(_to_btc(t_out) - np.asarray(out)).max() <= 1e-5
+
+
+def test_incremental_conditions_with_kv_cache_match_jax(gqa):
+    params, model = gqa
+    model_j = LatentLM(GQA_CFG)
+    rng = np.random.default_rng(1)
+    b, n, c = 2, 16, 4
+    lat = rng.standard_normal((b, n, c)).astype(np.float32)
+    labels = np.array([3, 7])
+
+    @jax.jit
+    def step(tokens, latents, is_latent, pos, caches):
+        h = model_j.apply(params, tokens, latents, is_latent, method=LatentLM.embed)
+        cond, _, caches = model_j.apply(params, h, pos, caches, method=LatentLM.backbone_forward)
+        return cond[:, -1], caches
+
+    caches = init_cache(GQA_CFG, b, n)
+    jax_conds, torch_conds, state = [], [], {}
+    for i in range(n):
+        if i == 0:
+            toks, lats, is_lat = labels[:, None], np.zeros((b, 1, c), np.float32), np.zeros((b, 1), bool)
+        else:
+            toks, lats, is_lat = np.zeros((b, 1), np.int32), lat[:, i - 1:i], np.ones((b, 1), bool)
+        cond, caches = step(jnp.asarray(toks, jnp.int32), jnp.asarray(lats), jnp.asarray(is_lat),
+                            jnp.full((b, 1), i), caches)
+        jax_conds.append(np.asarray(cond))
+        x = torch.from_numpy(labels) if i == 0 else torch.from_numpy(lat[:, i - 1]).reshape(b, c, 1, 1)
+        with torch.no_grad():
+            torch_conds.append(model.forward_recurrent(x, start_pos=i, incremental_state=state)[:, 0].numpy())
+    assert np.abs(np.stack(torch_conds) - np.stack(jax_conds)).max() <= 1e-5
+    assert state[0]["key"].shape == (b, n, 2, 16)  # per-layer caches [B, S, n_kv, d_head]
+
+
+def test_cfg_sampling_from_the_same_noise_gives_the_same_latents(gqa):
+    params, model = gqa
+    b, n, c = 4, 16, 4
+    noise = np.random.default_rng(2).standard_normal((n, b, c)).astype(np.float32)
+    labels = np.array([0, 3, 6, 9])
+    settings = SamplerSettings(num_steps=5, cfg_scale=3.0, prediction_type="v_prediction")
+    z_jax = jax.jit(lambda p, y, e: sample_latents(LatentLM(GQA_CFG), p, y[:, None], e, make_schedule("cosine"),
+                                                   settings))(params, jnp.asarray(labels), jnp.asarray(noise))
+    z_torch = torch_sampling.generate(model, torch.from_numpy(labels), cfg_scale=3.0, num_steps=5,
+                                      prediction_type="v_prediction", noise=torch.from_numpy(noise))
+    assert np.abs(np.asarray(z_jax)).max() > 0.1
+    assert np.abs(_to_btc(z_torch) - np.asarray(z_jax)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_torch_dpm_solver_matches_the_jax_solver(prediction_type):
+    """Same smooth model, same x_T: the PyTorch per-step solver equals the JAX precomputed-coefficient one."""
+    x = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
+    w = np.random.default_rng(4).standard_normal((4, 4)).astype(np.float32) * 0.3
+
+    def jax_fn(x, t):
+        return jnp.tanh(x @ w) + t[..., None] / 1000.0
+
+    def torch_fn(x, t):
+        return torch.tanh(x @ torch.from_numpy(w)) + t[:, None] / 1000.0
+
+    k = 6  # first-order first and last steps, second-order midpoint steps between
+    ref = np.asarray(dpm_solver_sample(jax_fn, jnp.asarray(x), make_schedule("cosine"), k, prediction_type))
+    got = torch_sampling.dpm_solver_pp(torch_fn, torch.from_numpy(x), torch_sampling.alphas_cumprod(), k,
+                                       prediction_type).numpy()
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+    np.testing.assert_array_equal(torch_sampling.alphas_cumprod().numpy(),
+                                  np.asarray(make_schedule("cosine").alphas_cumprod))
+
+
+def test_text_model_tokens_and_logits_match_jax(tmp_path):
+    params = _lm_params(TEXT_CFG)
+    out = _export_lm(tmp_path, TEXT_CFG, params)
+    model, config = load_model(out)
+    assert config["kwargs"]["text_vocab_size"] == 7 and config["kwargs"]["max_len"] == 12
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, TEXT_CFG.embed_rows, (2, 12)).astype(np.int32)
+    is_latent = rng.random((2, 12)) < 0.4
+    lat = rng.standard_normal((2, 12, 3)).astype(np.float32)
+    m = LatentLM(TEXT_CFG)
+
+    @jax.jit
+    def forward(p, tokens, lat, is_latent):
+        cond, hidden = m.apply(p, tokens, lat, is_latent)
+        return cond, m.apply(p, hidden, method=LatentLM.lm_logits)
+
+    cond, logits = forward(params, jnp.asarray(tokens), jnp.asarray(lat), jnp.asarray(is_latent))
+    with torch.no_grad():
+        t_cond, t_hidden = model.forward_tokens(torch.from_numpy(tokens).long(), torch.from_numpy(lat),
+                                                torch.from_numpy(is_latent))
+        t_logits = model.lm_logits(t_hidden)
+    assert np.abs(t_cond.numpy() - np.asarray(cond)).max() <= 1e-5
+    assert np.abs(t_logits.numpy() - np.asarray(logits)).max() <= 1e-5
+
+
+def test_pytorch_side_needs_no_jax():
+    code = ("import sys, latent_lm.convert.torch_sampling, latent_lm.convert.torch_files; "
+            "print(sorted(m for m in ('jax', 'flax', 'orbax', 'optax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _flat(params):
+    return traverse_util.flatten_dict(params["params"], sep="/")
+
+
+def test_round_trip_is_bit_exact_and_bf16_export_rounds(tmp_path):
+    params = _lm_params(TEXT_CFG)
+    out = _export_lm(tmp_path, TEXT_CFG, params)
+    back, _ = from_torch.read_torch_params(out, TEXT_CFG)
+    a, b = _flat(jax.device_get(params)), _flat(back)
+    assert set(a) == set(b)
+    for k in a:
+        assert np.array_equal(np.asarray(a[k]), b[k]), k
+    os.remove(os.path.join(out, "model.safetensors"))  # the .pt file round-trips too
+    back_pt, _ = from_torch.read_torch_params(out, TEXT_CFG)
+    assert all(np.array_equal(b[k], _flat(back_pt)[k]) for k in b)
+
+    vae_params = _vae_params()
+    vout = str(tmp_path / "vae")
+    to_torch.export_sigma_vae(vae_params, VAE_SMALL, vout)
+    vback, _ = from_torch.read_torch_params(vout, VAE_SMALL)
+    a, b = _flat(jax.device_get(vae_params)), _flat(vback)
+    assert set(a) == set(b) and all(np.array_equal(np.asarray(a[k]), b[k]) for k in a)
+
+    bf = _export_lm(tmp_path, TEXT_CFG, params, name="bf16", dtype="bfloat16")
+    sd = load_file(os.path.join(bf, "model.safetensors"))
+    assert all(v.dtype == torch.bfloat16 for v in sd.values())
+    want = np.asarray(jnp.asarray(params["params"]["condition_layer"]["linear"]["kernel"], jnp.bfloat16)
+                      .astype(jnp.float32)).T
+    assert np.array_equal(sd["condition_layer.linear.weight"].float().numpy(), want)
+
+
+def test_sigma_vae_keys_and_outputs_match(tmp_path):
+    params = _vae_params()
+    out = str(tmp_path / "vae")
+    to_torch.export_sigma_vae(params, VAE_SMALL, out)
+    model, _ = load_model(out)
+    sd = model.state_dict()
+    assert len(sd) == 70  # SigmaVAE_small in official_state_dict_keys.md
+    for key, shape in [("encoder.cls_token", (1, 1, 64)), ("encoder.pos_embed", (1, 17, 64)),
+                       ("encoder.patch_embed.proj.weight", (64, 3, 8, 8)), ("encoder.blocks.1.attn.q_bias", (64,)),
+                       ("encoder.blocks.0.attn.qkv.weight", (192, 64)),
+                       ("encoder_post_processor.dense.weight", (4, 64)),
+                       ("decoder.patch_embed.proj.weight", (64, 4, 1, 1)), ("decoder.pos_embed", (1, 17, 64)),
+                       ("decoder_post_processor.fc2.weight", (192, 64)), ("decoder_post_processor.fc2.bias", (192,))]:
+        assert tuple(sd[key].shape) == shape, key
+    images = np.random.default_rng(6).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    mu, rec = jax.jit(lambda p, x: (lambda m: (m, VAE_SMALL.apply(p, m, method=SigmaVAE.decode)))(
+        VAE_SMALL.apply(p, x, method=SigmaVAE.encode)))(params, jnp.asarray(images))
+    with torch.no_grad():
+        t_mu = model.encode(torch.from_numpy(images).permute(0, 3, 1, 2)).mode()
+        t_rec = model.decode(_to_nchw(np.asarray(mu), 4))
+    assert np.abs(_to_btc(t_mu) - np.asarray(mu)).max() <= 1e-5
+    assert np.abs(t_rec.permute(0, 2, 3, 1).numpy() - np.asarray(rec)).max() <= 1e-5
+
+
+def test_bad_input_gives_one_clear_error_naming_the_key(tmp_path):
+    params = _lm_params(TEXT_CFG)
+    out = _export_lm(tmp_path, TEXT_CFG, params)
+    vout = str(tmp_path / "vae")
+    to_torch.export_sigma_vae(_vae_params(), VAE_SMALL, vout)
+    with pytest.raises(ConversionError, match="'SigmaVAE' is not a LatentLM"):  # another architecture
+        from_torch.read_torch_params(vout, TEXT_CFG)
+    with pytest.raises(ConversionError, match="the checkpoint has no parameter 'backbone/blocks/attn/key/kernel'"):
+        to_torch.export_latent_lm(_vae_params(), TEXT_CFG, str(tmp_path / "x"))
+    with pytest.raises(ConversionError, match="hidden_size=64 but the experiment config has model.width=96"):
+        from_torch.read_torch_params(out, dataclasses.replace(TEXT_CFG, width=96))
+
+    st = os.path.join(out, "model.safetensors")
+    sd = load_file(st)
+    missing = dict(sd)
+    del missing["blocks.1.mlp.gate.weight"]
+    save_file(missing, st)
+    with pytest.raises(ConversionError, match="missing key 'blocks.1.mlp.gate.weight'"):
+        from_torch.read_torch_params(out, TEXT_CFG)
+    with pytest.raises(ConversionError, match="missing key 'blocks.1.mlp.gate.weight'"):
+        load_model(out)
+    wrong = dict(sd, **{"final_layer.linear.weight": torch.zeros(5, 64)})
+    save_file(wrong, st)
+    with pytest.raises(ConversionError, match=r"key 'final_layer.linear.weight' has shape \[5, 64\] but the model "
+                                              r"expects \[3, 64\]"):
+        from_torch.read_torch_params(out, TEXT_CFG)
+    extra = dict(sd, **{"pos_embed": torch.zeros(1, 12, 32)})
+    save_file(extra, st)
+    with pytest.raises(ConversionError, match="unexpected key 'pos_embed'"):
+        from_torch.read_torch_params(out, TEXT_CFG)
+
+
+def _resume_config(steps):
+    c = default.get_config()
+    c.model.update(dict(width=32, depth=1, num_heads=4, max_len=16, latent_dim=4))
+    c.vae.latent_dim = 4
+    c.head.depth = 1
+    c.diffusion.batch_mul = 2
+    c.train.update(dict(steps=steps, batch_size=32, log_every=1, seed=0))
+    c.optim.update(dict(lr=3e-3, warmup_steps=5, ema_decay=0.9))
+    c.checkpoint.update(dict(every=1000, async_save=False))
+    return c
+
+
+def _write_latents(workdir):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 256).astype(np.int32)
+    latents = ((labels[:, None, None] - 4.5) / 3 + 0.2 * rng.standard_normal((256, 16, 4))).astype(np.float32)
+    write_latent_cache(f"{workdir}/latents/train", latents, labels, {"latent_norm": {"scale": 1.0, "bias": 0.0}})
+
+
+def _one_device_mesh():
+    return make_mesh(ml_collections.ConfigDict(dict(shape=(1, 1, 1))), jax.devices()[:1])
+
+
+def _train_lm(config, workdir):
+    task = LatentLMTask.from_config(config, LatentNormalization(1.0, 0.0))
+    data = iter(make_latent_dataset(f"{workdir}/latents/train", config.train.batch_size, seed=config.train.seed,
+                                    expected_shape=(16, 4)))
+    return task, train(task, data, optim_config=config.optim, train_config=config.train, mesh=_one_device_mesh(),
+                       rules=logical_rules(config.mesh), workdir=f"{workdir}/lm",
+                       meta={"config": config.to_json(), "latent_norm": task.norm.to_dict()},
+                       checkpoint_config=config.checkpoint, log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_imported_checkpoint_resumes_and_continues_the_loss_curve(tmp_path):
+    """Train 40 steps, export (the CLI; restored onto the 8-device mesh), import at step 40, train 20 more."""
+    a, b, out = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "export")
+    _write_latents(a)
+    _write_latents(b)
+    task, res_a = _train_lm(_resume_config(40), a)
+    to_torch.main(["--workdir", a, "--out", out, "--what", "lm", "--params", "raw"])
+    assert read_config(out)["source"]["step"] == 40
+    config_b = _resume_config(60)
+    from_torch.import_workdir(out, b, config=config_b, what="lm", step=40, mesh=_one_device_mesh())
+    state = load_state(task, optim_config=config_b.optim, train_config=config_b.train, mesh=_one_device_mesh(),
+                       rules=logical_rules(config_b.mesh), workdir=f"{b}/lm")
+    a_params = jax.device_get(res_a.state.params)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(jax.device_get(state.params)),
+                                                    jax.tree.leaves(a_params)))  # bit-exact through PyTorch
+    counts = {type(s).__name__: int(s.count) for s in jax.tree.leaves(
+        state.opt_state, is_leaf=lambda s: isinstance(s, (optax.ScaleByAdamState, optax.ScaleByScheduleState)))
+        if hasattr(s, "count")}
+    assert int(state.step) == 40 and counts == {"ScaleByAdamState": 0, "ScaleByScheduleState": 40}
+    del state
+    _train_lm(config_b, b)
+
+    rows_a, rows_b = read_metrics(f"{a}/lm"), read_metrics(f"{b}/lm")
+    assert [r["step"] for r in rows_b] == list(range(41, 61))  # resumed at 40, not from scratch
+    first = np.mean([r["loss"] for r in rows_a[:5]])
+    last = np.mean([r["loss"] for r in rows_a[-10:]])
+    resumed = np.mean([r["loss"] for r in rows_b[:10]])
+    # The resumed run starts where the first one ended, not at the untrained level.
+    assert last < first - 0.2 and resumed - last < 0.25 * (first - last), (first, last, resumed)
