@@ -26,8 +26,6 @@ import optax
 import torch
 from flax import traverse_util
 
-from data_pipelines.image_pipeline import make_image_dataset
-from data_pipelines.latent_cache import make_latent_dataset
 from latent_lm.checkpoint import Checkpointer
 from latent_lm.convert import param_mapping
 from latent_lm.convert.torch_files import (
@@ -40,7 +38,6 @@ from latent_lm.convert.torch_files import (
 )
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.sigma_vae import SigmaVAE
-from latent_lm.parallel.device_prefetch import DevicePrefetcher
 from latent_lm.parallel.mesh import logical_rules, make_mesh
 from latent_lm.training.optimizer import make_optimizer
 from latent_lm.training.tasks import LatentLMTask, LatentNormalization, VAETask
@@ -156,10 +153,10 @@ def _schedule_at(opt_state, step: int):
 
 
 def write_checkpoint(params: dict, task, *, optim_config, train_config, mesh, rules, train_dir: str, step: int = 0,
-                     meta: dict | None = None, data=None) -> str:
+                     meta: dict | None = None) -> str:
     """Writes `<train_dir>/checkpoints/<step>` for `task` with `params` as params and EMA, fresh optimizer.
 
-    `data` is the iterator `train` will be given (its current position is saved, as `train` would save it).
+    No data-iterator state is written: `train` restores such a checkpoint and starts its data from the beginning.
     Refuses a directory that already has checkpoints.
     """
     if step < 0:
@@ -183,11 +180,8 @@ def write_checkpoint(params: dict, task, *, optim_config, train_config, mesh, ru
         state = state.replace(step=jax.device_put(np.asarray(step, np.int32), shardings.step),
                               params=put(params, shardings.params), ema_params=put(params, shardings.ema_params),
                               opt_state=_schedule_at(state.opt_state, step))
-        data_state = None
-        if data is not None and hasattr(data, "get_state"):
-            data_state = DevicePrefetcher(data, mesh)  # the wrapper `train` checkpoints, at the same position
         mesh_meta = {"shape": dict(mesh.shape), "process_count": jax.process_count()}
-        ckpt.save(step, state, data_iter=data_state, meta=dict(meta or {}, mesh=mesh_meta), force=True)
+        ckpt.save(step, state, meta=dict(meta or {}, mesh=mesh_meta), force=True)
         ckpt.wait()
     finally:
         ckpt.close()
@@ -211,9 +205,8 @@ def import_workdir(torch_dir: str, workdir: str, *, config: ml_collections.Confi
                    what: str = "all", step: int = 0, mesh=None) -> dict:
     """Writes `<workdir>/lm` (from `torch_dir`) and `<workdir>/vae` (from `torch_dir/vae`) checkpoints.
 
-    `mesh` defaults to the config's. The data iterators are built as the experiment stages build them; the
-    LatentLM one reads `<workdir>/latents/train`, so import the σ-VAE and run `--mode=encode` (or copy the
-    latents) first. Their positions are saved because `train` restores them with the state.
+    `mesh` defaults to the config's. `--mode=train` then starts the data afresh (the checkpoints hold no iterator
+    state); a LatentLM import still needs `--mode=encode` (or copied latents) before training.
     """
     if what not in ("all", "lm", "vae"):
         raise ValueError(f"what={what!r} must be 'all', 'lm' or 'vae'")
@@ -222,32 +215,23 @@ def import_workdir(torch_dir: str, workdir: str, *, config: ml_collections.Confi
         if embedded is None:
             raise ConversionError(f"{torch_dir}/config.json holds no experiment config: pass --config")
         config = ml_collections.ConfigDict(embedded)
-    latents = f"{workdir}/latents/train"
-    if what in ("all", "lm") and not os.path.exists(latents):
-        raise FileNotFoundError(f"{latents} not found: the LatentLM checkpoint stores the position of the latent data "
-                                f"iterator that --mode=train resumes, so import --what=vae, run --mode=encode, then "
-                                f"import --what=lm (or copy latents/ from the source run)")
     mesh, rules = mesh or make_mesh(config.mesh), logical_rules(config.mesh)
     written = {}
     if what in ("all", "vae"):
         task = VAETask.from_config(config)
         params, _ = read_torch_params(os.path.join(torch_dir, VAE_DIR), task.model)
-        data = iter(make_image_dataset(config.data.dataset, "train", config.vae_train.batch_size,
-                                       seed=config.vae_train.seed))
         written["vae"] = write_checkpoint(params, task, optim_config=config.vae_optim, train_config=config.vae_train,
                                           mesh=mesh, rules=rules, train_dir=f"{workdir}/vae", step=step,
-                                          meta={"config": config.to_json(), "imported_from": torch_dir}, data=data)
+                                          meta={"config": config.to_json(), "imported_from": torch_dir})
     if what in ("all", "lm"):
         lm_cfg = LatentLMConfig.from_config(config)
         params, tconfig = read_torch_params(torch_dir, lm_cfg)
         norm = LatentNormalization(**tconfig.get("latent_norm", {"scale": 1.0, "bias": 0.0}))
         task = LatentLMTask.from_config(config, norm)
-        data = iter(make_latent_dataset(latents, config.train.batch_size, seed=config.train.seed,
-                                        expected_shape=(config.model.max_len, config.model.latent_dim)))
         written["lm"] = write_checkpoint(params, task, optim_config=config.optim, train_config=config.train,
                                          mesh=mesh, rules=rules, train_dir=f"{workdir}/lm", step=step,
                                          meta={"config": config.to_json(), "latent_norm": norm.to_dict(),
-                                               "imported_from": torch_dir}, data=data)
+                                               "imported_from": torch_dir})
     return written
 
 
