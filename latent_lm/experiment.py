@@ -30,13 +30,9 @@ from latent_lm.parallel.mesh import logical_rules, make_mesh
 from latent_lm.sampling import SamplerSettings, make_sampler
 from latent_lm.training.tasks import LatentLMTask, LatentNormalization, VAETask
 from latent_lm.training.train_loop import load_state, train
+from latent_lm.training.train_loop import log_process0 as _log
 
 STAGES = ("train_vae", "encode", "train", "sample", "eval")
-
-
-def _log(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, flush=True)
 
 
 def _atomic_write_json(path: str, obj) -> None:

@@ -2,6 +2,7 @@
 parameters really are split; scan-over-layers keeps the program flat in depth; checkpoints restore onto other meshes.
 """
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -69,7 +70,7 @@ def test_mesh_trains_like_one_device(shape, single_device):
 
 
 def _train_step_hlo_chars(depth: int, remat: str) -> int:
-    cfg = MODEL.__class__(**{**MODEL.__dict__, "depth": depth, "remat": remat})
+    cfg = dataclasses.replace(MODEL, depth=depth, remat=remat)
 
     class Task(ToyTask):
         @property
@@ -100,7 +101,7 @@ def test_scanned_params_are_stacked_and_remat_is_exact():
     assert q.names == ("layers", "embed", "heads", "kv")
     grads = {}
     for remat in ["none", "full", "dots"]:
-        m = LatentLM(MODEL.__class__(**{**MODEL.__dict__, "remat": remat}))
+        m = LatentLM(dataclasses.replace(MODEL, remat=remat))
         f = lambda p: jnp.sum(jnp.square(m.apply(p, *args)[0]))
         grads[remat] = jax.grad(f)(params)
         if remat != "none":

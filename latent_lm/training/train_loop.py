@@ -64,7 +64,8 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _log0(message: str) -> None:
+def log_process0(message: str) -> None:
+    """Prints on process 0 only (multi-host runs would print every line once per host)."""
     if jax.process_index() == 0:
         print(message, flush=True)
 
@@ -122,7 +123,7 @@ def jit_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax
 
 
 def train(task: Task, data: Iterator[dict], *, optim_config, train_config, mesh: Mesh, rules, workdir: str,
-          meta: dict | None = None, checkpoint_config=None, log: Callable[[str], None] = _log0) -> TrainResult:
+          meta: dict | None = None, checkpoint_config=None, log: Callable[[str], None] = log_process0) -> TrainResult:
     """Trains `task` for `train_config.steps` steps, resuming from `workdir` checkpoints if present.
 
     `data` yields this process's rows of each global batch of `train_config.batch_size` (numpy); when it is a
