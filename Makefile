@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/default
 
-.PHONY: venv run test clean distclean
+.PHONY: venv run test scaling tokenizer-variance clean distclean
 
 venv: $(STAMP)
 
@@ -19,6 +19,16 @@ $(STAMP): setup.py
 
 run: venv
 	$(VENV)/bin/python -m latent_lm.main --config=configs/default.py --workdir=$(WORKDIR) --mode=all
+
+# The embedded studies (README "Paper experiments"): a sweep, then its analysis (plot, fitted exponents, table).
+scaling: venv
+	$(VENV)/bin/python -m latent_lm.sweep --config=configs/scaling.py:scale=embedded --root=runs/scaling
+	$(VENV)/bin/python -m latent_lm.studies.scaling_law --root=runs/scaling
+
+tokenizer-variance: venv
+	$(VENV)/bin/python -m latent_lm.sweep --config=configs/tokenizer_variance.py:scale=embedded \
+		--root=runs/tokenizer_variance
+	$(VENV)/bin/python -m latent_lm.studies.tokenizer_variance --root=runs/tokenizer_variance
 
 # pytest's exit status passes through: 5 ("no tests collected") fails the target.
 test: venv

@@ -19,5 +19,8 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-xdist", "diffusers", TORCH],
         "torch": [TORCH],
+        # gs:// workdirs: epath reaches buckets through fsspec's gcsfs (without TensorFlow); orbax lists checkpoint
+        # steps in a bucket with google-cloud-storage (orbax.checkpoint gcs_utils.get_bucket).
+        "gcs": ["gcsfs", "google-cloud-storage"],
     },
 )

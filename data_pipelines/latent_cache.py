@@ -13,7 +13,8 @@ temporary name and is renamed when complete (after its .json), so a shard file t
 skips complete shards with the same fingerprint and resumes where a killed run stopped. meta.json is written last
 by process 0, once every shard exists: readers need it, so they never see a partial cache. A re-run with another
 fingerprint (a retrained σ-VAE, another config) removes meta.json first, then rewrites the shards. The directory
-must be on a filesystem that all processes share.
+must be on a filesystem that all processes share, or in a bucket (gs://...: see `latent_lm.storage`; there each
+shard is written to a local temporary file and then uploaded, and ArrayRecord reads gs:// shards itself).
 
 Reading (`make_latent_dataset`): each process reads its contiguous slice of the examples (data_pipelines.sharding)
 and yields its rows (global batch / process_count) of every global batch; the grain iterator checkpoints.
@@ -21,11 +22,10 @@ and yields its rows (global batch / process_count) of every global batch; the gr
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
-import shutil
+import tempfile
 import uuid
 from typing import Any, Callable, Iterable, Sequence
 
@@ -35,6 +35,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from data_pipelines import sharding
+from latent_lm import storage
 from latent_lm.errors import DataError, MissingInputError
 
 META_FILE = "meta.json"
@@ -82,16 +83,12 @@ def _missing(path: str) -> MissingInputError:
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    storage.write_json_atomic(path, obj, indent=2)
 
 
 def _read_json(path: str) -> Any:
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(storage.read_text(path))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -105,7 +102,7 @@ def _default_barrier(explicit_processes: bool) -> Barrier:
 
 def _shard_done(record: str, expect: dict[str, Any]) -> dict[str, Any] | None:
     """The shard's sidecar if the shard is complete and was written for `expect` (range, count, fingerprint)."""
-    if not os.path.exists(record):
+    if not storage.exists(record):
         return None
     side = _read_json(_sidecar(record))
     if side is None or any(side.get(k) != v for k, v in expect.items()):
@@ -116,20 +113,23 @@ def _shard_done(record: str, expect: dict[str, Any]) -> dict[str, Any] | None:
 def _remove_temps(*patterns: str) -> None:
     # Left by a killed writer; only the owner of a shard (this process) ever writes that shard's temporaries.
     for pattern in patterns:
-        for tmp in glob.glob(pattern):
-            os.remove(tmp)
+        for tmp in storage.glob(pattern):
+            storage.remove(tmp, missing_ok=True)
 
 
 def _encode_shard(path: str, index: int, num_shards: int, start: int, end: int, read_batches: ReadBatches,
                   encode_fn: Callable[[np.ndarray], np.ndarray], expect: dict[str, Any]) -> None:
     name = shard_name(index, num_shards)
-    record = os.path.join(path, name)
+    record = storage.join(path, name)
     # The old shard goes first: a record file must never sit next to a sidecar of a different run.
     for stale in (record, _sidecar(record)):
-        if os.path.exists(stale):
-            os.remove(stale)
-    _remove_temps(os.path.join(path, f".{name}.tmp-*"), _sidecar(record) + ".tmp-*")
-    tmp = os.path.join(path, f".{name}.tmp-{uuid.uuid4().hex}")
+        storage.remove(stale, missing_ok=True)
+    _remove_temps(storage.join(path, f".{name}.tmp-*"), _sidecar(record) + ".tmp-*", record + ".tmp-*")
+    if storage.is_url(path):  # ArrayRecord writes local files: write one here, upload it when complete
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-")
+        os.close(fd)
+    else:
+        tmp = os.path.join(path, f".{name}.tmp-{uuid.uuid4().hex}")
     writer = ArrayRecordWriter(tmp, "group_size:1")  # one record per chunk: cheap random access
     try:
         count, total, total_sq, shape = 0, 0.0, 0.0, None
@@ -152,12 +152,16 @@ def _encode_shard(path: str, index: int, num_shards: int, start: int, end: int, 
             raise ValueError(f"read_batches({start}, {end}) yielded {count} examples, expected {end - start}")
         writer.close()
         _write_json_atomic(_sidecar(record), dict(expect, shape=list(shape), sum=total, sum_sq=total_sq))
-        os.replace(tmp, record)
+        if storage.is_url(path):
+            storage.upload_file_atomic(tmp, record)
+        else:
+            os.replace(tmp, record)
     except BaseException:
         writer.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise
+    finally:
+        if os.path.exists(tmp):  # a local file: the shard's temporary, or the copy already uploaded
+            os.remove(tmp)
 
 
 def _finalize(path: str, num_examples: int, num_shards: int, fingerprint: Any,
@@ -165,7 +169,7 @@ def _finalize(path: str, num_examples: int, num_shards: int, fingerprint: Any,
     bounds = shard_bounds(num_examples, num_shards)
     sides, missing = [], []
     for i, (start, end) in enumerate(bounds):
-        side = _shard_done(os.path.join(path, shard_name(i, num_shards)),
+        side = _shard_done(storage.join(path, shard_name(i, num_shards)),
                            dict(start=start, end=end, num_shards=num_shards, fingerprint=fingerprint))
         (missing.append(i) if side is None else sides.append(side))
     if missing:
@@ -184,10 +188,10 @@ def _finalize(path: str, num_examples: int, num_shards: int, fingerprint: Any,
             "metadata": metadata(moments) if callable(metadata) else dict(metadata)}
     # Shards of an earlier run with another shard count are not part of this cache.
     keep = set(files) | {f[:-len(".array_record")] + ".json" for f in files}
-    for f in os.listdir(path):
+    for f in storage.listdir(path):
         if (_SHARD_RE.match(f) and f not in keep) or f == LEGACY_RECORDS_FILE:
-            os.remove(os.path.join(path, f))
-    _write_json_atomic(os.path.join(path, META_FILE), meta)
+            storage.remove(storage.join(path, f))
+    _write_json_atomic(storage.join(path, META_FILE), meta)
 
 
 def encode_to_latent_cache(path: str, *, num_examples: int, read_batches: ReadBatches,
@@ -217,23 +221,23 @@ def encode_to_latent_cache(path: str, *, num_examples: int, read_batches: ReadBa
     num_shards = min(int(num_shards), int(num_examples))
     fingerprint = json.loads(json.dumps(fingerprint))  # what the sidecars will compare against, after a JSON trip
     metadata = {} if metadata is None else metadata
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
-    meta_path = os.path.join(path, META_FILE)
+    path = storage.absolute(path)
+    storage.makedirs(path)
+    meta_path = storage.join(path, META_FILE)
     meta = _read_json(meta_path)
     if (meta is not None and meta.get("fingerprint") == fingerprint and meta.get("count") == num_examples
             and len(meta.get("files", ())) == num_shards):
         return meta  # complete and current: nothing to do (every process sees the same file)
     if shard.shard_index == 0:
-        if os.path.exists(meta_path):
-            os.remove(meta_path)  # the cache is about to change: readers must not take the old one for complete
+        if storage.exists(meta_path):
+            storage.remove(meta_path)  # the cache is about to change: readers must not take the old one for complete
         _remove_temps(meta_path + ".tmp-*")
     barrier("latent cache: start")
     bounds = shard_bounds(num_examples, num_shards)
     for i in range(shard.shard_index, num_shards, shard.shard_count):
         start, end = bounds[i]
         expect = dict(start=start, end=end, num_shards=num_shards, fingerprint=fingerprint)
-        if _shard_done(os.path.join(path, shard_name(i, num_shards)), expect) is None:
+        if _shard_done(storage.join(path, shard_name(i, num_shards)), expect) is None:
             _encode_shard(path, i, num_shards, start, end, read_batches, encode_fn, expect)
     barrier("latent cache: shards written")
     if shard.shard_index == 0:
@@ -244,38 +248,42 @@ def encode_to_latent_cache(path: str, *, num_examples: int, read_batches: ReadBa
 
 def write_latent_cache(path: str, latents: np.ndarray, labels: np.ndarray, metadata: dict[str, Any],
                        num_shards: int = 1) -> None:
-    """Atomically writes in-memory latents float32 [N,T,C] and labels [N], replacing any cache at `path`."""
+    """Atomically writes in-memory latents float32 [N,T,C] and labels [N], replacing any cache at `path`.
+
+    In a bucket the directory renames are copies (see `latent_lm.storage`): readers may briefly find no cache, or
+    a meta.json whose shards are not all there yet (`read_latent_cache_meta` then says so), never a wrong one.
+    """
     latents, labels = np.asarray(latents), np.asarray(labels)
     if latents.ndim != 3 or labels.shape != latents.shape[:1]:
         raise ValueError(f"expected latents [N,T,C] and labels [N], got {latents.shape} and {labels.shape}")
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    path = storage.absolute(path).rstrip("/")
+    parent, name = storage.dirname(path), storage.basename(path)
+    storage.makedirs(parent)
+    tmp = storage.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
     try:
         encode_to_latent_cache(tmp, num_examples=len(labels), encode_fn=lambda x: x, num_shards=num_shards,
                                read_batches=lambda start, end: [(latents[start:end], labels[start:end])],
                                metadata=metadata, process_index=0, process_count=1)
         old = None
-        if os.path.exists(path):
+        if storage.exists(path):
             # A directory rename cannot replace a non-empty directory: move the old one aside first.
-            old = os.path.join(parent, f".{os.path.basename(path)}.old-{uuid.uuid4().hex}")
-            os.replace(path, old)
-        os.replace(tmp, path)
+            old = storage.join(parent, f".{name}.old-{uuid.uuid4().hex}")
+            storage.replace(path, old)
+        storage.replace(tmp, path)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            storage.rmtree(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.rmtree(tmp)
         raise
 
 
 def read_latent_cache_meta(path: str) -> dict[str, Any]:
     """The meta.json of a complete cache (shape, count, files, moments, metadata, …); clear errors otherwise."""
-    meta = _read_json(os.path.join(path, META_FILE))
+    meta = _read_json(storage.join(path, META_FILE))
     if meta is None:
         raise _missing(path)
     meta.setdefault("files", [LEGACY_RECORDS_FILE])
-    absent = [f for f in meta["files"] if not os.path.exists(os.path.join(path, f))]
+    absent = [f for f in meta["files"] if not storage.exists(storage.join(path, f))]
     if absent:
         raise MissingInputError(f"latent cache at {path} is missing {len(absent)} of its {len(meta['files'])} "
                                 f"shard files (first: {absent[0]}): re-run --mode=encode")
@@ -291,7 +299,7 @@ def _checked_shape(path: str, meta: dict[str, Any], expected_shape: Sequence[int
 
 
 def _files(path: str, meta: dict[str, Any]) -> list[str]:
-    return [os.path.join(path, f) for f in meta["files"]]
+    return [storage.join(path, f) for f in meta["files"]]
 
 
 def load_latent_cache(path: str) -> tuple[np.ndarray, np.ndarray]:

@@ -6,12 +6,16 @@ temporary directory is removed when the next manager opens. Restores target the 
 *current* mesh, so a run can resume on a different mesh or device count. A latest checkpoint that cannot be read
 (corrupted, truncated) is moved aside with a warning and the previous one is used; a checkpoint that does not fit a
 changed config is an error and is never moved.
+
+The directory may be a URL (gs://...): orbax writes it through TensorStore and epath; there a step is complete once
+its `commit_success.txt` exists instead of after a rename, and moving a damaged step aside copies its objects to the
+new name and deletes the old ones (`storage.replace`).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-import os
 import time
 from typing import Any
 
@@ -20,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from latent_lm import storage
 from latent_lm.errors import UserError
 
 
@@ -29,7 +34,15 @@ class NoUsableCheckpointError(UserError, RuntimeError):
 
 class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 3, save_every: int = 1000, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
+        storage.require_backend(self.directory)
+        if self.directory.startswith("gs://"):
+            try:  # orbax asks the bucket whether it has a hierarchical namespace before listing steps
+                importlib.import_module("google.cloud.storage")
+            except ImportError:
+                raise storage.MissingBackendError(
+                    f"checkpoints in {self.directory} need google-cloud-storage (orbax lists steps in a bucket "
+                    f"with it): pip install 'latent-lm[gcs]'") from None
         self.save_every = save_every
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -58,7 +71,7 @@ class Checkpointer:
         for s in steps:
             items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
             if data_iter is not None:
-                if os.path.isdir(os.path.join(self.directory, str(s), "data")):
+                if storage.isdir(storage.join(self.directory, str(s), "data")):
                     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
                 else:
                     logging.warning("checkpoint step %d has no data-iterator state: the data starts afresh", s)
@@ -88,8 +101,8 @@ class Checkpointer:
         logging.warning(message)
         if jax.process_index() == 0:
             print(message, flush=True)
-            os.replace(os.path.join(self.directory, str(step)),
-                       os.path.join(self.directory, f"corrupt.{step}.{int(time.time())}"))
+            storage.replace(storage.join(self.directory, str(step)),
+                            storage.join(self.directory, f"corrupt.{step}.{int(time.time())}"))
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
         self.manager.reload()

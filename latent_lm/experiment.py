@@ -1,46 +1,48 @@
-"""The stages of an experiment, each a function of (config, workdir): train_vae → encode → train → sample → eval.
+"""The stages of an experiment, each a function of (config, workdir): train_vae → encode → train → sample → eval
+(+ eval_loss). `--mode=all` runs `config.stages` in order and then writes `done.json`.
 
 Layout of a workdir:
   vae/          σ-VAE checkpoints and metrics        latents/{train,test}/  cached σ-VAE means (ArrayRecord)
-  lm/           LatentLM checkpoints and metrics      samples/final.{npz,png}  eval/final.json
+  lm/           generator (LatentLM or DiT) checkpoints and metrics
+  samples/final.{npz,png}   eval/final.json   eval/loss.json   config.json   done.json (all stages finished)
+`data.tokenizer_workdir`, when set, is where vae/ and latents/ live instead (one tokenizer shared by many runs: the
+scaling and tokenizer-variance sweeps).
 """
 
 from __future__ import annotations
 
-import json
 import os
+import posixpath
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from data_pipelines.embedded import load_embedded
+from data_pipelines.embedded import dataset_names, load_embedded
 from data_pipelines.image_pipeline import make_training_images, ordered_images
 from data_pipelines.latent_cache import encode_to_latent_cache, make_latent_dataset, read_latent_cache_meta
+from latent_lm import storage
 from latent_lm.config_validation import validate
+from latent_lm.errors import ConfigError, DataError, MissingInputError
 from latent_lm.evaluation import classifier as clf
+from latent_lm.evaluation import imagenet_fid, inception
 from latent_lm.evaluation.frechet import feature_stats, frechet_distance
 from latent_lm.evaluation.grids import save_image_grid
 from latent_lm.evaluation.image_metrics import psnr, to_uint8, variance_collapse_ratio
-from latent_lm.models.sigma_vae import SIGMA_DIVISOR, SigmaVAE
-from latent_lm.parallel.mesh import logical_rules, make_mesh
-from latent_lm.sampling import SamplerSettings, make_sampler
-from latent_lm.training.tasks import LatentLMTask, LatentNormalization, VAETask
+from latent_lm.models.sigma_vae import SIGMA_DIVISOR, LatentPosterior, SigmaVAE
+from latent_lm.parallel.device_prefetch import DevicePrefetcher
+from latent_lm.parallel.mesh import data_parallel_size, logical_rules, make_mesh
+from latent_lm.sampling import SamplerSettings
+from latent_lm.training.tasks import LatentNormalization, VAETask, cache_shape, make_generator_task
 from latent_lm.training.train_loop import load_state, train
 from latent_lm.training.train_loop import log_process0 as _log
 
-STAGES = ("train_vae", "encode", "train", "sample", "eval")
-
-
 def _atomic_write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    storage.write_json_atomic(path, obj, indent=2, sort_keys=True)
 
 
 def _batched(fn, x: np.ndarray, batch: int) -> np.ndarray:
@@ -51,14 +53,30 @@ def _to_float_images(images_uint8: np.ndarray) -> np.ndarray:
     return images_uint8.astype(np.float32) / 127.5 - 1.0
 
 
+def tokenizer_dir(config, workdir: str) -> str:
+    """Where the σ-VAE (vae/) and its latent caches (latents/) live: `data.tokenizer_workdir` or the workdir.
+
+    A relative path is relative to the workdir, so a sweep's runs name their sibling tokenizer run `../tokenizer`.
+    """
+    return _relative_to(workdir, config.data.get("tokenizer_workdir") or ".")
+
+
+def _relative_to(workdir: str, path: str) -> str:
+    """`path` if absolute or a URL, else joined to the workdir (gs://bucket/runs/x + ../tok → gs://bucket/runs/tok)."""
+    if "://" in path or os.path.isabs(path):
+        return path
+    scheme, sep, base = workdir.rpartition("://")
+    return f"{scheme}{sep}{posixpath.normpath(posixpath.join(base, path))}"
+
+
 def _vae_params(config, workdir, mesh, rules):
     state = load_state(VAETask.from_config(config), optim_config=config.vae_optim, train_config=config.vae_train,
-                       mesh=mesh, rules=rules, workdir=f"{workdir}/vae")
+                       mesh=mesh, rules=rules, workdir=f"{tokenizer_dir(config, workdir)}/vae")
     return state.params
 
 
-def _latent_norm(workdir: str) -> LatentNormalization:
-    meta = read_latent_cache_meta(f"{workdir}/latents/train")
+def _latent_norm(config, workdir: str) -> LatentNormalization:
+    meta = read_latent_cache_meta(f"{tokenizer_dir(config, workdir)}/latents/train")
     return LatentNormalization(**meta["metadata"]["latent_norm"])
 
 
@@ -67,7 +85,7 @@ def train_vae(config, workdir, mesh, rules):
     # Each process reads its own slice and yields its rows (batch_size / process_count) of every global batch.
     it = iter(make_training_images(config.data, config.vae_train.batch_size, seed=config.vae_train.seed))
     res = train(task, it, optim_config=config.vae_optim, train_config=config.vae_train, mesh=mesh, rules=rules,
-                workdir=f"{workdir}/vae", meta={"config": config.to_json()},
+                workdir=f"{tokenizer_dir(config, workdir)}/vae", meta={"config": config.to_json()},
                 checkpoint_config=config.checkpoint, log=_log)
     return {"vae_final_loss": res.final_metrics.get("loss")}
 
@@ -78,17 +96,22 @@ def encode(config, workdir, mesh, rules):
     Every process encodes its own shards on its own devices with a full copy of the σ-VAE, out of step with the
     others. The latent normalisation (spec §1.7: moments of σ-sampled latents z = μ + σ_b·ε) is computed in closed
     form over the whole train split: E z = E μ and Var z = Var μ + E σ_b², σ_b ~ N(0, (C_σ/0.8)²); the official
-    code estimates it from one sampled batch.
+    code estimates it from one sampled batch. A KL-VAE (`vae.kind="kl"`, spec §1.5) caches its posterior as the
+    sigma points (μ + σ, μ − σ) [T, 2C], whose moments are those of z = μ + σ·ε: Var z = Var μ + E σ²
+    (`sigma_vae.LatentPosterior.latent_variance`).
     """
     task = VAETask.from_config(config)
+    posterior = LatentPosterior.from_vae_config(config.vae)
+    tok = tokenizer_dir(config, workdir)
     state = load_state(task, optim_config=config.vae_optim, train_config=config.vae_train, mesh=mesh, rules=rules,
-                       workdir=f"{workdir}/vae")
-    params = (multihost_utils.process_allgather(state.params, tiled=True) if jax.process_count() > 1
-              else jax.device_get(state.params))
+                       workdir=f"{tok}/vae")
+    vae_params = task.vae_variables(state.params)  # without the GAN's discriminator, if any
+    params = (multihost_utils.process_allgather(vae_params, tiled=True) if jax.process_count() > 1
+              else jax.device_get(vae_params))
     local = Mesh(np.array(jax.local_devices()), ("batch",))
     params = jax.device_put(params, NamedSharding(local, PartitionSpec()))
     rows = NamedSharding(local, PartitionSpec("batch"))
-    enc = jax.jit(lambda p, x: task.model.apply(p, x, method=SigmaVAE.encode))
+    enc = jax.jit(lambda p, x: task.model.apply(p, x, method=SigmaVAE.cache_latents))
     batch = -(-config.data.encode_batch_size // local.size) * local.size
 
     def encode_fn(images: np.ndarray) -> np.ndarray:
@@ -98,7 +121,7 @@ def encode(config, workdir, mesh, rules):
         return np.asarray(enc(params, jax.device_put(padded, rows)))[:n]
 
     def latent_norm(moments: dict) -> dict:
-        var = moments["std"] ** 2 + (config.vae.std / SIGMA_DIVISOR) ** 2
+        var = posterior.latent_variance(moments["std"])
         norm = LatentNormalization(scale=float(var ** -0.5), bias=-float(moments["mean"]))
         return {"latent_norm": norm.to_dict()}
 
@@ -107,7 +130,7 @@ def encode(config, workdir, mesh, rules):
     out = {}
     for split in ("train", "test"):
         count, read_batches = ordered_images(config.data, split, batch)
-        meta = encode_to_latent_cache(f"{workdir}/latents/{split}", num_examples=count, read_batches=read_batches,
+        meta = encode_to_latent_cache(f"{tok}/latents/{split}", num_examples=count, read_batches=read_batches,
                                       encode_fn=encode_fn, num_shards=config.data.cache_shards,
                                       metadata=latent_norm if split == "train" else {},
                                       fingerprint=dict(fingerprint, split=split))
@@ -119,20 +142,61 @@ def encode(config, workdir, mesh, rules):
     return out
 
 
-def _lm_task(config, workdir) -> LatentLMTask:
-    return LatentLMTask.from_config(config, _latent_norm(workdir))
+def _lm_task(config, workdir):
+    return make_generator_task(config, _latent_norm(config, workdir))
 
 
 def train_lm(config, workdir, mesh, rules):
     task = _lm_task(config, workdir)
     # `batch_size` is global: each process reads its slice of the cache and yields batch_size / process_count rows.
-    it = iter(make_latent_dataset(f"{workdir}/latents/train", config.train.batch_size, seed=config.train.seed,
-                                  expected_shape=(config.model.max_len, config.model.latent_dim),
+    it = iter(make_latent_dataset(f"{tokenizer_dir(config, workdir)}/latents/train", config.train.batch_size,
+                                  seed=config.train.seed,
+                                  expected_shape=cache_shape(config),
                                   num_workers=config.data.get("num_workers", 0)))
     res = train(task, it, optim_config=config.optim, train_config=config.train, mesh=mesh, rules=rules,
                 workdir=f"{workdir}/lm", meta={"config": config.to_json(), "latent_norm": task.norm.to_dict()},
                 checkpoint_config=config.checkpoint, log=_log)
     return {"lm_final_loss": res.final_metrics.get("loss"), "lm_steps_per_sec": res.steps_per_sec}
+
+
+def _generator_params(config, workdir, mesh, rules):
+    task = _lm_task(config, workdir)
+    state = load_state(task, optim_config=config.optim, train_config=config.train, mesh=mesh, rules=rules,
+                       workdir=f"{workdir}/lm")
+    return task, (state.ema_params if config.eval.use_ema else state.params), int(state.step)
+
+
+def eval_loss(config, workdir, mesh, rules):
+    """Held-out loss of the generator on the test latents, with its exact training FLOPs (the scaling-law point).
+
+    The same loss as training (spec §3.4–3.5, §4.3) without class dropout, averaged over `eval.loss_repeats` draws
+    of (t, ε, σ) per test batch from a fixed seed, so runs of one sweep see identical noise.
+    """
+    task, params, step = _generator_params(config, workdir, mesh, rules)
+    e = config.eval
+    if e.loss_batch % data_parallel_size(mesh):
+        raise ConfigError(f"eval.loss_batch={e.loss_batch} is not divisible by the data-parallel size "
+                          f"{data_parallel_size(mesh)} (mesh data×fsdp)")
+    path = f"{tokenizer_dir(config, workdir)}/latents/test"
+    it = make_latent_dataset(path, e.loss_batch, seed=0, shuffle=False, repeat=False, drop_remainder=True,
+                             expected_shape=cache_shape(config))
+    loss_fn = jax.jit(lambda p, b, r: task.loss(p, b, r, train=False)[0])
+    total, count = 0.0, 0
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for i, batch in enumerate(DevicePrefetcher(iter(it), mesh)):
+            for r in range(e.loss_repeats):
+                total += float(loss_fn(params, batch, jax.random.PRNGKey(e.seed * 1_000_003 + i * 1009 + r)))
+                count += 1
+    if not count:
+        raise DataError(f"the test latents at {path} hold fewer than eval.loss_batch={e.loss_batch} examples")
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    per_step = task.train_flops_per_example() * config.train.batch_size
+    result = {"eval_loss": total / count, "family": config.model.get("arch", "latent_lm"), "params": num_params,
+              "flops_per_step": per_step, "train_flops": per_step * step, "steps": step,
+              "eval_batches": count // e.loss_repeats}
+    if jax.process_index() == 0:
+        _atomic_write_json(f"{workdir}/eval/loss.json", result)
+    return {"eval_loss": result["eval_loss"], "train_flops": result["train_flops"]}
 
 
 def _decode_fn(config, params):
@@ -142,14 +206,11 @@ def _decode_fn(config, params):
 
 def sample(config, workdir, mesh, rules):
     """Samples `eval.samples_per_class` images per class with CFG and writes samples/final.{npz,png}."""
-    task = _lm_task(config, workdir)
-    state = load_state(task, optim_config=config.optim, train_config=config.train, mesh=mesh, rules=rules,
-                       workdir=f"{workdir}/lm")
-    params = state.ema_params if config.eval.use_ema else state.params
+    task, params, _ = _generator_params(config, workdir, mesh, rules)
     d = config.diffusion
     settings = SamplerSettings(num_steps=d.num_sampling_steps, cfg_scale=d.cfg_scale,
                                prediction_type=d.prediction_type, x0_clip=d.x0_clip)
-    sampler = make_sampler(task.model, task.schedule, settings, config.model.max_len)
+    sampler = task.make_sampler(settings)
     decode = _decode_fn(config, _vae_params(config, workdir, mesh, rules))
     labels = np.repeat(np.arange(config.data.num_classes), config.eval.samples_per_class).astype(np.int32)
     rng = jax.random.PRNGKey(config.eval.seed)
@@ -160,10 +221,7 @@ def sample(config, workdir, mesh, rules):
         images.append(to_uint8(np.asarray(decode(task.norm.denormalize(z)))))
     images = np.concatenate(images)
     elapsed = time.time() - t0
-    os.makedirs(f"{workdir}/samples", exist_ok=True)
-    tmp = f"{workdir}/samples/final.tmp.npz"
-    np.savez(tmp, images=images, labels=labels)
-    os.replace(tmp, f"{workdir}/samples/final.npz")
+    storage.write_npz_atomic(f"{workdir}/samples/final.npz", images=images, labels=labels)
     per = config.eval.samples_per_class
     grid = np.stack([images[labels == k][:10] for k in range(config.data.num_classes)], 0)
     save_image_grid(grid.reshape(-1, *images.shape[1:]), f"{workdir}/samples/final.png", ncols=min(10, per))
@@ -171,17 +229,43 @@ def sample(config, workdir, mesh, rules):
     return {"num_samples": int(len(images)), "sampling_images_per_sec": len(images) / elapsed}
 
 
+def _check_fid_inputs(config) -> None:
+    """Before any stage runs: the FID inputs of a non-embedded eval exist (not discovered after days of training)."""
+    e = config.eval
+    if not e.reference_stats:
+        raise ConfigError(f"eval of {config.data.dataset} needs --config.eval.reference_stats (e.g. the ADM "
+                          f"VIRTUAL_imagenet256_labeled.npz); see README 'ImageNet FID and IS'")
+    for path in (e.reference_stats, e.inception_weights or inception.DEFAULT_WEIGHTS):
+        if not storage.exists(path):
+            raise MissingInputError(f"{path} does not exist (eval.reference_stats / eval.inception_weights); see "
+                                    f"README 'ImageNet FID and IS'")
+
+
+def evaluate_fid(config, workdir):
+    """ImageNet (any non-embedded dataset): FID and IS of samples/final.npz with the standard Inception network and
+    reference statistics the user supplies (`eval.inception_weights`, `eval.reference_stats`; spec §6.1)."""
+    e = config.eval
+    result = imagenet_fid.evaluate_samples(f"{workdir}/samples/final.npz", e.reference_stats,
+                                           e.inception_weights or inception.DEFAULT_WEIGHTS,
+                                           out=f"{workdir}/eval/final.json")
+    return {k: result[k] for k in ("fid", "inception_score", "num_samples")}
+
+
 def evaluate(config, workdir, mesh, rules):
-    """Classifier accuracy and Fréchet distance of the samples; σ-VAE PSNR and variance-collapse ratio."""
+    """Classifier accuracy and Fréchet distance of the samples; σ-VAE PSNR and variance-collapse ratio.
+
+    Embedded datasets only (a classifier trained here scores the samples); other datasets go to `evaluate_fid`.
+    """
+    if config.data.dataset not in dataset_names():
+        return evaluate_fid(config, workdir)
     name, k = config.data.dataset, config.data.num_classes
     train_x, train_y = load_embedded(name, "train")
     test_x, test_y = load_embedded(name, "test")
-    cpath = f"{workdir}/eval/classifier.msgpack"
-    if os.path.exists(cpath):
+    cpath = f"{_relative_to(workdir, config.eval.get('classifier_dir') or 'eval')}/classifier.msgpack"
+    if storage.exists(cpath):
         cparams = clf.load_classifier(cpath)
     else:
         cparams = clf.train_classifier(train_x, train_y, k, steps=config.eval.classifier_steps, seed=0)
-        os.makedirs(os.path.dirname(cpath), exist_ok=True)
         clf.save_classifier(cparams, cpath)
     test_logits, test_feats = clf.classify(cparams, test_x, k)
     ref_mu, ref_sigma = feature_stats(test_feats)
@@ -190,11 +274,12 @@ def evaluate(config, workdir, mesh, rules):
         logits, feats = clf.classify(cparams, images, k)
         return logits.argmax(-1), frechet_distance(*feature_stats(feats), ref_mu, ref_sigma)
 
-    data = np.load(f"{workdir}/samples/final.npz")
+    with storage.open_file(f"{workdir}/samples/final.npz") as f, np.load(f) as npz:
+        data = {key: npz[key] for key in npz.files}
     pred, fd_samples = score(data["images"])
 
     # Baseline: decode latents drawn from N(0, I) in LM space (the normalised latent prior).
-    norm = _latent_norm(workdir)
+    norm = _latent_norm(config, workdir)
     vae = VAETask.from_config(config).model
     vparams = _vae_params(config, workdir, mesh, rules)
     decode = _decode_fn(config, vparams)
@@ -204,9 +289,15 @@ def evaluate(config, workdir, mesh, rules):
     _, fd_random = score(rand_images)
 
     x = _to_float_images(test_x)
-    mu = _batched(jax.jit(lambda xx: vae.apply(vparams, xx, method=SigmaVAE.encode)), x, 500)
+    if vae.kind == "kl":  # the learned posterior σ (spec §1.5 (a))
+        moments = _batched(jax.jit(lambda xx: jnp.concatenate(vae.apply(vparams, xx, method=SigmaVAE.posterior),
+                                                               -1)), x, 500)
+        mu, logvar = np.split(moments, 2, axis=-1)
+        mean_abs_sigma = float(np.mean(np.exp(0.5 * logvar.astype(np.float64))))
+    else:
+        mu = _batched(jax.jit(lambda xx: vae.apply(vparams, xx, method=SigmaVAE.encode)), x, 500)
+        mean_abs_sigma = config.vae.std / SIGMA_DIVISOR * np.sqrt(2 / np.pi)  # E|σ| for σ ~ N(0, (std/0.8)²)
     rec = _batched(jax.jit(lambda z: vae.apply(vparams, z, method=SigmaVAE.decode)), mu, 500)
-    mean_abs_sigma = config.vae.std / 0.8 * np.sqrt(2 / np.pi)  # E|σ| for σ ~ N(0, (std/0.8)²)
     result = {
         "dataset": name,
         "classifier_test_accuracy": float((test_logits.argmax(-1) == test_y).mean()),
@@ -224,28 +315,36 @@ def evaluate(config, workdir, mesh, rules):
     return result
 
 
-RUNNERS = {"train_vae": train_vae, "encode": encode, "train": train_lm, "sample": sample, "eval": evaluate}
+RUNNERS = {"train_vae": train_vae, "encode": encode, "train": train_lm, "sample": sample, "eval": evaluate,
+           "eval_loss": eval_loss}
 
 
 def run(config, workdir: str, mode: str) -> dict:
-    """Runs one stage, or all of them in order for mode='all'; prints a summary table at the end."""
+    """Runs one stage, or `config.stages` in order for mode='all' and then writes done.json (what the sweep runner
+    reads as "finished"); prints a summary table at the end."""
     if mode != "all" and mode not in RUNNERS:
         raise ValueError(f"unknown --mode={mode}; choose one of {['all', *RUNNERS]}")
     validate(config)
     mesh = make_mesh(config.mesh)
     rules = logical_rules(config.mesh)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     if jax.process_index() == 0:
-        with open(f"{workdir}/config.json", "w") as f:
-            f.write(config.to_json(indent=2))
+        if mode == "all":  # a rerun (e.g. with more steps) is unfinished until it finishes
+            storage.remove(f"{workdir}/done.json", missing_ok=True)
+        storage.write_text_atomic(f"{workdir}/config.json", config.to_json(indent=2))
+    stages = tuple(config.stages) if mode == "all" else (mode,)
+    if "eval" in stages and config.data.dataset not in dataset_names():
+        _check_fid_inputs(config)
     summary, timings = {}, {}
-    for stage in (STAGES if mode == "all" else (mode,)):
+    for stage in stages:
         t0 = time.time()
         _log(f"=== {stage} ===")
         summary.update(RUNNERS[stage](config, workdir, mesh, rules) or {})
         timings[stage] = time.time() - t0
     summary["stage_seconds"] = {k: round(v, 1) for k, v in timings.items()}
     _log(format_summary(summary))
+    if mode == "all" and jax.process_index() == 0:
+        _atomic_write_json(f"{workdir}/done.json", summary)
     return summary
 
 

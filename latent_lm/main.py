@@ -73,7 +73,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        _fail(str(e))
+        message = str(e)
+        if "Traceback (most recent call last)" in message:  # an error inside get_config: keep its last line
+            lines = [line for line in message.splitlines() if line.strip()]
+            message = f"{lines[0].rstrip(':')}: {lines[-1]}"
+        _fail(message)
     except (AttributeError, KeyError) as e:
         key = str(e).strip("'\"")
         culprit = [a.split("=")[0] for a in argv if a.startswith("--config.") and f".{key}" in a.split("=")[0]]

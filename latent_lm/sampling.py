@@ -5,6 +5,9 @@ prefilled into the cache, then `lax.scan` runs over latent positions; at each po
 diffusion head run inside the scan body, and the sampled latent is embedded and written into the cache.
 CFG doubles the batch: [conditional prefix; null prefix]; both halves are fed the same sampled latent and the head
 output is guided with a constant scale, u + s·(c − u), on ε or v alike.
+
+The DiT twin (spec §2.5) is sampled whole-image: one DPM-Solver++ run over all N latents at once, the same
+settings and the same doubled-batch guidance (`sample_dit_latents`, `make_dit_sampler`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from latent_lm.diffusion import NoiseSchedule, dpm_solver_sample
+from latent_lm.models.dit import DiT
 from latent_lm.models.latent_lm import LatentLM, init_cache
 
 
@@ -125,5 +129,39 @@ def make_sampler(model: LatentLM, schedule: NoiseSchedule, settings: SamplerSett
     def sample(params, labels, rng):
         noise = jax.random.normal(rng, (num_latents, labels.shape[0], model.config.latent_dim))
         return sample_latents(model, params, labels[:, None].astype(jnp.int32), noise, schedule, settings)
+
+    return sample
+
+
+def sample_dit_latents(model: DiT, params, labels: jax.Array, noise: jax.Array, schedule: NoiseSchedule,
+                       settings: SamplerSettings) -> jax.Array:
+    """Whole-image DPM-Solver++ from x_T = `noise` [B, N, C] for class labels [B] (official `DiT.sample_with_cfg`).
+
+    With CFG every solver step runs the model once on [x; x] with labels [y; null] and guides u + s·(c − u);
+    `settings.cfg_scale=None` runs the conditional model alone. Returns latents [B, N, C] (fp32).
+    """
+    cfg = model.config
+    chex.assert_shape(noise, (labels.shape[0], cfg.max_len, cfg.latent_dim))
+    labels = labels.astype(jnp.int32)
+
+    def model_fn(x, t):
+        t = t[:, 0]  # the solver gives every token the same t; the DiT takes one per image
+        if settings.cfg_scale is None:
+            return model.apply(params, x, t, labels)
+        y = jnp.concatenate([labels, jnp.full_like(labels, cfg.null_class)])
+        c, u = jnp.split(model.apply(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), y), 2)
+        return u + settings.cfg_scale * (c - u)
+
+    return dpm_solver_sample(model_fn, noise.astype(jnp.float32), schedule, settings.num_steps,
+                             settings.prediction_type, settings.x0_clip)
+
+
+def make_dit_sampler(model: DiT, schedule: NoiseSchedule, settings: SamplerSettings):
+    """Returns jitted `sample(params, labels [B], rng) -> latents [B, N, C]`, x_T ~ N(0, I) drawn from `rng`."""
+
+    @jax.jit
+    def sample(params, labels, rng):
+        noise = jax.random.normal(rng, (labels.shape[0], model.config.max_len, model.config.latent_dim))
+        return sample_dit_latents(model, params, labels, noise, schedule, settings)
 
     return sample

@@ -40,3 +40,13 @@ def test_bad_input_is_one_clear_error(tmp_path):
         assert proc.returncode == 2, (name, proc.returncode, err[-2000:])
         assert "Traceback" not in err, (name, err[-2000:])
         assert len(lines) == 1 and lines[0].startswith("error: ") and CASES[name][1] in lines[0], (name, lines)
+
+
+def test_bad_config_file_argument_is_one_clear_error():
+    """`--config=file.py:arg` errors raised inside get_config (config_flags wraps them with a traceback)."""
+    for arg, expected in (("size=Q", "unknown model size 'Q'"), ("sizes=L", "unknown config argument 'sizes'")):
+        proc = subprocess.run([*cli_runs.command("/tmp/unused", {})[:3], f"--config=configs/imagenet.py:{arg}"],
+                              capture_output=True, text=True, env=cli_runs.env(1), cwd=cli_runs.ROOT, timeout=120)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines

@@ -20,15 +20,16 @@ from safetensors.torch import load_file, save_file
 
 from configs import default
 from data_pipelines.latent_cache import make_latent_dataset, write_latent_cache
-from latent_lm.convert import from_torch, param_mapping, to_torch, torch_sampling
+from latent_lm.convert import from_torch, param_mapping, to_torch, torch_modules, torch_sampling
 from latent_lm.convert.torch_files import ConversionError, load_model, read_config
 from latent_lm.diffusion import dpm_solver_sample, make_schedule
+from latent_lm.models.dit import DiT, DiTConfig
 from latent_lm.models.latent_lm import LatentLM, LatentLMConfig, class_conditional_batch, init_cache
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.mesh import logical_rules, make_mesh
-from latent_lm.sampling import SamplerSettings, sample_latents
+from latent_lm.sampling import SamplerSettings, sample_dit_latents, sample_latents
 from latent_lm.training.metrics_writer import read_metrics
-from latent_lm.training.tasks import LatentLMTask, LatentNormalization
+from latent_lm.training.tasks import DiTTask, LatentNormalization, make_generator_task
 from latent_lm.training.train_loop import load_state, train
 
 # The configuration official_state_dict_keys.md records (input_size 4, C 4, D 64, depth 2, head depth 2, 4 heads,
@@ -53,6 +54,18 @@ GQA_CFG = LatentLMConfig(width=64, depth=2, num_heads=4, num_kv_heads=2, latent_
 TEXT_CFG = LatentLMConfig(width=64, depth=2, num_heads=4, latent_dim=3, head_depth=1, head_mlp_ratio=2.0,
                           num_classes=3, text_vocab_size=7, max_len=12)
 VAE_SMALL = SigmaVAE(image_size=32, in_channels=3, patch_size=8, width=64, depth=2, num_heads=4, latent_dim=4)
+# The DiT configuration official_state_dict_keys.md records (input_size 4, C 4, D 64, depth 2, 4 heads, 10 classes).
+DIT_CFG = DiTConfig(width=64, depth=2, num_heads=4, latent_dim=4, num_classes=10, max_len=16)
+DIT_KEYS = [
+    ("pos_embed", (1, 16, 64)), ("x_embedder.proj.weight", (64, 4, 1, 1)), ("x_embedder.proj.bias", (64,)),
+    ("t_embedder.mlp.0.weight", (64, 256)), ("t_embedder.mlp.2.weight", (64, 64)),
+    ("y_embedder.embedding_table.weight", (11, 64)),
+    *[(f"blocks.{i}.{k}", s) for i in range(2) for k, s in (
+        ("attn.qkv.weight", (192, 64)), ("attn.proj.weight", (64, 64)), ("mlp.fc1.weight", (128, 64)),
+        ("mlp.gate.weight", (128, 64)), ("mlp.fc2.weight", (64, 128)), ("adaLN_modulation.1.weight", (384, 64)))],
+    ("final_layer.linear.weight", (4, 64)), ("final_layer.adaLN_modulation.1.weight", (128, 64)),
+]
+DIT_GQA = dataclasses.replace(DIT_CFG, num_kv_heads=2)
 
 
 def _random_params(init_fn, seed: int = 0, std: float = 0.05):
@@ -68,6 +81,12 @@ def _lm_params(cfg):
     n = cfg.max_len
     return _random_params(lambda k: LatentLM(cfg).init(k, jnp.zeros((1, n), jnp.int32),
                                                        jnp.zeros((1, n, cfg.latent_dim)), jnp.zeros((1, n), bool)))
+
+
+@functools.lru_cache(maxsize=None)
+def _dit_params(cfg):
+    labels = jnp.zeros((1,), jnp.int32)
+    return _random_params(lambda k: DiT(cfg).init(k, jnp.zeros((1, cfg.max_len, cfg.latent_dim)), labels, labels))
 
 
 @functools.lru_cache(maxsize=None)
@@ -346,7 +365,7 @@ def _one_device_mesh():
 
 
 def _train_lm(config, workdir):
-    task = LatentLMTask.from_config(config, LatentNormalization(1.0, 0.0))
+    task = make_generator_task(config, LatentNormalization(1.0, 0.0))
     data = iter(make_latent_dataset(f"{workdir}/latents/train", config.train.batch_size, seed=config.train.seed,
                                     expected_shape=(16, 4)))
     return task, train(task, data, optim_config=config.optim, train_config=config.train, mesh=_one_device_mesh(),
@@ -385,3 +404,105 @@ def test_imported_checkpoint_resumes_and_continues_the_loss_curve(tmp_path):
     resumed = np.mean([r["loss"] for r in rows_b[:10]])
     # The resumed run starts where the first one ended, not at the untrained level.
     assert last < first - 0.2 and resumed - last < 0.25 * (first - last), (first, last, resumed)
+
+
+# ---- the DiT twin (official `DiT`) ----
+
+@pytest.fixture(scope="module")
+def dit_gqa(tmp_path_factory):
+    """A random GQA DiT twin, its export, and the PyTorch model loaded from the export."""
+    params = _dit_params(DIT_GQA)
+    out = str(tmp_path_factory.mktemp("dit") / "dit")
+    to_torch.export_dit(params, DIT_GQA, out)
+    model, _ = load_model(out)
+    return params, model
+
+
+def test_dit_keys_shapes_and_order_are_the_official_ones(tmp_path):
+    out = str(tmp_path / "dit")
+    to_torch.export_dit(_dit_params(DIT_CFG), DIT_CFG, out)
+    pt = torch.load(os.path.join(out, "model.pt"), weights_only=True)
+    assert [(k, tuple(v.shape)) for k, v in pt.items()] == DIT_KEYS  # pos_embed first, as in the official class
+    assert {k: tuple(v.shape) for k, v in load_file(os.path.join(out, "model.safetensors")).items()} == dict(DIT_KEYS)
+    config = read_config(out)
+    assert config["architecture"] == "DiT" and config["kwargs"]["input_size"] == 4
+    assert config["kwargs"]["mlp_ratio"] == 4.0 and "diffusion_depth" not in config["kwargs"]
+    assert set(torch.load(os.path.join(out, "other_state.pth"), weights_only=True)) == {
+        "scaling_factor", "bias_factor", "steps", "ema"}
+    model, _ = load_model(out)
+    assert sum(p.numel() for p in model.parameters()) == 162_048  # official_state_dict_keys.md "## DiT"
+    fresh = torch_modules.DiT(**config["kwargs"])  # the twin's own table equals the exported constant
+    assert torch.equal(fresh.pos_embed, pt["pos_embed"])
+
+
+def test_dit_forward_matches_jax(dit_gqa):
+    params, model = dit_gqa
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 16, 4)).astype(np.float32)
+    t, y = np.array([0, 517, 999]), np.array([2, 9, 10])  # 10 = the null class
+    out = jax.jit(DiT(DIT_GQA).apply)(params, jnp.asarray(x), jnp.asarray(t), jnp.asarray(y))
+    with torch.no_grad():
+        t_out = model(_to_nchw(x, 4), torch.from_numpy(t).float(), torch.from_numpy(y))
+    assert np.abs(np.asarray(out)).max() > 0.1
+    assert np.abs(_to_btc(t_out) - np.asarray(out)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("prediction_type,x0_clip", [("v_prediction", None), ("epsilon", 1.5)])
+def test_dit_cfg_sampling_from_the_same_noise_gives_the_same_latents(dit_gqa, prediction_type, x0_clip):
+    """JAX whole-image sampler vs the PyTorch twin's `sample_with_cfg` through `torch_sampling.generate`."""
+    params, model = dit_gqa
+    b = 4
+    noise = np.random.default_rng(8).standard_normal((b, 16, 4)).astype(np.float32)
+    labels = np.array([0, 3, 6, 9])
+    settings = SamplerSettings(num_steps=5, cfg_scale=3.0, prediction_type=prediction_type, x0_clip=x0_clip)
+    z_jax = jax.jit(lambda p, y, e: sample_dit_latents(DiT(DIT_GQA), p, y, e, make_schedule("cosine"), settings))(
+        params, jnp.asarray(labels), jnp.asarray(noise))
+    z_torch = torch_sampling.generate(model, torch.from_numpy(labels), cfg_scale=3.0, num_steps=5,
+                                      prediction_type=prediction_type, x0_clip=x0_clip,
+                                      noise=torch.from_numpy(noise.transpose(1, 0, 2)))  # (N, B, C) layout
+    assert np.abs(np.asarray(z_jax)).max() > 0.1
+    assert np.abs(_to_btc(z_torch) - np.asarray(z_jax)).max() <= 1e-4
+
+
+def test_dit_round_trip_is_bit_exact_and_bad_input_is_one_clear_error(tmp_path):
+    params = _dit_params(DIT_GQA)
+    out = str(tmp_path / "dit")
+    to_torch.export_dit(params, DIT_GQA, out)
+    back, _ = from_torch.read_torch_params(out, DIT_GQA)
+    a, b = _flat(jax.device_get(params)), _flat(back)
+    assert set(a) == set(b) and all(np.array_equal(np.asarray(a[k]), b[k]) for k in a)
+
+    lm_out = _export_lm(tmp_path, OFFICIAL_CFG, _lm_params(OFFICIAL_CFG))
+    with pytest.raises(ConversionError, match="'Transformer' is not a 'DiT' checkpoint"):
+        from_torch.read_torch_params(lm_out, DIT_CFG)
+    with pytest.raises(ConversionError, match="'DiT' is not a LatentLM"):
+        from_torch.read_torch_params(out, OFFICIAL_CFG)
+    with pytest.raises(ConversionError, match="num_kv_heads=2 but the experiment config has model.num_kv_heads=4"):
+        from_torch.read_torch_params(out, DIT_CFG)
+    with pytest.raises(ConversionError, match="the checkpoint has no parameter 'blocks/adaLN_modulation/kernel'"):
+        to_torch.export_dit(_lm_params(OFFICIAL_CFG), DIT_CFG, str(tmp_path / "x"))
+
+    st = os.path.join(out, "model.safetensors")
+    sd = load_file(st)
+    save_file(dict(sd, pos_embed=sd["pos_embed"] * 2), st)  # e.g. a checkpoint with the h/w halves swapped
+    with pytest.raises(ConversionError, match="pos_embed differs from the fixed 2-D sin-cos table of width 64"):
+        from_torch.read_torch_params(out, DIT_GQA)
+
+
+@pytest.mark.slow
+def test_dit_run_exports_and_imports_through_the_workdir(tmp_path):
+    """A `model.arch="dit"` run: trained by the loop, exported by the CLI, imported back bit-exactly."""
+    a, b, out = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "export")
+    _write_latents(a)
+    config = _resume_config(2)
+    config.model.arch = "dit"
+    task, res = _train_lm(config, a)
+    assert isinstance(task, DiTTask)
+    to_torch.main(["--workdir", a, "--out", out, "--what", "lm", "--params", "raw"])
+    assert read_config(out)["architecture"] == "DiT" and read_config(out)["source"]["step"] == 2
+    from_torch.import_workdir(out, b, config=config, what="lm", step=2, mesh=_one_device_mesh())
+    state = load_state(task, optim_config=config.optim, train_config=config.train, mesh=_one_device_mesh(),
+                       rules=logical_rules(config.mesh), workdir=f"{b}/lm")
+    assert int(state.step) == 2
+    for x, y in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(res.state.params))):
+        assert np.array_equal(x, y)

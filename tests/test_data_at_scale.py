@@ -12,12 +12,14 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
+from configs import default
 from data_pipelines import latent_cache, sharding
 from data_pipelines.imagenet import (
     CenterCroppedSource,
@@ -32,6 +34,8 @@ from data_pipelines.latent_cache import (
     make_latent_dataset,
     read_latent_cache_meta,
 )
+from latent_lm.parallel.device_prefetch import DevicePrefetcher
+from latent_lm.parallel.mesh import make_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -446,3 +450,11 @@ def test_two_processes_encode_and_assemble_global_batches(tmp_path):
             raise
     for p, out in zip(procs, outs):
         assert p.returncode == 0 and "OK" in out, out[-3000:]
+
+
+def test_device_prefetcher_yields_every_batch_of_a_finite_iterator():
+    """Evaluation reads finite iterators through the prefetcher: the buffered tail must not be dropped."""
+    mesh = make_mesh(default.get_config().mesh)
+    batches = [{"x": np.full((8, 2), i, np.float32)} for i in range(5)]
+    got = [int(jax.device_get(b["x"])[0, 0]) for b in DevicePrefetcher(iter(batches), mesh, size=3)]
+    assert got == [0, 1, 2, 3, 4]

@@ -20,7 +20,7 @@ def tiny_config():
     c.head.depth = 1
     c.train.update(dict(steps=4, batch_size=16, log_every=2))
     c.diffusion.num_sampling_steps = 2
-    c.eval.update(dict(samples_per_class=2, sample_batch=20, classifier_steps=20))
+    c.eval.update(dict(samples_per_class=2, sample_batch=20, classifier_steps=20, loss_batch=200, loss_repeats=1))
     c.checkpoint.every = 2
     return c
 
@@ -37,6 +37,11 @@ def test_all_stages_write_their_outputs(tmp_path):
                 "variance_collapse_ratio"):
         assert np.isfinite(result[key]), key
     assert summary["train_latents"] == [4000, 49, 4]
+    loss = json.loads((tmp_path / "eval" / "loss.json").read_text())
+    assert loss["family"] == "latent_lm" and loss["steps"] == 4
+    assert loss["eval_batches"] == summary["test_latents"][0] // 200
+    assert np.isfinite(loss["eval_loss"]) and loss["train_flops"] == 4 * loss["flops_per_step"] > 0
+    assert json.loads((tmp_path / "done.json").read_text())["eval_loss"] == loss["eval_loss"]
     assert (tmp_path / "lm" / "metrics.jsonl").exists() and (tmp_path / "vae" / "metrics.jsonl").exists()
     # A second `train` call resumes from the final checkpoint and has nothing left to do.
     again = experiment.run(tiny_config(), str(tmp_path), "train")

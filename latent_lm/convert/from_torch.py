@@ -36,11 +36,12 @@ from latent_lm.convert.torch_files import (
     read_config,
     read_state_dict,
 )
+from latent_lm.models.dit import DiTConfig
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.mesh import logical_rules, make_mesh
 from latent_lm.training.optimizer import make_optimizer
-from latent_lm.training.tasks import LatentLMTask, LatentNormalization, VAETask
+from latent_lm.training.tasks import LatentNormalization, VAETask, make_generator_task
 from latent_lm.training.train_loop import build_state_fns
 
 
@@ -106,6 +107,27 @@ def check_lm_config(torch_config: dict, cfg: LatentLMConfig, what: str) -> None:
                               f"the JAX model needs it for classifier-free guidance")
 
 
+def check_dit_config(torch_config: dict, cfg: DiTConfig, what: str) -> None:
+    if torch_config["architecture"] != "DiT":
+        raise ConversionError(f"{what}: architecture {torch_config['architecture']!r} is not a 'DiT' checkpoint "
+                              f"(the experiment config has model.arch='dit')")
+    k = torch_config["kwargs"]
+    side = k.get("input_size", 32)
+    _compare(what, [
+        ("hidden_size", k.get("hidden_size"), "model.width", cfg.width),
+        ("depth", k.get("depth"), "model.depth", cfg.depth),
+        ("num_heads", k.get("num_heads"), "model.num_heads", cfg.num_heads),
+        ("num_kv_heads", k.get("num_kv_heads") or k.get("num_heads"), "model.num_kv_heads", cfg.kv_heads),
+        ("mlp_ratio", float(k.get("mlp_ratio", 4.0)), "model.mlp_ratio", float(cfg.mlp_ratio)),
+        ("in_channels", k.get("in_channels", 4), "model.latent_dim", cfg.latent_dim),
+        ("num_classes", k.get("num_classes", 1000), "model.num_classes", cfg.num_classes),
+        ("sequence length", side * side, "model.max_len", cfg.max_len),
+    ])
+    if not k.get("class_dropout_prob", 0.1) > 0:
+        raise ConversionError(f"{what}: class_dropout_prob=0, so y_embedder.embedding_table has no null-class row; "
+                              f"the JAX model needs it for classifier-free guidance")
+
+
 def check_vae_config(torch_config: dict, vae: SigmaVAE, what: str) -> None:
     if torch_config["architecture"] != "SigmaVAE":
         raise ConversionError(f"{what}: architecture {torch_config['architecture']!r} is not a 'SigmaVAE' checkpoint")
@@ -127,11 +149,15 @@ def check_vae_config(torch_config: dict, vae: SigmaVAE, what: str) -> None:
 
 
 def read_torch_params(torch_dir: str, model) -> tuple[dict, dict]:
-    """(JAX params {"params": …} as numpy, config.json) for a LatentLM (`model` a LatentLMConfig) or a SigmaVAE."""
+    """(JAX params {"params": …} as numpy, config.json) for a LatentLM (`model` a LatentLMConfig), its DiT twin
+    (a DiTConfig) or a SigmaVAE."""
     config = read_config(torch_dir)
     if isinstance(model, LatentLMConfig):
         check_lm_config(config, model, torch_dir)
         table = param_mapping.latent_lm_table(model)
+    elif isinstance(model, DiTConfig):
+        check_dit_config(config, model, torch_dir)
+        table = param_mapping.dit_table(model)
     else:
         check_vae_config(config, model, torch_dir)
         table = param_mapping.sigma_vae_table(model)
@@ -139,7 +165,10 @@ def read_torch_params(torch_dir: str, model) -> tuple[dict, dict]:
     check_state_dict(state_dict, expected_shapes(config), torch_dir)
     # The PyTorch model may hold keys the JAX model cannot represent (e.g. a flatten_input variant).
     check_state_dict(state_dict, {k: tuple(state_dict[k].shape) for k in param_mapping.torch_keys(table)}, torch_dir)
-    return state_dict_to_params(state_dict, table), config
+    try:
+        return state_dict_to_params(state_dict, table), config
+    except ValueError as e:  # a value the JAX model cannot hold (the DiT's fixed pos_embed)
+        raise ConversionError(f"{torch_dir}: {e}") from None
 
 
 def _schedule_at(opt_state, step: int):
@@ -206,7 +235,7 @@ def import_workdir(torch_dir: str, workdir: str, *, config: ml_collections.Confi
     """Writes `<workdir>/lm` (from `torch_dir`) and `<workdir>/vae` (from `torch_dir/vae`) checkpoints.
 
     `mesh` defaults to the config's. `--mode=train` then starts the data afresh (the checkpoints hold no iterator
-    state); a LatentLM import still needs `--mode=encode` (or copied latents) before training.
+    state); a generator (LatentLM or DiT) import still needs `--mode=encode` (or copied latents) before training.
     """
     if what not in ("all", "lm", "vae"):
         raise ValueError(f"what={what!r} must be 'all', 'lm' or 'vae'")
@@ -220,14 +249,16 @@ def import_workdir(torch_dir: str, workdir: str, *, config: ml_collections.Confi
     if what in ("all", "vae"):
         task = VAETask.from_config(config)
         params, _ = read_torch_params(os.path.join(torch_dir, VAE_DIR), task.model)
+        params = task.add_discriminator(params, jax.random.PRNGKey(0))  # a fresh discriminator when the GAN is on
         written["vae"] = write_checkpoint(params, task, optim_config=config.vae_optim, train_config=config.vae_train,
                                           mesh=mesh, rules=rules, train_dir=f"{workdir}/vae", step=step,
                                           meta={"config": config.to_json(), "imported_from": torch_dir})
     if what in ("all", "lm"):
-        lm_cfg = LatentLMConfig.from_config(config)
+        is_dit = config.model.get("arch", "latent_lm") == "dit"
+        lm_cfg = DiTConfig.from_config(config) if is_dit else LatentLMConfig.from_config(config)
         params, tconfig = read_torch_params(torch_dir, lm_cfg)
         norm = LatentNormalization(**tconfig.get("latent_norm", {"scale": 1.0, "bias": 0.0}))
-        task = LatentLMTask.from_config(config, norm)
+        task = make_generator_task(config, norm)
         written["lm"] = write_checkpoint(params, task, optim_config=config.optim, train_config=config.train,
                                          mesh=mesh, rules=rules, train_dir=f"{workdir}/lm", step=step,
                                          meta={"config": config.to_json(), "latent_norm": norm.to_dict(),

@@ -4,8 +4,8 @@ One table per architecture (`TABLES`): a function of the model dimensions return
 more PyTorch keys to one or more JAX parameters (paths under `params`, "/"-joined) with a pair of exact layout
 transforms (transposes, reshapes, concatenations, slices: no arithmetic, so JAX → PyTorch → JAX is bit-exact).
 `layer=i` marks parameters of the scanned backbone, which carry a leading [depth] axis in JAX: the rule then
-reads/writes slice i, so an exporter can gather one layer at a time. Adding the DiT twin (issue #5) is one more
-table function here plus its `TABLES` entry.
+reads/writes slice i, so an exporter can gather one layer at a time. A rule may have no JAX side: the DiT's fixed
+`pos_embed` is written from the formula and, on import, checked against it.
 
 Layouts (PyTorch Linear weights are [out, in]; JAX Dense kernels [in…, out…]):
   Linear          kernel [in, out]                  ↔ weight [out, in]
@@ -14,6 +14,7 @@ Layouts (PyTorch Linear weights are [out, in]; JAX Dense kernels [in…, out…]
   1×1 PatchEmbed  kernel [C, D] + bias              ↔ proj.weight [D, C, 1, 1] + proj.bias
   token table     [K+1+V, D] (classes, null, text) ↔ y_embedder.embedding_table.weight [K+1, D] ‖ text_embedder.weight
   σ-VAE patches   pixels flattened (i, j, c)        ↔ conv weight [D, C, p, p] / pixel head rows (c, i, j)
+  DiT pos_embed   (a constant, not a parameter)     ↔ pos_embed [1, N, D], the fixed 2-D sin-cos table
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from latent_lm.models.dit import sincos_pos_embed_2d
+
 Array = np.ndarray
+POS_EMBED_ATOL = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,8 +182,43 @@ def _vit_body(tp: str, jp: str, depth: int, w: int, h: int, hd: int) -> list[Rul
     return rules
 
 
-# Architecture name (the PyTorch class) → table. The DiT twin (issue #5) adds "DiT": dit_table.
-TABLES: dict[str, Callable[..., list[Rule]]] = {"Transformer": latent_lm_table, "SigmaVAE": sigma_vae_table}
+# ---- the DiT twin (official `DiT`) ----
+
+def dit_table(cfg) -> list[Rule]:
+    """`cfg` has the `DiTConfig` fields (width, depth, num_heads, kv_heads, grid_size, …)."""
+    hd = cfg.width // cfg.num_heads
+    rules = [_fixed_pos_embed(cfg.width, cfg.grid_size)]
+    rules += conv1x1("x_embedder.proj", "x_embedder")
+    rules += [linear("t_embedder.mlp.0.weight", "t_embedder/mlp_0/kernel"),
+              linear("t_embedder.mlp.2.weight", "t_embedder/mlp_2/kernel"),
+              same("y_embedder.embedding_table.weight", "y_embedder/embedding")]
+    for i in range(cfg.depth):
+        rules += [fused_qkv(f"blocks.{i}.attn.qkv.weight", "blocks/attn", cfg.num_heads, cfg.kv_heads, hd, i),
+                  heads_out(f"blocks.{i}.attn.proj.weight", "blocks/attn/proj/kernel", cfg.num_heads, hd, i)]
+        rules += [linear(f"blocks.{i}.mlp.{n}.weight", f"blocks/mlp/{n}/kernel", i) for n in ("fc1", "gate", "fc2")]
+        rules.append(linear(f"blocks.{i}.adaLN_modulation.1.weight", "blocks/adaLN_modulation/kernel", i))
+    rules += [linear("final_layer.linear.weight", "final_layer/linear/kernel"),
+              linear("final_layer.adaLN_modulation.1.weight", "final_layer/adaLN_modulation/kernel")]
+    return rules
+
+
+def _fixed_pos_embed(width: int, grid_size: int) -> Rule:
+    table = sincos_pos_embed_2d(width, grid_size).astype(np.float32)[None]
+
+    def from_torch(w):
+        diff = float(np.abs(np.asarray(w, np.float32) - table).max()) if w.shape == table.shape else np.inf
+        if diff > POS_EMBED_ATOL:
+            raise ValueError(f"pos_embed differs from the fixed 2-D sin-cos table of width {width} on a "
+                             f"{grid_size}×{grid_size} grid (max |diff| {diff:.3g}); the JAX DiT cannot hold "
+                             f"another position table")
+        return ()
+
+    return Rule(("pos_embed",), (), lambda: (table.copy(),), from_torch)
+
+
+# Architecture name (the PyTorch class) → table.
+TABLES: dict[str, Callable[..., list[Rule]]] = {"Transformer": latent_lm_table, "SigmaVAE": sigma_vae_table,
+                                                "DiT": dit_table}
 
 
 def jax_paths(table: Sequence[Rule]) -> set[str]:

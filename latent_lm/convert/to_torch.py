@@ -3,11 +3,12 @@
   python -m latent_lm.convert.to_torch --workdir=runs/default --out=runs/default/export \
       [--params=ema|raw] [--dtype=float32|bfloat16] [--what=all|lm|vae] [--step=N]
 
-The LatentLM goes to `<out>/` (official `Transformer` keys, plus `other_state.pth` with the latent normalisation in
-the official format) and the σ-VAE to `<out>/vae/`. The experiment config is read from the checkpoint's own
-metadata, so only the workdir is needed. Parameters are gathered to host one tensor at a time, and the scanned
-backbone one layer at a time (`x[i]` of the stacked arrays): devices hold their training shards plus one gathered
-tensor, never the whole model. Multi-host arrays are assembled with `process_allgather`; process 0 writes the files.
+The generator goes to `<out>/` (official `Transformer` keys, or official `DiT` keys for a `model.arch="dit"` run,
+plus `other_state.pth` with the latent normalisation in the official format) and the σ-VAE to `<out>/vae/`. The
+experiment config is read from the checkpoint's own metadata, so only the workdir is needed. Parameters are gathered
+to host one tensor at a time, and the scanned blocks one layer at a time (`x[i]` of the stacked arrays): devices
+hold their training shards plus one gathered tensor, never the whole model. Multi-host arrays are assembled with
+`process_allgather`; process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from jax.experimental import multihost_utils
 from latent_lm.checkpoint import Checkpointer
 from latent_lm.convert import param_mapping
 from latent_lm.convert.torch_files import DTYPES, VAE_DIR, ConversionError, write_export
+from latent_lm.models.dit import DiTConfig
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.mesh import logical_rules, make_mesh
 from latent_lm.training.optimizer import make_optimizer
-from latent_lm.training.tasks import LatentLMTask, LatentNormalization, VAETask
+from latent_lm.training.tasks import DiTTask, LatentNormalization, VAETask, make_generator_task
 from latent_lm.training.train_loop import build_state_fns
 
 DEFAULT_CLASS_DROPOUT = 0.1  # official default; only sets whether the PyTorch class table has the null row
@@ -54,6 +56,15 @@ def lm_torch_kwargs(cfg: LatentLMConfig, class_dropout: float) -> dict:
     if side * side != cfg.max_len:
         kwargs["max_len"] = cfg.max_len
     return kwargs
+
+
+def dit_torch_kwargs(cfg: DiTConfig, class_dropout: float) -> dict:
+    """Constructor arguments of the PyTorch (and official) `DiT`."""
+    return dict(input_size=cfg.grid_size, patch_size=1, flatten_input=False, in_channels=cfg.latent_dim,
+                hidden_size=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                class_dropout_prob=class_dropout if class_dropout > 0 else DEFAULT_CLASS_DROPOUT,
+                num_classes=cfg.num_classes)
 
 
 def vae_torch_kwargs(vae: SigmaVAE, kl_weight: float) -> dict:
@@ -110,9 +121,28 @@ def export_latent_lm(params, cfg: LatentLMConfig, out_dir: str, *, dtype: str = 
                      experiment_config: dict | None = None) -> dict:
     """Writes the LatentLM files; returns config.json's content (`experiment_config` is kept for re-import)."""
     state_dict = params_to_state_dict(params, param_mapping.latent_lm_table(cfg), dtype, f"LatentLM → {out_dir}")
+    return _write_generator(state_dict, "Transformer", lm_torch_kwargs(cfg, class_dropout), out_dir, dtype=dtype,
+                            latent_norm=latent_norm, diffusion=diffusion, source=source,
+                            experiment_config=experiment_config)
+
+
+def export_dit(params, cfg: DiTConfig, out_dir: str, *, dtype: str = "float32",
+               class_dropout: float = DEFAULT_CLASS_DROPOUT, latent_norm: dict | None = None,
+               diffusion: dict | None = None, source: dict | None = None,
+               experiment_config: dict | None = None) -> dict:
+    """Writes the DiT twin's files (official `DiT` keys, `pos_embed` included); returns config.json's content."""
+    state_dict = params_to_state_dict(params, param_mapping.dit_table(cfg), dtype, f"DiT → {out_dir}")
+    return _write_generator(state_dict, "DiT", dit_torch_kwargs(cfg, class_dropout), out_dir, dtype=dtype,
+                            latent_norm=latent_norm, diffusion=diffusion, source=source,
+                            experiment_config=experiment_config)
+
+
+def _write_generator(state_dict, architecture: str, kwargs: dict, out_dir: str, *, dtype: str,
+                     latent_norm: dict | None, diffusion: dict | None, source: dict | None,
+                     experiment_config: dict | None) -> dict:
     norm = latent_norm or {"scale": 1.0, "bias": 0.0}
-    config = dict(architecture="Transformer", kwargs=lm_torch_kwargs(cfg, class_dropout), latent_norm=norm,
-                  diffusion=diffusion or {}, source=dict(source or {}, dtype=dtype))
+    config = dict(architecture=architecture, kwargs=kwargs, latent_norm=norm, diffusion=diffusion or {},
+                  source=dict(source or {}, dtype=dtype))
     if experiment_config is not None:
         config["experiment_config"] = experiment_config
     other = {"scaling_factor": norm["scale"], "bias_factor": norm["bias"],
@@ -195,21 +225,25 @@ def export_workdir(workdir: str, out_dir: str, *, params: str = "ema", dtype: st
         s, meta = read_meta(lm_dir, step)
         config = config_from_meta(meta, lm_dir)
         if "latent_norm" not in meta:
-            raise ConversionError(f"{lm_dir}: checkpoint metadata has no latent_norm: not a LatentLM checkpoint")
-        task = LatentLMTask.from_config(config, LatentNormalization(**meta["latent_norm"]))
+            raise ConversionError(f"{lm_dir}: checkpoint metadata has no latent_norm: not a generator checkpoint")
+        task = make_generator_task(config, LatentNormalization(**meta["latent_norm"]))
         state = restore_state(task, config.optim, config.train, lm_dir, s, *restore_mesh(config, mesh))
         d = config.diffusion
         diffusion = dict(prediction_type=d.prediction_type, schedule=d.schedule, num_train_steps=d.num_train_steps,
                          num_sampling_steps=d.num_sampling_steps, cfg_scale=d.cfg_scale, x0_clip=d.x0_clip)
-        export_latent_lm(state.ema_params if params == "ema" else state.params, task.model.config, out_dir,
-                         dtype=dtype, class_dropout=config.model.class_dropout, latent_norm=meta["latent_norm"],
-                         diffusion=diffusion, source=dict(checkpoint=os.path.abspath(lm_dir), step=s, params=params),
-                         experiment_config=json.loads(config.to_json()))
+        export = export_dit if isinstance(task, DiTTask) else export_latent_lm
+        export(state.ema_params if params == "ema" else state.params, task.model.config, out_dir,
+               dtype=dtype, class_dropout=config.model.class_dropout, latent_norm=meta["latent_norm"],
+               diffusion=diffusion, source=dict(checkpoint=os.path.abspath(lm_dir), step=s, params=params),
+               experiment_config=json.loads(config.to_json()))
         written["lm"] = out_dir
     if what in ("all", "vae"):
         vae_dir = f"{workdir}/vae"
         s, meta = read_meta(vae_dir)
         config = config_from_meta(meta, vae_dir)
+        if config.vae.get("kind", "sigma") != "sigma":
+            raise ConversionError(f"{vae_dir}: only σ-VAEs have an official PyTorch format; vae.kind="
+                                  f"{config.vae.kind!r} (the KL-VAE control) is not exported")
         task = VAETask.from_config(config)
         state = restore_state(task, config.vae_optim, config.vae_train, vae_dir, s, *restore_mesh(config, mesh))
         export_sigma_vae(state.ema_params if vae_params == "ema" else state.params, task.model,
@@ -231,12 +265,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="experiment workdir holding lm/ and vae/ checkpoints")
     p.add_argument("--out", default=None, help="output directory (default <workdir>/export)")
-    p.add_argument("--params", choices=["ema", "raw"], default="ema", help="LatentLM weights")
+    p.add_argument("--params", choices=["ema", "raw"], default="ema", help="generator (LatentLM or DiT) weights")
     p.add_argument("--vae_params", choices=["ema", "raw"], default="raw",
                    help="σ-VAE weights (the pipeline decodes with the raw ones)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--what", choices=["all", "lm", "vae"], default="all")
-    p.add_argument("--step", type=int, default=None, help="LatentLM checkpoint step (default: latest)")
+    p.add_argument("--step", type=int, default=None, help="generator checkpoint step (default: latest)")
     args = p.parse_args(argv)
     written = export_workdir(args.workdir, args.out or f"{args.workdir}/export", params=args.params,
                              dtype=args.dtype, what=args.what, step=args.step, vae_params=args.vae_params)

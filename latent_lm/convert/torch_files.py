@@ -3,7 +3,7 @@
   <dir>/model.safetensors   the state dict (official key names), fp32 or bf16
   <dir>/model.pt            the same state dict, `torch.save` format
   <dir>/config.json         {"format", "architecture", "kwargs": constructor arguments, …metadata}
-  <dir>/other_state.pth     LatentLM only: the official `{"scaling_factor", "bias_factor", "steps", "ema"}`
+  <dir>/other_state.pth     LatentLM and DiT: the official `{"scaling_factor", "bias_factor", "steps", "ema"}`
   <dir>/vae/                the σ-VAE, same three files (no other_state.pth)
 
 `load_model(dir)` rebuilds the PyTorch module from config.json and loads the weights with `strict=True`.
@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from latent_lm.convert.torch_modules import Transformer
+from latent_lm.convert.torch_modules import DiT, Transformer
 from latent_lm.convert.torch_sigma_vae import SigmaVAE
 
 FORMAT = "latent_lm.convert/1"
 SAFETENSORS, TORCH_PT, CONFIG, OTHER_STATE, VAE_DIR = "model.safetensors", "model.pt", "config.json", \
     "other_state.pth", "vae"
-MODEL_CLASSES = {"Transformer": Transformer, "SigmaVAE": SigmaVAE}
+MODEL_CLASSES = {"Transformer": Transformer, "DiT": DiT, "SigmaVAE": SigmaVAE}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

@@ -1,4 +1,4 @@
-"""PyTorch LatentLM `Transformer`, written from the spec (§2–§5; official_code_facts §1, §7).
+"""PyTorch LatentLM `Transformer` and its `DiT` twin, written from the spec (§2–§5; official_code_facts §1, §2, §7).
 
 Module names, parameter keys, tensor layouts and forward signatures are those of the official
 `LatentLM/models/Transformer.py` (microsoft/unilm), so `Transformer(**kwargs).load_state_dict(sd, strict=True)`
@@ -12,7 +12,8 @@ Extensions (off by default, so the defaults reproduce the official class exactly
 The general interleaved-sequence pass is `forward_tokens` (the JAX `LatentLM.__call__` contract) plus `lm_logits`.
 
 Only the configuration the JAX model implements is supported: patch_size 1 with `flatten_input=False` (per-token
-latents through a 1×1 conv with bias) and no norm layer in the patch embedding.
+latents through a 1×1 conv with bias) and no norm layer in the patch embedding. The same holds for `DiT`
+(official `models/DiT.py`: bidirectional adaLN-Zero blocks, fixed 2-D sin-cos `pos_embed`, whole-image sampling).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import functools
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -231,6 +233,25 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def unpatchify(x: torch.Tensor, channels: int, patch_size: int) -> torch.Tensor:
+    """(B, T, p²·C) → (B, C, H, W), T = h·w row-major (official `unpatchify`)."""
+    c, p = channels, patch_size
+    h = w = int(x.shape[1] ** 0.5)
+    if h * w != x.shape[1]:
+        raise ValueError(f"{x.shape[1]} tokens do not form a square grid")
+    x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], h, w, p, p, c))
+    return x.reshape(x.shape[0], c, h * p, w * p)
+
+
+def _check_supported(patch_size: int, flatten_input: bool, norm_layer, hidden_size: int, num_heads: int) -> None:
+    if patch_size != 1 or flatten_input or norm_layer is not None:
+        raise ValueError("only patch_size=1, flatten_input=False, norm_layer=None is supported (the configuration "
+                         f"of the JAX model); got patch_size={patch_size}, flatten_input={flatten_input}, "
+                         f"norm_layer={norm_layer}")
+    if hidden_size % num_heads or (hidden_size // num_heads) % 2:
+        raise ValueError(f"hidden_size={hidden_size} must split into num_heads={num_heads} heads of even size")
+
+
 class Transformer(nn.Module):
     """Causal Transformer + per-token diffusion head (the official constructor, plus the extensions above)."""
 
@@ -240,12 +261,7 @@ class Transformer(nn.Module):
                  num_classes: int = 1000, posi_scale: float = 1, drop: float = 0.0, norm_layer=None,
                  diffusion_mlp_ratio: float | None = None, text_vocab_size: int = 0, max_len: int | None = None):
         super().__init__()
-        if patch_size != 1 or flatten_input or norm_layer is not None:
-            raise ValueError("only patch_size=1, flatten_input=False, norm_layer=None is supported (the configuration "
-                             f"of the JAX model); got patch_size={patch_size}, flatten_input={flatten_input}, "
-                             f"norm_layer={norm_layer}")
-        if hidden_size % num_heads or (hidden_size // num_heads) % 2:
-            raise ValueError(f"hidden_size={hidden_size} must split into num_heads={num_heads} heads of even size")
+        _check_supported(patch_size, flatten_input, norm_layer, hidden_size, num_heads)
         self.in_channels = self.out_channels = in_channels
         self.input_size, self.patch_size = input_size, patch_size
         self.num_heads = num_heads
@@ -301,12 +317,7 @@ class Transformer(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, p²·C) → (B, C, H, W), T = h·w row-major."""
-        c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
-        if h * w != x.shape[1]:
-            raise ValueError(f"{x.shape[1]} tokens do not form a square grid")
-        x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], h, w, p, p, c))
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        return unpatchify(x, self.out_channels, self.patch_size)
 
     def build_rel_pos(self, x: torch.Tensor, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) tables for positions start_pos … start_pos+N−1, angles 1/(10⁴·s)^linspace(0, 1, hd/2)."""
@@ -425,3 +436,144 @@ class Transformer(nn.Module):
         if not self.text_vocab_size:
             raise ValueError("this model has no text head (text_vocab_size=0)")
         return self.lm_head(RMSNorm(self.hidden_size)(hidden)).float()
+
+
+# ---- the DiT twin (official `models/DiT.py`) ----
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """MAE's 2-D sin-cos table (grid², D) in float64: `meshgrid(grid_w, grid_h)` puts w first, so the first D/2
+    channels encode the column and the last D/2 the row; each half is [sin ‖ cos], ω = 1/10000^(k/(D/4))."""
+    grid = np.stack(np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32)), 0)
+
+    def one_axis(dim: int, pos: np.ndarray) -> np.ndarray:
+        omega = np.arange(dim // 2, dtype=np.float64)
+        omega /= dim / 2.0
+        out = np.einsum("m,d->md", pos.reshape(-1), 1.0 / 10000**omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([one_axis(embed_dim // 2, grid[0]), one_axis(embed_dim // 2, grid[1])], axis=1)
+
+
+class BidirectionalAttention(nn.Module):
+    """DiT attention: the fused `qkv` / `proj` layout of `Attention`, no RoPE, no mask, no cache."""
+
+    def __init__(self, dim: int, num_heads: int = 8, num_kv_heads: int = 8, qkv_bias: bool = False,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = dim // num_heads
+        self.n_rep = num_heads // num_kv_heads
+        self.qkv = nn.Linear(dim, dim + 2 * num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = torch.split(qkv, [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+        q = q.transpose(1, 2)
+        k = repeat_kv(k.transpose(1, 2), self.n_rep)
+        v = repeat_kv(v.transpose(1, 2), self.n_rep)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero: (shift, scale, gate)_msa and (shift, scale, gate)_mlp from Linear(SiLU c), in that order."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, mlp_ratio: float = 4.0,
+                 drop: float = 0.0):
+        super().__init__()
+        self.norm1 = RMSNorm(hidden_size)
+        self.attn = BidirectionalAttention(hidden_size, num_heads, num_kv_heads, attn_drop=drop, proj_drop=drop)
+        self.norm2 = RMSNorm(hidden_size)
+        self.mlp = SwiGLU(hidden_size, swiglu_hidden(hidden_size, mlp_ratio), drop=drop)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=False))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class DiT(nn.Module):
+    """Bidirectional DiT twin with the official constructor and state-dict keys (`pos_embed` first)."""
+
+    def __init__(self, input_size: int = 32, patch_size: int = 1, flatten_input: bool = False, in_channels: int = 4,
+                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, num_kv_heads: int | None = None,
+                 mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1, num_classes: int = 1000,
+                 drop: float = 0.0, norm_layer=None):
+        super().__init__()
+        _check_supported(patch_size, flatten_input, norm_layer, hidden_size, num_heads)
+        self.in_channels = self.out_channels = in_channels
+        self.input_size, self.patch_size = input_size, patch_size
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        self.hidden_size, self.num_classes = hidden_size, num_classes
+        self.flatten_input_size = input_size * input_size  # tokens per image (the sampler's noise layout)
+
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.flatten_input_size, hidden_size), requires_grad=False)
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, self.num_kv_heads, mlp_ratio, drop)
+                                     for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """The official init: the fixed pos_embed, PyTorch defaults, zero x_embedder bias, N(0, 0.02) table and
+        t-MLP, zero adaLN-Zero modulations and zero final layer."""
+        table = get_2d_sincos_pos_embed(self.hidden_size, self.input_size)
+        if self.pos_embed.device.type != "meta":
+            self.pos_embed.data.copy_(torch.from_numpy(table).float().unsqueeze(0))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, x_noise: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Model output (B, C, H, W) for noisy latents (B, C, H, W) at one timestep per image t (B,), labels y (B,)."""
+        x = self.x_embedder(x_noise) + self.pos_embed
+        c = (self.t_embedder(t) + self.y_embedder(y, self.training)).unsqueeze(1)
+        for block in self.blocks:
+            x = block(x, c)
+        return unpatchify(self.final_layer(x, c), self.out_channels, self.patch_size)
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """Guided output u + s·(c − u) on the first half of x (y = [labels; null]), returned for both halves."""
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        cond_out, uncond_out = torch.split(out, len(out) // 2, dim=0)
+        guided = uncond_out + cfg_scale * (cond_out - uncond_out)
+        return torch.cat([guided, guided], dim=0)
+
+    def sample_with_cfg(self, y: torch.Tensor, cfg_scale: float, sample_func: Callable,
+                        noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Whole-image CFG sampling: one `sample_func(model_fn, z)` solve from z (2B, C, H, W). `y` = [labels; null]
+        (2B,). `noise` (N, B, C), optional, fixes x_T (the layout `Transformer.sample_with_cfg` takes); by default
+        it is drawn with torch.randn. Returns latents (B, C, H, W)."""
+        half, side = y.shape[0] // 2, self.input_size
+        if noise is None:
+            z = torch.randn(y.shape[0], self.in_channels, side, side, device=self.device, dtype=self.dtype)
+        else:
+            z = noise.to(device=self.device, dtype=self.dtype).permute(1, 2, 0).reshape(half, self.in_channels,
+                                                                                        side, side)
+            z = torch.cat([z, z], dim=0)
+        out = sample_func(functools.partial(self.forward_with_cfg, y=y, cfg_scale=cfg_scale), z)
+        return out[:half]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
-import uuid
 from typing import Any
 
 import flax.linen as nn
@@ -13,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from latent_lm import storage
 
 Params = Any
 _EVAL_BATCH = 500  # fixed batch for `classify`: one compile per number of classes
@@ -104,19 +104,9 @@ def classify(params: Params, images_uint8: np.ndarray, num_classes: int) -> tupl
 
 
 def save_classifier(params: Params, path: str) -> None:
-    """Writes params as msgpack, atomically (temp file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(flax.serialization.msgpack_serialize(jax.device_get(params)))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Writes params as msgpack, atomically (temp file + rename; `path` may be a URL)."""
+    storage.write_bytes_atomic(path, flax.serialization.msgpack_serialize(jax.device_get(params)))
 
 
 def load_classifier(path: str) -> Params:
-    with open(path, "rb") as f:
-        return flax.serialization.msgpack_restore(f.read())
+    return flax.serialization.msgpack_restore(storage.read_bytes(path))

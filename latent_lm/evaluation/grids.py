@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import uuid
-
 import numpy as np
 from PIL import Image
+
+from latent_lm import storage
 
 
 def make_grid(images_uint8: np.ndarray, ncols: int = 10, pad: int = 2) -> np.ndarray:
@@ -25,15 +24,9 @@ def make_grid(images_uint8: np.ndarray, ncols: int = 10, pad: int = 2) -> np.nda
 
 
 def save_image_grid(images_uint8: np.ndarray, path: str, ncols: int = 10, pad: int = 2) -> None:
-    """Writes the grid of `make_grid` as a PNG (grayscale for C=1), atomically (temp file + rename)."""
+    """Writes the grid of `make_grid` as a PNG (grayscale for C=1), atomically (temp file + rename; `path` may be
+    a URL)."""
     grid = make_grid(images_uint8, ncols, pad)
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with storage.atomic_open(path, "wb") as f:
+        image.save(f, format="PNG")

@@ -137,25 +137,31 @@ class Attention(nn.Module):
     fused `qkv.weight` is their row-concatenation [q | k | v] (see latent_lm/convert).
     With a cache, the new keys/values are written at `positions` and every query attends to cache slots
     whose index ≤ its own position, which is exactly causal attention over the filled prefix.
+    `causal=False, rope=False` is the DiT twin's attention (spec §2.5): bidirectional, positions unused, no cache.
     """
 
     num_heads: int
     num_kv_heads: int
     posi_scale: float = 1.0
     dtype: Dtype = jnp.float32
+    causal: bool = True
+    rope: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None
+    def __call__(self, x: jax.Array, positions: jax.Array | None, cache: KVCache | None = None
                  ) -> tuple[jax.Array, KVCache | None]:
+        if cache is not None and not self.causal:
+            raise ValueError("a KV cache needs causal attention")
         width = x.shape[-1]
         head_dim = width // self.num_heads
         q = Dense((self.num_heads, head_dim), ("embed", "heads", "kv"), dtype=self.dtype, name="query")(x)
         k = Dense((self.num_kv_heads, head_dim), ("embed", "kv_heads", "kv"), dtype=self.dtype, name="key")(x)
         v = Dense((self.num_kv_heads, head_dim), ("embed", "kv_heads", "kv"), dtype=self.dtype, name="value")(x)
-        q = apply_rope(q, positions, self.posi_scale)
-        k = apply_rope(k, positions, self.posi_scale)
+        if self.rope:
+            q = apply_rope(q, positions, self.posi_scale)
+            k = apply_rope(k, positions, self.posi_scale)
         if cache is None:
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             # Every row of the batch writes at the same offset (positions[0, 0]); the sampler guarantees it.
             start = positions[0, 0]

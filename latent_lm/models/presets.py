@@ -1,7 +1,12 @@
-"""Model sizes of the paper and the official code (spec §2.4; official `Transformer_models`).
+"""Model sizes of the paper and the official code (spec §2.4; official `Transformer_models`, `DiT_models`).
 
-Each preset is (depth, width, heads, mlp_ratio, head_depth). `expected_params` is the official PyTorch parameter
+Each preset is (depth, width, heads, mlp_ratio, head_depth). `EXPECTED_PARAMS` is the official PyTorch parameter
 count at input_size 16 (256 tokens), 16 latent channels and 1000 classes (+1 null row), for the count test.
+
+DiT twins (spec §2.5): the DiT of a scaling-family size has the same depth, width and heads as the LatentLM of
+that name but SwiGLU mlp_ratio 4 (LatentLM uses 6 there, which equalises the totals against DiT's adaLN) and no
+diffusion head. `DIT_EXPECTED_PARAMS` are the exact official counts (official_state_dict_keys.md), which include
+the frozen `pos_embed` [256, D].
 """
 
 PRESETS: dict[str, tuple[int, int, int, float, int]] = {
@@ -32,3 +37,24 @@ def apply_preset(model_config, head_config, name: str) -> None:
     depth, width, heads, ratio, head_depth = PRESETS[name]
     model_config.update(dict(depth=depth, width=width, num_heads=heads, mlp_ratio=ratio))
     head_config.depth = head_depth
+
+
+DIT_MLP_RATIO = 4.0
+DIT_SIZES = ("Base", "Medium", "Large", "XL", "3B", "7B", "13B")  # official `DiT_models`
+DIT_EXPECTED_PARAMS: dict[str, int] = {
+    "Base": 130_358_784, "Medium": 454_567_936, "Large": 1_028_668_416, "XL": 1_824_542_720,
+}
+
+
+def dit_preset(name: str) -> tuple[int, int, int, float]:
+    """(depth, width, heads, mlp_ratio) of the DiT twin of the scaling-family size `name`."""
+    if name not in DIT_SIZES:
+        raise ValueError(f"unknown DiT size {name!r}; the DiT twins are {list(DIT_SIZES)}")
+    depth, width, heads, _, _ = PRESETS[name]
+    return depth, width, heads, DIT_MLP_RATIO
+
+
+def apply_dit_preset(model_config, name: str) -> None:
+    """Writes the DiT twin of size `name` into `config.model` (in place) and selects it (`arch="dit"`)."""
+    depth, width, heads, ratio = dit_preset(name)
+    model_config.update(dict(arch="dit", depth=depth, width=width, num_heads=heads, mlp_ratio=ratio))

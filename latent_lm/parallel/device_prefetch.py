@@ -34,7 +34,12 @@ class DevicePrefetcher:
 
     def __next__(self) -> dict:
         while len(self._buffer) < self._size:
-            batch = next(self._it)
+            try:
+                batch = next(self._it)
+            except StopIteration:  # a finite iterator (evaluation): drain what is buffered first
+                if not self._buffer:
+                    raise
+                break
             self._buffer.append((shard_batch(batch, self._mesh), self._read_state()))
         batch, self._consumed_state = self._buffer.popleft()
         return batch

@@ -14,8 +14,20 @@ import os
 import jax
 
 
+def _on_cloud_tpu_vm() -> bool:
+    # GCE TPU VMs keep the worker list and MEGASCALE settings in instance metadata, not in the environment; jax
+    # sets this flag at import by probing for the TPU driver. Initializing on a single-host TPU VM is harmless.
+    try:
+        from jax._src import cloud_tpu_init  # noqa: PLC0415  (private, so guarded)
+        return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+    except ImportError:
+        return False
+
+
 def cluster_detected(env: dict[str, str] | None = None) -> bool:
-    """True inside a multi-process TPU VM slice/multislice or SLURM job, where JAX auto-detects the cluster."""
+    """True inside a TPU VM (slice or multislice) or a multi-process SLURM job, where JAX detects the cluster."""
+    if env is None and _on_cloud_tpu_vm():
+        return True
     env = os.environ if env is None else env
     if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
         return True

@@ -198,6 +198,8 @@ def plan_memory(config: ml_collections.ConfigDict, num_devices: int, *, stage: s
     if global_batch % dp:
         raise ConfigError(f"train.batch_size {global_batch} is not divisible by the data-parallel size {dp} "
                          f"(mesh data×fsdp {dict(mesh.shape)})")
+    if config.model.get("arch", "latent_lm") != "latent_lm":
+        raise ConfigError(f"planning covers LatentLM; model.arch={config.model.arch!r} is not planned yet")
     task = LatentLMTask.from_config(config, LatentNormalization(scale=1.0, bias=0.0))
     cfg = task.model.config
     total_steps = int(config.train.steps)

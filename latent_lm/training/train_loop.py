@@ -97,6 +97,8 @@ def build_state_fns(task: Task, tx: optax.GradientTransformation, mesh: Mesh, ru
 def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule, ema_decay: float):
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
+        # The step count rides in the batch for losses that change over training (σ-VAE GAN warm-up, disc_start).
+        batch = dict(batch, step=state.step)
         (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
