@@ -33,7 +33,10 @@ FAMILY_COLORS = {"latent_lm": "tab:blue", "dit": "tab:orange"}
 
 
 def finished_run_dirs(root: str) -> list[str]:
-    """The finished run directories under `root`, sorted by name; warns once about started, unfinished runs."""
+    """The finished generator runs under `root`, sorted by name; warns once about started, unfinished runs.
+
+    Tokenizer runs of a sweep (their stages train no generator) are not runs of the study and are left out.
+    """
     if not storage.isdir(root):
         raise MissingInputError(f"run root {root!r} is not a directory")
     finished, unfinished = [], []
@@ -42,7 +45,8 @@ def finished_run_dirs(root: str) -> list[str]:
         if not storage.isdir(path):
             continue
         if storage.exists(storage.join(path, "done.json")):
-            finished.append(path)
+            if "train" in read_json(storage.join(path, "config.json")).get("stages", ("train",)):
+                finished.append(path)
         elif storage.exists(storage.join(path, "config.json")):
             unfinished.append(name)
     if unfinished:

@@ -9,7 +9,7 @@
 #       --distributed=on --config.mesh.shape='(1,-1,1)'
 #
 # --distributed=on: a GCE TPU VM keeps its worker list in instance metadata, where jax.distributed.initialize()
-# finds it, not in the environment that the automatic detection of latent_lm/parallel/distributed.py reads.
+# finds it; distributed.py's auto mode detects a TPU VM too, the explicit flag just removes any doubt.
 # Multislice (NUM_SLICES > 1): nothing to set by hand, the queued resource gives every worker its MEGASCALE_*
 # settings; make the mesh span the slices with --config.mesh.dcn_shape, e.g. 4 slices of v5p-128 (64 chips each):
 #   --config.mesh.shape='(1,64,1)' --config.mesh.dcn_shape='(4,1,1)'      # FSDP inside a slice, DP across slices
