@@ -66,3 +66,13 @@ def test_invalid_configs_fail_with_one_clear_error(path, value, msg):
     setattr(c[path[0]], path[1], value)
     with pytest.raises(ConfigError, match=msg):
         validate(c)
+
+
+@pytest.mark.parametrize("tok,workdir,expected", [
+    ("", "runs/a", "runs/a"), ("../tok", "runs/sweep/a", "runs/sweep/tok"),
+    ("../tok", "gs://b/runs/a", "gs://b/runs/tok"), ("/abs/tok", "runs/a", "/abs/tok"), ("gs://c/t", "runs/a", "gs://c/t"),
+])
+def test_tokenizer_workdir_is_relative_to_the_run(tok, workdir, expected):
+    c = default.get_config()
+    c.data.tokenizer_workdir = tok
+    assert experiment.tokenizer_dir(c, workdir) == expected

@@ -110,6 +110,8 @@ def test_scaling_collect_skips_unfinished_runs_with_one_warning(tmp_path, caplog
     _scaling_run(root, "latent_lm_big", "latent_lm", 1e20, 0.41, done=False)
     _scaling_run(root, "dit_big", "dit", 1e20, 0.45, done=False)
     os.makedirs(f"{root}/scaling")  # an output folder inside the root is not a run
+    _write(f"{root}/tokenizer/config.json", dict(_config(), stages=["train_vae", "encode"]))  # a sweep's tokenizer
+    _write(f"{root}/tokenizer/done.json", {})
     with caplog.at_level(logging.WARNING):
         runs = sl.collect(root)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
