@@ -13,18 +13,20 @@ from latent_lm.errors import ConfigError
 from latent_lm.parallel.mesh import logical_rules, make_mesh
 from latent_lm.parallel.planning import plan_memory
 from latent_lm.training.optimizer import make_optimizer
-from latent_lm.training.tasks import LatentLMTask, LatentNormalization
+from latent_lm.training.tasks import LatentLMTask, LatentNormalization, make_generator_task
 from latent_lm.training.train_loop import build_state_fns
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(mesh_shape, batch_size=16):
-    """The embedded default model (0.7 M params, width 96 so every embed dim splits 8 ways), remat as on ImageNet."""
+def tiny_config(mesh_shape, batch_size=16, arch="latent_lm"):
+    """The embedded default model (0.7 M params, width 96 so every embed dim splits 8 ways), remat as on ImageNet;
+    arch="dit" gives its DiT twin (same backbone sizes, 7×7 latent grid)."""
     c = default.get_config()
     c.mesh.shape = mesh_shape
     c.train.batch_size = batch_size
     c.model.remat = "full"
+    c.model.arch = arch
     return c
 
 
@@ -37,12 +39,14 @@ def per_device_shard_bytes(tree) -> int:
     return max(held.values())
 
 
-def test_plan_bytes_equal_initialised_shards_and_compiled_arguments():
-    config = tiny_config((2, 2, 2))
+@pytest.mark.parametrize("arch", ["latent_lm", "dit"])
+def test_plan_bytes_equal_initialised_shards_and_compiled_arguments(arch):
+    config = tiny_config((2, 2, 2), arch=arch)
     plan = plan_memory(config, 8, stage="compile", hbm_bytes=1e9)
 
     mesh = make_mesh(config.mesh, jax.devices()[:8])
-    task = LatentLMTask.from_config(config, LatentNormalization(1.0, 0.0))
+    task = make_generator_task(config, LatentNormalization(1.0, 0.0))
+    assert type(task.model).__name__ == {"latent_lm": "LatentLM", "dit": "DiT"}[arch]
     init, _, _ = build_state_fns(task, make_optimizer(config.optim, config.train.steps), mesh,
                                  logical_rules(config.mesh), 0)
     with jax.set_mesh(mesh):

@@ -1,4 +1,4 @@
-"""Per-device memory plan of the LatentLM train step for any config on a mesh of N devices (issue #4).
+"""Per-device memory plan of the generator train step (LatentLM or its DiT twin) for any config on N devices (#4).
 
 The plan never allocates the model. It builds the abstract train state with the mesh's shardings
 (`jax.eval_shape` inside `build_state_fns`), lowers the same jitted train step that training runs
@@ -36,6 +36,7 @@ import ml_collections
 
 from latent_lm.errors import ConfigError
 from latent_lm.models.diffusion_head import FREQ_DIM
+from latent_lm.models.dit import DiTConfig
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.layers import swiglu_hidden
 from latent_lm.parallel.mesh import (
@@ -47,7 +48,7 @@ from latent_lm.parallel.mesh import (
     make_mesh,
 )
 from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
-from latent_lm.training.tasks import LatentLMTask, LatentNormalization
+from latent_lm.training.tasks import LatentNormalization, make_generator_task
 from latent_lm.training.train_loop import build_state_fns, jit_train_step
 
 GB = 1e9  # vendors quote HBM in decimal gigabytes (TPU v5p 95 GB, H100 80 GB)
@@ -104,7 +105,7 @@ def per_device_bytes(tree) -> int:
 
 
 def abstract_batch(mesh, batch_size: int, seq_len: int, latent_dim: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """The LatentLM task's batch (cached latents and labels), sharded over (data, fsdp) like `shard_batch`."""
+    """The generator task's batch (cached latents and labels), sharded over (data, fsdp) like `shard_batch`."""
     return {"latents": jax.ShapeDtypeStruct((batch_size, seq_len, latent_dim), jnp.float32,
                                             sharding=batch_sharding(mesh, 3)),
             "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding(mesh, 1))}
@@ -117,8 +118,9 @@ def abstract_batch(mesh, batch_size: int, seq_len: int, latent_dim: int) -> dict
 UPDATE_PHASE_PARAM_FACTOR = 4.3
 
 
-def analytic_activation_bytes(cfg: LatentLMConfig, *, sequences: int, batch_mul: int, mesh_shape: dict[str, int],
-                              param_bytes: int, layer_params: int, head_params: int) -> tuple[int, int]:
+def analytic_activation_bytes(cfg: LatentLMConfig | DiTConfig, *, sequences: int, batch_mul: int,
+                              mesh_shape: dict[str, int], param_bytes: int, layer_params: int,
+                              head_params: int) -> tuple[int, int]:
     """Closed-form estimate of one device's temporaries in a train step: (backward phase, update phase) bytes.
 
     Used when the step is not compiled; the peak is the larger of the two phases. The update phase holds
@@ -132,13 +134,17 @@ def analytic_activation_bytes(cfg: LatentLMConfig, *, sequences: int, batch_mul:
       diffusion head     never rematerialised: per block R·(10D + 4F)·s (adaLN, norms, SwiGLU), final layer
                          R·6D·s, timestep sinusoids R·256·4, fp32 targets/noise/errors R·C·4·6; its weights are
                          gathered whole once under FSDP (head_params·s)
+    The DiT twin (`DiTConfig`, spec §2.5) has no diffusion head and no batch multiplier; its adaLN-Zero blocks add
+    the two modulated inputs and the two gated branches, 4D per token, to every block term (8D → 12D), and its
+    final layer (modulate + linear) keeps n·3D·s plus the same fp32 targets/noise/errors n·C·4·6.
     Within 15% of the XLA:CPU compile on the scaling family (README table); checked in tests/test_planning.py.
     """
     t, d, c = cfg.max_len, cfg.width, cfg.latent_dim
     tp, fsdp = mesh_shape["tensor"], mesh_shape["fsdp"]
     s = jnp.dtype(cfg.dtype).itemsize
+    dit = isinstance(cfg, DiTConfig)
     f = swiglu_hidden(d, cfg.mlp_ratio) / tp
-    fh = swiglu_hidden(d, cfg.head_mlp_ratio or cfg.mlp_ratio) / tp
+    token = (12 if dit else 8) * d  # D-sized tensors per token and block besides the SwiGLU's 4F
     heads = cfg.num_heads / tp
     qkv = (cfg.num_heads + 2 * cfg.kv_heads) * (d // cfg.num_heads) / tp
     n = sequences * t
@@ -147,13 +153,17 @@ def analytic_activation_bytes(cfg: LatentLMConfig, *, sequences: int, batch_mul:
     if cfg.remat == "full":
         residuals = cfg.depth * n * d * s
     elif cfg.remat == "dots":
-        residuals = cfg.depth * n * (d + qkv + d + 2 * f + d) * s
+        residuals = cfg.depth * n * (d + qkv + d + 2 * f + d + (4 * d if dit else 0)) * s
     else:
-        residuals = cfg.depth * (n * (8 * d + 4 * f) * s + attention * (s + 4))
+        residuals = cfg.depth * (n * (token + 4 * f) * s + attention * (s + 4))
     gathered = (4 + s) * layer_params / tp if fsdp > 1 else 0
-    block_backward = n * (8 * d + 4 * f) * 4 + attention * (s + 8) + gathered
-    head = (cfg.head_depth * rows * (10 * d + 4 * fh) * s + rows * 6 * d * s + rows * FREQ_DIM * 4
-            + rows * c * 4 * 6 + (head_params * s / tp if fsdp > 1 else 0))
+    block_backward = n * (token + 4 * f) * 4 + attention * (s + 8) + gathered
+    if dit:
+        head = n * 3 * d * s + n * c * 4 * 6
+    else:
+        fh = swiglu_hidden(d, cfg.head_mlp_ratio or cfg.mlp_ratio) / tp
+        head = (cfg.head_depth * rows * (10 * d + 4 * fh) * s + rows * 6 * d * s + rows * FREQ_DIM * 4
+                + rows * c * 4 * 6 + (head_params * s / tp if fsdp > 1 else 0))
     return int(param_bytes + residuals + block_backward + head), int(UPDATE_PHASE_PARAM_FACTOR * param_bytes)
 
 
@@ -174,7 +184,7 @@ def _planning_config(config: ml_collections.ConfigDict) -> ml_collections.Config
 
 def plan_memory(config: ml_collections.ConfigDict, num_devices: int, *, stage: str = "compile",
                 hbm_bytes: float | None = None, seed: int = 0) -> MemoryPlan:
-    """Per-device memory of `config`'s LatentLM train step on the first `num_devices` devices.
+    """Per-device memory of `config`'s generator train step (`model.arch`) on the first `num_devices` devices.
 
     `config.mesh.shape` (one -1 allowed) must cover exactly `num_devices`; `config.train.batch_size` is the global
     batch and must divide over data×fsdp. `stage`: "compile" (activations = the compiler's temporaries), "lower"
@@ -198,9 +208,7 @@ def plan_memory(config: ml_collections.ConfigDict, num_devices: int, *, stage: s
     if global_batch % dp:
         raise ConfigError(f"train.batch_size {global_batch} is not divisible by the data-parallel size {dp} "
                          f"(mesh data×fsdp {dict(mesh.shape)})")
-    if config.model.get("arch", "latent_lm") != "latent_lm":
-        raise ConfigError(f"planning covers LatentLM; model.arch={config.model.arch!r} is not planned yet")
-    task = LatentLMTask.from_config(config, LatentNormalization(scale=1.0, bias=0.0))
+    task = make_generator_task(config, LatentNormalization(scale=1.0, bias=0.0))
     cfg = task.model.config
     total_steps = int(config.train.steps)
     tx = make_optimizer(config.optim, total_steps)
@@ -217,11 +225,13 @@ def plan_memory(config: ml_collections.ConfigDict, num_devices: int, *, stage: s
         lower_seconds = time.perf_counter() - t0
 
     params = per_device_bytes(abstract.params)
-    blocks = abstract.params["params"]["backbone"]["blocks"]
+    tree = abstract.params["params"]
+    blocks = tree["blocks"] if isinstance(cfg, DiTConfig) else tree["backbone"]["blocks"]
     layer_params = sum(math.prod(x.shape) for x in jax.tree.leaves(blocks)) // cfg.depth
-    head_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params["params"]["head"]))
+    head_params = sum(math.prod(x.shape) for x in jax.tree.leaves(tree.get("head", {})))
+    batch_mul = 1 if isinstance(cfg, DiTConfig) else int(config.diffusion.batch_mul)  # DiT: one t per image
     backward_phase, update_phase = analytic_activation_bytes(
-        cfg, sequences=global_batch // dp, batch_mul=int(config.diffusion.batch_mul), mesh_shape=dict(mesh.shape),
+        cfg, sequences=global_batch // dp, batch_mul=batch_mul, mesh_shape=dict(mesh.shape),
         param_bytes=params, layer_params=layer_params, head_params=head_params)
     analytic = max(backward_phase, update_phase)
 
