@@ -3,6 +3,7 @@
   python launch/plan.py --config=configs/imagenet.py:7B --num_devices=256 '--config.mesh.shape=(32,8,1)' \\
       --config.train.batch_size=2048 --hbm_gb=95
   python launch/plan.py --table          # the README table: scaling family on TPU v5p (95 GB) and H100 (80 GB)
+  python launch/plan.py --table --arch=dit --sizes=Base,Medium    # the same for the DiT twins
 
 The process gives itself `--num_devices` (or, with --table, `--max_devices`) fake XLA:CPU devices before jax is
 imported, builds the mesh from `config.mesh.shape`, lowers and compiles the same jitted train step that training
@@ -71,6 +72,7 @@ _STAGE = flags.DEFINE_enum("stage", "compile", ["shapes", "lower", "compile"],
 _USABLE = flags.DEFINE_float("usable_fraction", USABLE_HBM_FRACTION, "Fraction of HBM a plan may use to 'fit'.")
 _JSON = flags.DEFINE_string("json", None, "Also write the plan(s) as JSON to this path.")
 _TABLE = flags.DEFINE_bool("table", False, "Print the README table for the scaling family instead of one plan.")
+_ARCH = flags.DEFINE_enum("arch", "latent_lm", ["latent_lm", "dit"], "Table: LatentLM or its DiT twin.")
 _SIZES = flags.DEFINE_list("sizes", ["Base", "Medium", "Large", "XL", "3B", "7B", "13B"], "Table: model sizes.")
 _HARDWARE = flags.DEFINE_list("hardware", ["TPU v5p=95", "H100=80"], "Table: name=HBM GB per device.")
 _PER_SHARD = flags.DEFINE_integer("per_device_batch", 16,
@@ -83,8 +85,12 @@ _SCREEN = flags.DEFINE_float("screen_slack", 1.15,
                              "Table: compile a mesh only if its analytic total is within this factor of the budget.")
 
 
+def _size_config(size: str):
+    return imagenet.get_config(f"size={size},arch={_ARCH.value}")
+
+
 def _table_config(size: str, n: int, tensor: int, per_shard: int):
-    c = imagenet.get_config(size)
+    c = _size_config(size)
     c.mesh.shape = (1, n // tensor, tensor)
     c.train.batch_size = per_shard * (n // tensor)
     return c
@@ -92,7 +98,7 @@ def _table_config(size: str, n: int, tensor: int, per_shard: int):
 
 def _candidates(size: str, max_devices: int, tensors: list[int]):
     """(devices, tensor) in the order searched: fewest devices first, pure FSDP before tensor parallelism."""
-    heads = imagenet.get_config(size).model.num_heads
+    heads = _size_config(size).model.num_heads
     n = 1
     while n <= max_devices:
         for t in tensors:
