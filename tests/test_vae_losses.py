@@ -26,6 +26,7 @@ from latent_lm.models.perceptual import (LPIPS, init_lpips_params, load_lpips_pa
 from latent_lm.models.sigma_vae import (SIGMA_DIVISOR, LatentPosterior, SigmaVAE, from_sigma_points, kl_divergence,
                                         ldm_equivalent_kl_weight, pixel_loss, sigma_points)
 from latent_lm.parallel.mesh import logical_rules, make_mesh
+from latent_lm.training.optimizer import clip_each_collection, make_optimizer
 from latent_lm.training.tasks import (LatentNormalization, VAETask, cache_shape, make_generator_task,
                                       training_latents)
 
@@ -205,6 +206,36 @@ def test_disc_start_gates_both_gan_terms(gan_setup):
     _leaves_close(grads["params"], ref_vae["params"])  # the pure reconstruction + μ-penalty gradient
     with pytest.raises(ValueError, match="batch\\['step'\\]"):
         task.loss(params, {"image": jnp.zeros((4, 28, 28, 1))}, jax.random.key(0))
+
+
+def test_each_gan_player_is_clipped_on_its_own():
+    """The VAE's update does not shrink because the discriminator's gradient is large (two optimizers' behaviour);
+    a single collection is clipped exactly as optax.clip_by_global_norm."""
+    clip = clip_each_collection(1.0)
+    grads = {"params": {"w": jnp.full((4,), 0.1), "b": jnp.full((2,), -0.2)}, "disc": {"w": jnp.full((3,), 100.0)}}
+    clipped, _ = clip.update(grads, clip.init(grads))
+    _leaves_close(clipped["params"], grads["params"])  # norm 0.35 < 1: untouched
+    np.testing.assert_allclose(float(optax.global_norm(clipped["disc"])), 1.0, rtol=1e-6)
+    one = {"params": {"w": jnp.full((4,), 3.0), "b": jnp.full((2,), -1.0)}}
+    ref, _ = optax.clip_by_global_norm(1.0).update(one, optax.clip_by_global_norm(1.0).init(one))
+    got, _ = clip.update(one, clip.init(one))
+    _leaves_close(got, ref)
+    # The train loop's optimizer: the VAE's AdamW steps do not depend on the discriminator's gradient norm (two
+    # steps, since Adam's first step is scale-free; with one shared clip the second is a quarter smaller).
+    tx = make_optimizer(ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=0, final_lr_ratio=0.0, b1=0.9, b2=0.99,
+                                                        eps=1e-8, weight_decay=0.0, clip_norm=1.0)), 10)
+    params = jax.tree.map(jnp.ones_like, grads)
+    small_disc = dict(grads, disc={"w": jnp.full((3,), 0.01)})
+
+    def vae_steps(first):
+        state, out = tx.init(params), []
+        for g in (first, small_disc):
+            update, state = tx.update(g, state, params)
+            out.append(update["params"])
+        return out
+
+    for a, b in zip(vae_steps(grads), vae_steps(small_disc)):
+        _leaves_close(a, b)
 
 
 @pytest.mark.slow
