@@ -30,9 +30,11 @@ tokenizer-variance: venv
 		--root=runs/tokenizer_variance
 	$(VENV)/bin/python -m latent_lm.studies.tokenizer_variance --root=runs/tokenizer_variance
 
-# pytest's exit status passes through: 5 ("no tests collected") fails the target.
+# pytest's exit status passes through: 5 ("no tests collected") fails the target. The suite runs in TEST_WORKERS
+# pytest-xdist processes, a whole file per worker (module fixtures are built once); each has its 8 fake devices.
+TEST_WORKERS ?= 2
 test: venv
-	$(VENV)/bin/python -m pytest tests -q -ra --durations=15
+	$(VENV)/bin/python -m pytest tests -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 # Build and cache files only: experiment outputs under runs/ are kept.
 clean:
