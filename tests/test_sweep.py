@@ -157,8 +157,7 @@ def test_sweep_runs_skips_and_resumes_with_the_real_cli(tmp_path, monkeypatch):
             f"    c.stages = ('train',)\n    c.data.tokenizer_workdir = {str(tok)!r}\n")
     cfg = _config_file(tmp_path, "[{'train.seed': 0}, {'train.seed': 1}]", config_body=body)
     root = tmp_path / "root"
-    # Both runs compile the same program: the second one loads it from the persistent cache.
-    run_env = dict(env(1), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+    run_env = env(1)  # carries conftest's run-wide compilation cache: the second run loads the first one's program
     command = [sys.executable, "-m", "latent_lm.sweep", f"--config={cfg}", f"--root={root}"]
     proc = subprocess.Popen(command, cwd=ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
