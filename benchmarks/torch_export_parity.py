@@ -31,10 +31,11 @@ from latent_lm.convert import to_torch, torch_sampling
 from latent_lm.convert.torch_files import VAE_DIR, load_model
 from latent_lm.evaluation import classifier as clf
 from latent_lm.evaluation.frechet import feature_stats, frechet_distance
-from latent_lm.evaluation.image_metrics import to_uint8
+from latent_lm.pixels import to_uint8
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.sampling import SamplerSettings, make_sampler, sample_latents
-from latent_lm.training.tasks import LatentLMTask, LatentNormalization, VAETask
+from latent_lm.training.tasks import LatentLMTask, VAETask
+from latent_lm.latents import LatentNormalization
 
 
 def jax_models(workdir: str, params: str):

@@ -24,7 +24,8 @@ from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.presets import apply_preset
 from latent_lm.parallel.mesh import DEFAULT_RULES, make_mesh, shard_batch
 from latent_lm.training.flops import train_flops_per_step
-from latent_lm.training.tasks import LatentLMTask, LatentNormalization
+from latent_lm.training.tasks import LatentLMTask
+from latent_lm.latents import LatentNormalization
 from latent_lm.training.train_loop import build_state_fns, jit_train_step
 from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
 

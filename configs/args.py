@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from latent_lm.config_validation import STAGES
+from latent_lm.experiment import STAGES
 from latent_lm.errors import ConfigError
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

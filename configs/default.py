@@ -7,7 +7,7 @@ on the embedded animal silhouettes. Derived values (token count, cache paths) ar
 import ml_collections
 
 from configs import args
-from latent_lm.config_validation import STAGES
+from latent_lm.experiment import STAGES
 
 DATASETS = {"mnist": 10, "animal_mnist": 10}
 
@@ -20,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    # What `--mode=all` runs, in order (latent_lm.config_validation.STAGES); done.json marks a finished run.
+    # What `--mode=all` runs, in order (latent_lm.experiment.STAGES: every runner); done.json marks a finished run.
     c.stages = STAGES
 
     # tfds datasets (ImageNet): `data_dir` of the prepared ArrayRecord files ("" = tfds default), σ-VAE training

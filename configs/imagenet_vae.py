@@ -21,7 +21,7 @@ params; the discriminator (64 channels, 3 layers, as LDM) trains with the same o
 import ml_collections
 
 from configs import args, imagenet
-from latent_lm.models.sigma_vae import ldm_equivalent_kl_weight
+from latent_lm.training.vae_losses import ldm_equivalent_kl_weight
 
 ARGS = dict(kind="sigma", std=0.75, tiny=False)
 BATCH = 256

@@ -16,7 +16,7 @@ import ml_collections
 
 from configs import args, default, imagenet
 from latent_lm.errors import ConfigError
-from latent_lm.models.sigma_vae import ldm_equivalent_kl_weight
+from latent_lm.training.vae_losses import ldm_equivalent_kl_weight
 
 # C_σ grids: spec §1.2's {0.25, 0.5, 0.75, 1.0} at ImageNet; the CPU proxy (spec §7.4) spans 0 (a plain
 # autoencoder) to 1 in three points to fit its time budget.

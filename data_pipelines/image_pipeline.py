@@ -9,6 +9,7 @@ import numpy as np
 
 from data_pipelines import sharding
 from data_pipelines.embedded import dataset_names, load_embedded
+from latent_lm.pixels import to_signed
 
 
 class EmbeddedImageSource(grain.sources.RandomAccessDataSource):
@@ -30,7 +31,7 @@ class EmbeddedImageSource(grain.sources.RandomAccessDataSource):
 
 
 def _to_float(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    image = batch["image"].astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+    image = to_signed(batch["image"])
     return {"image": image, "label": batch["label"].astype(np.int32)}
 
 

@@ -32,6 +32,7 @@ from PIL import Image
 
 from data_pipelines import sharding
 from latent_lm.errors import ConfigError, MissingInputError
+from latent_lm.pixels import to_signed
 
 # The held-out split the experiment's "test" stage reads, for datasets that have no "test" split.
 _HELD_OUT_SPLIT = {"imagenet2012": "validation"}
@@ -104,7 +105,7 @@ class RandomFlip(grain.transforms.RandomMap):
 
 def to_float_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """uint8 images → float32 in [-1, 1] (x/127.5 − 1, as ADM), vectorised over the batch."""
-    image = batch["image"].astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+    image = to_signed(batch["image"])
     return {"image": image, "label": batch["label"].astype(np.int32)}
 
 

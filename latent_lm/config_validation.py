@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Collection
+
 from latent_lm.diffusion import PREDICTION_TYPES
 from latent_lm.errors import ConfigError
 from latent_lm.models.transformer import REMAT_POLICIES
-from latent_lm.training.tasks import ARCHS
-
-# The stage names of latent_lm.experiment (not imported from there: experiment imports this module).
-STAGES = ("train_vae", "encode", "train", "sample", "eval", "eval_loss")
+from latent_lm.training.tasks import GENERATOR_TASKS
 
 
-def validate(config) -> None:
+def validate(config, stages: Collection[str]) -> None:
+    """Raises one `ConfigError` naming the first bad value; `stages` are the stage names a config may list
+    (`experiment.RUNNERS`)."""
     d, v, m, diff = config.data, config.vae, config.model, config.diffusion
     num_tokens = (d.image_size // v.patch_size) ** 2
     checks = [
@@ -34,9 +35,9 @@ def validate(config) -> None:
         (config.train.steps >= 1 and config.vae_train.steps >= 1, "train.steps and vae_train.steps must be ≥ 1"),
         (config.eval.sample_batch >= 1, f"eval.sample_batch={config.eval.sample_batch} must be ≥ 1"),
         (0.0 <= config.optim.ema_decay < 1.0, f"optim.ema_decay={config.optim.ema_decay} must be in [0, 1)"),
-        (m.arch in ARCHS, f"model.arch={m.arch!r} must be one of {list(ARCHS)}"),
-        (len(config.stages) > 0 and all(s in STAGES for s in config.stages),
-         f"stages={tuple(config.stages)} must be a non-empty sequence of {list(STAGES)}"),
+        (m.arch in GENERATOR_TASKS, f"model.arch={m.arch!r} must be one of {sorted(GENERATOR_TASKS)}"),
+        (len(config.stages) > 0 and all(s in stages for s in config.stages),
+         f"stages={tuple(config.stages)} must be a non-empty sequence of {list(stages)}"),
         (config.eval.loss_batch >= 1 and config.eval.loss_repeats >= 1, "eval.loss_batch and eval.loss_repeats "
          "must be ≥ 1"),
     ]

@@ -32,12 +32,14 @@ from latent_lm.evaluation import classifier as clf
 from latent_lm.evaluation import imagenet_fid, inception
 from latent_lm.evaluation.frechet import feature_stats, frechet_distance
 from latent_lm.evaluation.grids import save_image_grid
-from latent_lm.evaluation.image_metrics import psnr, to_uint8, variance_collapse_ratio
-from latent_lm.models.sigma_vae import SIGMA_DIVISOR, LatentPosterior, SigmaVAE
+from latent_lm.evaluation.image_metrics import psnr, variance_collapse_ratio
+from latent_lm.latents import SIGMA_DIVISOR, LatentNormalization, LatentPosterior, cache_shape
+from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.device_prefetch import DevicePrefetcher
 from latent_lm.parallel.mesh import data_parallel_size, logical_rules, make_mesh
+from latent_lm.pixels import to_signed, to_uint8
 from latent_lm.sampling import SamplerSettings
-from latent_lm.training.tasks import LatentNormalization, VAETask, cache_shape, make_generator_task
+from latent_lm.training.tasks import VAETask, make_generator_task
 from latent_lm.training.train_loop import load_state, train
 from latent_lm.training.train_loop import log_process0 as _log
 
@@ -47,10 +49,6 @@ def _atomic_write_json(path: str, obj) -> None:
 
 def _batched(fn, x: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([np.asarray(fn(x[i:i + batch])) for i in range(0, len(x), batch)])
-
-
-def _to_float_images(images_uint8: np.ndarray) -> np.ndarray:
-    return images_uint8.astype(np.float32) / 127.5 - 1.0
 
 
 def tokenizer_dir(config, workdir: str) -> str:
@@ -288,7 +286,7 @@ def evaluate(config, workdir, mesh, rules):
     rand_images = to_uint8(_batched(lambda zz: decode(norm.denormalize(zz)), np.asarray(z), 500))
     _, fd_random = score(rand_images)
 
-    x = _to_float_images(test_x)
+    x = to_signed(test_x)
     if vae.kind == "kl":  # the learned posterior σ (spec §1.5 (a))
         moments = _batched(jax.jit(lambda xx: jnp.concatenate(vae.apply(vparams, xx, method=SigmaVAE.posterior),
                                                                -1)), x, 500)
@@ -317,6 +315,7 @@ def evaluate(config, workdir, mesh, rules):
 
 RUNNERS = {"train_vae": train_vae, "encode": encode, "train": train_lm, "sample": sample, "eval": evaluate,
            "eval_loss": eval_loss}
+STAGES = tuple(RUNNERS)  # the stage names a config's `stages` may list, in pipeline order
 
 
 def run(config, workdir: str, mode: str) -> dict:
@@ -324,7 +323,7 @@ def run(config, workdir: str, mode: str) -> dict:
     reads as "finished"); prints a summary table at the end."""
     if mode != "all" and mode not in RUNNERS:
         raise ValueError(f"unknown --mode={mode}; choose one of {['all', *RUNNERS]}")
-    validate(config)
+    validate(config, STAGES)
     mesh = make_mesh(config.mesh)
     rules = logical_rules(config.mesh)
     storage.makedirs(workdir)

@@ -11,16 +11,13 @@ Multi-host: on TPU VMs and SLURM the cluster is detected; elsewhere pass --coord
 
 from __future__ import annotations
 
-import sys
-
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from latent_lm import experiment
-from latent_lm.errors import UserError
+from latent_lm import cli, experiment
 from latent_lm.parallel import distributed
-from latent_lm.parallel.planning import GB, format_plan, plan_memory
+from latent_lm.planning import GB, format_plan, plan_memory
 from latent_lm.training.train_loop import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
@@ -38,22 +35,17 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process, 0
 flags.mark_flags_as_required(["config"])
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(argv) -> None:
     if not flags.FLAGS["verbosity"].present:  # orbax/grain INFO logs drown the progress lines
         logging.set_verbosity(logging.WARNING)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     try:
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
         if _MODE.value == "plan":
             _plan()
         else:
             experiment.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
     except Preempted as e:  # the checkpoint is written: a clean exit, the scheduler restarts the same command
         print(str(e), flush=True)
-        sys.exit(0)
-    except UserError as e:
-        _fail(str(e))
 
 
 def _plan() -> None:
@@ -62,28 +54,5 @@ def _plan() -> None:
         print(format_plan(plan), flush=True)
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with an unknown `--config.a.b` key reported in one line (config_flags raises a bare
-    AttributeError/KeyError for it)."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        message = str(e)
-        if "Traceback (most recent call last)" in message:  # an error inside get_config: keep its last line
-            lines = [line for line in message.splitlines() if line.strip()]
-            message = f"{lines[0].rstrip(':')}: {lines[-1]}"
-        _fail(message)
-    except (AttributeError, KeyError) as e:
-        key = str(e).strip("'\"")
-        culprit = [a.split("=")[0] for a in argv if a.startswith("--config.") and f".{key}" in a.split("=")[0]]
-        _fail(f"unknown config key {key!r} in {culprit[0] if culprit else 'a --config override'}; "
-              f"see the config file for the valid keys")
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.absl_main(main)

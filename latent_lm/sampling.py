@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from latent_lm.diffusion import NoiseSchedule, dpm_solver_sample
 from latent_lm.models.dit import DiT
-from latent_lm.models.latent_lm import LatentLM, init_cache
+from latent_lm.models.latent_lm import init_cache, LatentLM
 
 
 @chex.dataclass(frozen=True)
@@ -31,7 +31,7 @@ class SamplerSettings:
     x0_clip: float | None = None
 
 
-def _guided_head(model: LatentLM, params, cond: jax.Array, cfg_scale: float | None) -> Callable:
+def guided_head(model: LatentLM, params, cond: jax.Array, cfg_scale: float | None) -> Callable:
     """model_fn(x [B,C], t [B]) for the solver; with CFG `cond` is [2B, D] = [conditional; unconditional]."""
 
     def model_fn(x, t):
@@ -44,7 +44,7 @@ def _guided_head(model: LatentLM, params, cond: jax.Array, cfg_scale: float | No
     return model_fn
 
 
-def _with_null_prefix(model: LatentLM, prefix: jax.Array, null_prefix: jax.Array | None) -> jax.Array:
+def with_null_prefix(model: LatentLM, prefix: jax.Array, null_prefix: jax.Array | None) -> jax.Array:
     if null_prefix is None:
         null_prefix = jnp.full_like(prefix, model.config.null_class)
     return jnp.concatenate([prefix, null_prefix], axis=0)
@@ -61,7 +61,7 @@ def sample_latents(model: LatentLM, params, prefix: jax.Array, noise: jax.Array,
     cfg = model.config
     n, b, _ = noise.shape
     p = prefix.shape[1]
-    tokens = prefix if settings.cfg_scale is None else _with_null_prefix(model, prefix, null_prefix)
+    tokens = prefix if settings.cfg_scale is None else with_null_prefix(model, prefix, null_prefix)
     rows = tokens.shape[0]
     dtype = jnp.dtype(cfg.dtype)
     caches = init_cache(cfg, rows, p + n, dtype)  # one spare slot so the last (unused) write stays in bounds
@@ -78,7 +78,7 @@ def sample_latents(model: LatentLM, params, prefix: jax.Array, noise: jax.Array,
     def step(carry, xs):
         cond, caches = carry
         x_T, i = xs
-        x0 = dpm_solver_sample(_guided_head(model, params, cond, settings.cfg_scale), x_T, schedule,
+        x0 = dpm_solver_sample(guided_head(model, params, cond, settings.cfg_scale), x_T, schedule,
                                settings.num_steps, settings.prediction_type, settings.x0_clip)
         feed = x0 if settings.cfg_scale is None else jnp.concatenate([x0, x0])
         pos = jnp.full((rows, 1), p + i)
@@ -88,38 +88,6 @@ def sample_latents(model: LatentLM, params, prefix: jax.Array, noise: jax.Array,
 
     _, samples = jax.lax.scan(step, (cond, caches), (noise.astype(jnp.float32), jnp.arange(n)))
     return jnp.swapaxes(samples, 0, 1)
-
-
-def make_reference_sampler(model: LatentLM, schedule: NoiseSchedule, settings: SamplerSettings) -> Callable:
-    """No-cache reference `sample(params, prefix [B,P], noise [N,B,C]) -> [B,N,C]`: a Python loop over positions
-    that recomputes the whole prefix every time (for tests and benchmarks only; compiles once per length)."""
-
-    @jax.jit
-    def last_condition(params, toks, lats, is_lat):
-        cond, _ = model.apply(params, toks, lats, is_lat)
-        return cond[:, -1]
-
-    @jax.jit
-    def solve(params, cond, x_T):
-        return dpm_solver_sample(_guided_head(model, params, cond, settings.cfg_scale), x_T, schedule,
-                                 settings.num_steps, settings.prediction_type, settings.x0_clip)
-
-    def sample(params, prefix, noise):
-        n, _, c = noise.shape
-        toks = prefix if settings.cfg_scale is None else _with_null_prefix(model, prefix, None)
-        rows, p = toks.shape
-        lats, is_lat = jnp.zeros((rows, p, c)), jnp.zeros((rows, p), bool)
-        out = []
-        for i in range(n):
-            x0 = solve(params, last_condition(params, toks, lats, is_lat), noise[i])
-            out.append(x0)
-            feed = x0 if settings.cfg_scale is None else jnp.concatenate([x0, x0])
-            toks = jnp.concatenate([toks, jnp.zeros((rows, 1), jnp.int32)], 1)
-            lats = jnp.concatenate([lats, feed[:, None]], 1)
-            is_lat = jnp.concatenate([is_lat, jnp.ones((rows, 1), bool)], 1)
-        return jnp.stack(out, axis=1)
-
-    return sample
 
 
 def make_sampler(model: LatentLM, schedule: NoiseSchedule, settings: SamplerSettings, num_latents: int):

@@ -23,7 +23,6 @@ two optional keys: "name" (the run's name; by default built from the overrides) 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -40,11 +39,12 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from absl import app, flags
-from etils import epath
+from absl import flags
 from ml_collections import config_dict, config_flags
 
-from latent_lm.config_validation import STAGES, validate
+from latent_lm import cli, storage
+from latent_lm.config_validation import validate
+from latent_lm.experiment import STAGES
 from latent_lm.errors import UserError
 
 DONE_FILE = "done.json"
@@ -257,7 +257,7 @@ def expand(config_spec: str, root: str, extra: Sequence[str] = ()) -> tuple[str,
                 raise SweepError(f"{where}: {key}={want!r} does not survive the command line: "
                                  f"--config.{key}={format_value(want)} reads back as {got!r}")
         try:
-            validate(config)
+            validate(config, STAGES)
         except UserError as e:
             raise SweepError(f"{where}: {e}") from None
         runs.append(Run(index=i, name=name, config_arg=config_arg, overrides=overrides,
@@ -267,32 +267,17 @@ def expand(config_spec: str, root: str, extra: Sequence[str] = ()) -> tuple[str,
 
 # ------------------------------------------------------------------------------------------------------- status
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
-@contextlib.contextmanager
-def _storage(path: Any):
-    """Cloud roots (gs://) go through etils.epath, which needs gcsfs; its absence is one error, not a traceback."""
-    try:
-        yield
-    except ImportError as e:
-        raise SweepError(f"cannot access {path}: {e} (pip install gcsfs)") from None
-
-
-def _read(path: epath.Path) -> str | None:
-    """The file's text, or None if it does not exist."""
-    with _storage(path):
-        return path.read_text() if path.exists() else None
+def _read(path: str) -> str | None:
+    """The file's text, or None if it does not exist (gs:// through `storage`, one error if gcsfs is missing)."""
+    return storage.read_text(path) if storage.exists(path) else None
 
 
 def is_finished(run: Run) -> bool:
     """done.json exists and the workdir's config.json is the config this run would use now (so a sweep whose
     settings changed, e.g. more train steps, runs again and resumes from its checkpoints)."""
-    workdir = epath.Path(run.workdir)
-    if _read(workdir / DONE_FILE) is None:
+    if _read(storage.join(run.workdir, DONE_FILE)) is None:
         return False
-    text = _read(workdir / "config.json")
+    text = _read(storage.join(run.workdir, "config.json"))
     try:
         return text is None or json.loads(text) == run.config_json
     except json.JSONDecodeError:
@@ -300,7 +285,7 @@ def is_finished(run: Run) -> bool:
 
 
 def _changed_since_done(run: Run) -> bool:
-    return _read(epath.Path(run.workdir) / DONE_FILE) is not None and not is_finished(run)
+    return _read(storage.join(run.workdir, DONE_FILE)) is not None and not is_finished(run)
 
 
 def write_sweep_file(root: str, config_spec: str, mode: str, extra: Sequence[str], runs: Sequence[Run],
@@ -310,13 +295,10 @@ def write_sweep_file(root: str, config_spec: str, mode: str, extra: Sequence[str
             "runs": [{"index": r.index, "name": r.name, "config_arg": r.config_arg,
                       "overrides": {k: format_value(v) for k, v in r.overrides.items()},
                       "workdir": r.workdir, "command": list(c)} for r, c in zip(runs, commands)]}
-    path = epath.Path(root) / SWEEP_FILE
-    with _storage(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = epath.Path(f"{path}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(body, indent=2) + "\n")
-        tmp.replace(path)
-    return str(path)
+    path = storage.join(root, SWEEP_FILE)
+    storage.makedirs(root)
+    storage.write_text_atomic(path, json.dumps(body, indent=2) + "\n")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------ launching
@@ -438,7 +420,7 @@ def run_sweep(config_spec: str, root: str, *, mode: str = "all", only: Sequence[
             state = "done" if is_finished(r) else ("changed" if _changed_since_done(r) else "pending")
             out.write(f"[{state}] {r.name}\n  {shlex.join(main_command(python, args[r.name]))}\n")
         return 0
-    if emit is None and _is_url(root):
+    if emit is None and storage.is_url(root):
         raise SweepError(f"--root={root} is a cloud path: local runs write their logs under the root; use --emit "
                          f"(or a local --root)")
     write_sweep_file(root, config_spec, mode, extra_args, runs, [main_command("python", args[r.name]) for r in runs])
@@ -464,7 +446,7 @@ def run_sweep(config_spec: str, root: str, *, mode: str = "all", only: Sequence[
             out.write(f"=== {r.name} ({r.index + 1}/{len(runs)}): {note}running\n")
             out.flush()
             # A marker of an earlier config must not survive this run's config.json if this run is interrupted.
-            epath.Path(r.workdir, DONE_FILE).unlink(missing_ok=True)
+            storage.remove(storage.join(r.workdir, DONE_FILE), missing_ok=True)
             t0 = time.time()
             code, preempted = _run_one(main_command(python, args[r.name]), f"{r.workdir}/log.txt",
                                        f"[{r.name}] ", out, signals, env)
@@ -474,7 +456,7 @@ def run_sweep(config_spec: str, root: str, *, mode: str = "all", only: Sequence[
                 outcomes[r.name] = Outcome(r.name, "interrupted", seconds, f"{how}; rerun to resume")
             elif code != 0:
                 outcomes[r.name] = Outcome(r.name, "failed", seconds, f"exit status {code}, see {r.workdir}/log.txt")
-            elif mode == "all" and _read(epath.Path(r.workdir, DONE_FILE)) is None:  # removed before the start
+            elif mode == "all" and _read(storage.join(r.workdir, DONE_FILE)) is None:  # removed before the start
                 outcomes[r.name] = Outcome(r.name, "failed", seconds, f"exited 0 without writing {DONE_FILE}")
             else:
                 outcomes[r.name] = Outcome(r.name, "done", seconds)
@@ -510,26 +492,13 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = {k: h.value for k, h in _FLAGS.items()}
-    try:
-        code = run_sweep(f["config"], f["root"], mode=f["mode"], only=f["only"], extra=f["extra"],
-                         dry_run=f["dry_run"], emit=f["emit"], tpu_name=f["tpu_name"])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    sys.exit(code)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    code = run_sweep(f["config"], f["root"], mode=f["mode"], only=f["only"], extra=f["extra"],
+                     dry_run=f["dry_run"], emit=f["emit"], tpu_name=f["tpu_name"])
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
     _FLAGS = _define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    cli.absl_main(main)

@@ -8,7 +8,7 @@
 The process gives itself `--num_devices` (or, with --table, `--max_devices`) fake XLA:CPU devices before jax is
 imported, builds the mesh from `config.mesh.shape`, lowers and compiles the same jitted train step that training
 runs, and prints per-device params, optimizer state, EMA, batch and temporaries (activations, gradients, update)
-(`latent_lm/parallel/planning.py` says how each figure is obtained and what the CPU compile can and cannot tell).
+(`latent_lm/planning.py` says how each figure is obtained and what the CPU compile can and cannot tell).
 """
 
 from __future__ import annotations
@@ -56,12 +56,14 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import imagenet  # noqa: E402
+from latent_lm import cli  # noqa: E402
 from latent_lm.errors import UserError  # noqa: E402
-from latent_lm.parallel.planning import GB, USABLE_HBM_FRACTION, MemoryPlan, as_dict, format_plan, plan_memory  # noqa: E402
+from latent_lm.planning import (GB, USABLE_HBM_FRACTION, MemoryPlan, as_dict, format_plan,  # noqa: E402
+                                 plan_memory)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config to plan (e.g. configs/imagenet.py:7B).",
                                           lock_config=True)
@@ -173,22 +175,12 @@ def run_table() -> list[dict]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    try:
-        plan_main()
-    except UserError as e:  # bad input: one line, no traceback (as latent_lm.main does)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def plan_main():
     if _TABLE.value:
         records = run_table()
     else:
         if _CONFIG.value is None or _NUM_DEVICES.value is None:
-            raise app.UsageError("give --config and --num_devices (or --table)")
+            raise UserError("give --config and --num_devices (or --table)")
         hbm = _HBM_GB.value * GB if _HBM_GB.value else None
         plan = plan_memory(_CONFIG.value, _NUM_DEVICES.value, stage=_STAGE.value, hbm_bytes=hbm)
         print(format_plan(plan, title=f"train step of {flags.FLAGS['config'].config_filename}",
@@ -201,4 +193,4 @@ def plan_main():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.absl_main(main)

@@ -13,7 +13,8 @@ import numpy as np
 from configs import default
 from data_pipelines.latent_cache import write_latent_cache
 from latent_lm.parallel.mesh import logical_rules, make_mesh
-from latent_lm.training.tasks import LatentLMTask, LatentNormalization
+from latent_lm.training.tasks import LatentLMTask
+from latent_lm.latents import LatentNormalization
 from latent_lm.training.train_loop import load_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -23,6 +23,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache_dir = tempfile.mkdtemp(prefix="latent_lm_test_jax_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
     atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+# JAX skips the cache for compiles under 1 s by default; most test programs are that small, and hundreds of them
+# recompile in subprocesses and resumed runs.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from absl import flags  # noqa: E402
 
@@ -31,4 +34,9 @@ flags.FLAGS.mark_as_parsed()
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long-running test (still run in CI)")
+    config.addinivalue_line("markers", "slow: over ~20 s here; `make test` skips it, `make test-all` (CI) runs it. "
+                                       "Every slow test has a fast sibling that checks the same behaviour smaller.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared fixtures below this line.

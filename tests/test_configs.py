@@ -14,12 +14,14 @@ import pytest
 
 from configs import args, imagenet, scaling, tokenizer_variance
 from latent_lm.config_validation import validate
+from latent_lm.experiment import STAGES
 from latent_lm.errors import ConfigError
 from latent_lm.models.presets import EXPECTED_PARAMS
 from latent_lm.parallel.mesh import logical_rules, make_mesh
-from latent_lm.parallel.planning import abstract_batch
+from latent_lm.planning import abstract_batch
 from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
-from latent_lm.training.tasks import LatentNormalization, VAETask, cache_shape, make_generator_task
+from latent_lm.latents import cache_shape, LatentNormalization
+from latent_lm.training.tasks import make_generator_task, VAETask
 from latent_lm.training.train_loop import build_state_fns, jit_train_step
 
 IMAGENET_ARGS = [f"size={s},arch={a}" for s in ("B", "L", "H", "Base", "Medium", "Large", "XL", "3B", "7B", "13B")
@@ -56,7 +58,7 @@ def _num_params(task) -> int:
 @pytest.mark.parametrize("name,arg", CASES, ids=[f"{n}:{a}" for n, a in CASES])
 def test_config_instantiates_and_validates(name, arg):
     config = _load(name, arg)
-    validate(config)
+    validate(config, STAGES)
     json.loads(config.to_json())  # the resolved config is what the workdir and every checkpoint store
     assert _num_params(_task(config)[0]) > 0
 
@@ -92,7 +94,7 @@ TINY = _tiny_cases()
 
 @pytest.mark.parametrize("name,arg,config", TINY, ids=[f"{n}:{a}" for n, a, _ in TINY])
 def test_tiny_variant_lowers_the_train_step(name, arg, config):
-    validate(config)
+    validate(config, STAGES)
     assert config.data.dataset in ("mnist", "animal_mnist")  # embedded data
     task, train_cfg, optim_cfg = _task(config)
     mesh = make_mesh(config.mesh)

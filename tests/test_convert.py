@@ -24,12 +24,14 @@ from latent_lm.convert import from_torch, param_mapping, to_torch, torch_modules
 from latent_lm.convert.torch_files import ConversionError, load_model, read_config
 from latent_lm.diffusion import dpm_solver_sample, make_schedule
 from latent_lm.models.dit import DiT, DiTConfig
-from latent_lm.models.latent_lm import LatentLM, LatentLMConfig, class_conditional_batch, init_cache
+from latent_lm.models.latent_lm import init_cache, LatentLM, LatentLMConfig
+from latent_lm.training.batches import class_conditional_batch
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.mesh import logical_rules, make_mesh
 from latent_lm.sampling import SamplerSettings, sample_dit_latents, sample_latents
 from latent_lm.training.metrics_writer import read_metrics
-from latent_lm.training.tasks import DiTTask, LatentNormalization, make_generator_task
+from latent_lm.training.tasks import DiTTask, make_generator_task
+from latent_lm.latents import LatentNormalization
 from latent_lm.training.train_loop import load_state, train
 
 # The configuration official_state_dict_keys.md records (input_size 4, C 4, D 64, depth 2, head depth 2, 4 heads,

@@ -8,9 +8,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
-from latent_lm.diffusion import (NoiseSchedule, add_noise, ddpm_sample, ddpm_timesteps, dpm_solver_coefficients,
-                                 dpm_solver_sample, make_schedule, predict_x0, solver_timesteps, training_target,
-                                 velocity)
+from latent_lm.diffusion import (NoiseSchedule, add_noise, dpm_solver_coefficients, dpm_solver_sample, make_schedule,
+                                 predict_x0, solver_timesteps, training_target, velocity)
+from reference_samplers import ddpm_sample, ddpm_timesteps
 
 # diffusers' own numpy-2 deprecation noise (np.array on a torch tensor inside set_timesteps).
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -20,14 +20,16 @@ from configs import default
 from data_pipelines.latent_cache import write_latent_cache
 from latent_lm.convert.torch_modules import get_2d_sincos_pos_embed
 from latent_lm.errors import ConfigError
-from latent_lm.models.dit import DiT, DiTConfig, drop_labels, sincos_pos_embed_2d
+from latent_lm.models.dit import DiT, DiTConfig, sincos_pos_embed_2d
+from latent_lm.training.batches import drop_labels
 from latent_lm.models.presets import DIT_EXPECTED_PARAMS, apply_dit_preset, dit_preset
 from latent_lm.parallel.mesh import DEFAULT_RULES, largest_replicated, make_mesh, shard_batch
 from latent_lm.sampling import SamplerSettings, sample_dit_latents
 from latent_lm.training.flops import dit_matmul_params, dit_train_flops_per_step
 from latent_lm.training.metrics_writer import read_metrics
 from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
-from latent_lm.training.tasks import DiTTask, LatentNormalization, make_generator_task
+from latent_lm.training.tasks import DiTTask, make_generator_task
+from latent_lm.latents import LatentNormalization
 from latent_lm.training.train_loop import build_state_fns, jit_train_step, train
 
 CLASSES, TOKENS, CHANNELS = 4, 16, 4

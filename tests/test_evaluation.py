@@ -10,7 +10,8 @@ from data_pipelines.embedded import load_embedded
 from latent_lm.evaluation import classifier as clf
 from latent_lm.evaluation.frechet import feature_stats, frechet_distance
 from latent_lm.evaluation.grids import save_image_grid
-from latent_lm.evaluation.image_metrics import psnr, to_uint8, variance_collapse_ratio
+from latent_lm.evaluation.image_metrics import psnr, variance_collapse_ratio
+from latent_lm.pixels import to_uint8
 
 
 def _psd_sqrt(a):

@@ -65,7 +65,7 @@ def test_invalid_configs_fail_with_one_clear_error(path, value, msg):
     c = default.get_config()
     setattr(c[path[0]], path[1], value)
     with pytest.raises(ConfigError, match=msg):
-        validate(c)
+        validate(c, experiment.STAGES)
 
 
 @pytest.mark.parametrize("tok,workdir,expected", [

@@ -8,7 +8,7 @@ import pytest
 
 from latent_lm.models import layers
 from latent_lm.models.diffusion_head import DiffusionHead, timestep_sinusoid
-from latent_lm.models.latent_lm import LatentLM, LatentLMConfig, init_cache
+from latent_lm.models.latent_lm import init_cache, LatentLM, LatentLMConfig
 from latent_lm.models.presets import EXPECTED_PARAMS, PRESETS
 
 TINY = LatentLMConfig(width=64, depth=2, num_heads=4, num_kv_heads=2, latent_dim=4, head_depth=2,

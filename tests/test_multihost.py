@@ -13,7 +13,8 @@ import pytest
 from data_pipelines.latent_cache import make_latent_dataset
 from latent_lm.parallel.mesh import logical_rules, make_mesh
 from latent_lm.training.metrics_writer import read_metrics
-from latent_lm.training.tasks import LatentLMTask, LatentNormalization
+from latent_lm.training.tasks import LatentLMTask
+from latent_lm.latents import LatentNormalization
 from latent_lm.training.train_loop import train
 
 STEPS = 6

@@ -12,7 +12,9 @@ import numpy as np
 import optax
 
 from latent_lm.diffusion import make_schedule
-from latent_lm.models.latent_lm import LatentLM, LatentLMConfig, class_conditional_batch, latent_lm_loss
+from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
+from latent_lm.training.batches import class_conditional_batch
+from latent_lm.training.generator_losses import latent_lm_loss
 from latent_lm.sampling import SamplerSettings, sample_latents
 
 ROT = np.array([[0.0, -1.0], [1.0, 0.0]], np.float32)

@@ -11,9 +11,10 @@ import pytest
 from configs import default
 from latent_lm.errors import ConfigError
 from latent_lm.parallel.mesh import logical_rules, make_mesh
-from latent_lm.parallel.planning import plan_memory
+from latent_lm.planning import plan_memory
 from latent_lm.training.optimizer import make_optimizer
-from latent_lm.training.tasks import LatentLMTask, LatentNormalization, make_generator_task
+from latent_lm.training.tasks import LatentLMTask, make_generator_task
+from latent_lm.latents import LatentNormalization
 from latent_lm.training.train_loop import build_state_fns
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,8 @@ import pytest
 
 from latent_lm.diffusion import make_schedule
 from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
-from latent_lm.sampling import SamplerSettings, make_sampler, make_reference_sampler, sample_latents
+from latent_lm.sampling import SamplerSettings, make_sampler, sample_latents
+from reference_samplers import make_reference_sampler
 
 CFG = LatentLMConfig(width=32, depth=2, num_heads=4, num_kv_heads=2, latent_dim=3, head_depth=2, num_classes=5,
                      max_len=6)

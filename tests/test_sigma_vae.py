@@ -11,8 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-from latent_lm.models.sigma_vae import (SigmaVAE, latent_grid, mu_regularizer, num_latent_tokens, sample_latent,
-                                        vae_loss)
+from latent_lm.models.sigma_vae import latent_grid, num_latent_tokens, SigmaVAE
+from latent_lm.training.tasks import VAETask
+from latent_lm.training.vae_losses import mu_regularizer, pixel_loss, posterior_regularizer
+from latent_lm.latents import sample_latent
 
 
 def _boxed_leaves(variables):
@@ -121,9 +123,10 @@ def test_sample_latent_per_example_sigma():
 def test_vae_loss_terms():
     x = jnp.zeros((2, 4, 4, 1))
     out = {"recon": jnp.full((2, 4, 4, 1), 0.5), "mu": jnp.full((2, 3, 2), 2.0)}
-    loss, m = vae_loss(x, out, kl_weight=0.01, l2_weight=1.0)
-    np.testing.assert_allclose([m["l1"], m["mse"], m["mu_reg"]], [0.5, 0.25, 4.0], rtol=1e-6)
-    np.testing.assert_allclose(loss, 0.5 + 0.25 + 0.04, rtol=1e-6)
+    rec, m = pixel_loss(x, out["recon"], l1_weight=1.0, l2_weight=1.0)
+    reg, reg_m = posterior_regularizer(out)
+    np.testing.assert_allclose([m["l1"], m["mse"], reg_m["mu_reg"]], [0.5, 0.25, 4.0], rtol=1e-6)
+    np.testing.assert_allclose(rec + 0.01 * reg, 0.5 + 0.25 + 0.04, rtol=1e-6)
     np.testing.assert_allclose(m["psnr"], 10 * math.log10(4 / 0.25), rtol=1e-6)
     assert float(mu_regularizer(out["mu"])) == 4.0
 
@@ -146,6 +149,7 @@ def test_tiny_sigma_vae_learns():
                      std=0.5)
     train, test = jnp.asarray(_rectangles(512, 16, 0)), jnp.asarray(_rectangles(128, 16, 1))
     params = nn.unbox(jax.jit(lambda x: model.init({"params": jax.random.key(0)}, x, rng=jax.random.key(1)))(train[:2]))
+    task = VAETask(model, kl_weight=0.01, image_shape=(16, 16, 1))  # the one σ-VAE loss: L1 + 0.01·mean(μ²)
     tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 2e-3, 30, 200, 2e-4))
     opt_state = tx.init(params)
 
@@ -153,7 +157,7 @@ def test_tiny_sigma_vae_learns():
     def step(params, opt_state, rng):
         k_idx, k_z = jax.random.split(rng)
         batch = train[jax.random.randint(k_idx, (32,), 0, train.shape[0])]
-        grads, metrics = jax.grad(lambda p: vae_loss(batch, model.apply(p, batch, rng=k_z)), has_aux=True)(params)
+        grads, metrics = jax.grad(lambda p: task.loss(p, {"image": batch}, k_z), has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics
 

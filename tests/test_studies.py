@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from latent_lm.errors import DataError, MissingInputError
-from latent_lm.studies import run_cli
+from latent_lm.cli import run as run_cli
 from latent_lm.studies import scaling_law as sl
 from latent_lm.studies import tokenizer_variance as tv
 

@@ -8,7 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from latent_lm.models.latent_lm import LatentLM, LatentLMConfig, class_conditional_batch, latent_lm_loss
+from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
+from latent_lm.training.batches import class_conditional_batch
+from latent_lm.training.generator_losses import latent_lm_loss
 from latent_lm.diffusion import make_schedule
 from latent_lm.parallel.mesh import DEFAULT_RULES, make_mesh, resolve_mesh_shape
 from latent_lm.training.metrics_writer import read_metrics

@@ -20,15 +20,17 @@ from data_pipelines.embedded import load_embedded
 from data_pipelines.latent_cache import load_latent_cache
 from latent_lm import experiment
 from latent_lm.errors import ConfigError, DataError, MissingInputError
-from latent_lm.models.discriminator import PatchDiscriminator, generator_adversarial_loss, hinge_discriminator_loss
+from latent_lm.models.discriminator import PatchDiscriminator
+from latent_lm.training.vae_losses import generator_adversarial_loss, hinge_discriminator_loss
 from latent_lm.models.perceptual import (LPIPS, init_lpips_params, load_lpips_params, lpips_param_shapes,
                                          lpips_torch_state_dict)
-from latent_lm.models.sigma_vae import (SIGMA_DIVISOR, LatentPosterior, SigmaVAE, from_sigma_points, kl_divergence,
-                                        ldm_equivalent_kl_weight, pixel_loss, sigma_points)
+from latent_lm.latents import from_sigma_points, LatentPosterior, SIGMA_DIVISOR, sigma_points
+from latent_lm.models.sigma_vae import SigmaVAE
+from latent_lm.training.vae_losses import kl_divergence, ldm_equivalent_kl_weight, pixel_loss
 from latent_lm.parallel.mesh import logical_rules, make_mesh
 from latent_lm.training.optimizer import clip_each_collection, make_optimizer
-from latent_lm.training.tasks import (LatentNormalization, VAETask, cache_shape, make_generator_task,
-                                      training_latents)
+from latent_lm.latents import cache_shape, LatentNormalization, training_latents
+from latent_lm.training.tasks import make_generator_task, VAETask
 
 DISC_START = 10  # imagenet_vae:tiny switches the GAN on after half of its 20 steps
 

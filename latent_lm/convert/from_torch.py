@@ -26,6 +26,7 @@ import optax
 import torch
 from flax import traverse_util
 
+from latent_lm import cli
 from latent_lm.checkpoint import Checkpointer
 from latent_lm.convert import param_mapping
 from latent_lm.convert.torch_files import (
@@ -40,8 +41,9 @@ from latent_lm.models.dit import DiTConfig
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.mesh import logical_rules, make_mesh
+from latent_lm.latents import LatentNormalization
 from latent_lm.training.optimizer import make_optimizer
-from latent_lm.training.tasks import LatentNormalization, VAETask, make_generator_task
+from latent_lm.training.tasks import VAETask, make_generator_task
 from latent_lm.training.train_loop import build_state_fns
 
 
@@ -281,4 +283,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

@@ -26,6 +26,7 @@ import torch
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from latent_lm import cli
 from latent_lm.checkpoint import Checkpointer
 from latent_lm.convert import param_mapping
 from latent_lm.convert.torch_files import DTYPES, VAE_DIR, ConversionError, write_export
@@ -34,7 +35,8 @@ from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.mesh import logical_rules, make_mesh
 from latent_lm.training.optimizer import make_optimizer
-from latent_lm.training.tasks import DiTTask, LatentNormalization, VAETask, make_generator_task
+from latent_lm.latents import LatentNormalization
+from latent_lm.training.tasks import DiTTask, VAETask, make_generator_task
 from latent_lm.training.train_loop import build_state_fns
 
 DEFAULT_CLASS_DROPOUT = 0.1  # official default; only sets whether the PyTorch class table has the null row
@@ -254,13 +256,6 @@ def export_workdir(workdir: str, out_dir: str, *, params: str = "ema", dtype: st
     return written
 
 
-def export_stage(config, workdir: str, mesh=None, rules=None) -> dict:
-    """The experiment's `--mode=export`: `<workdir>/export`, EMA params as `eval.use_ema` says, fp32."""
-    params = "ema" if config.eval.get("use_ema", True) else "raw"
-    written = export_workdir(workdir, f"{workdir}/export", params=params, mesh=mesh)
-    return {f"export_{k}": v for k, v in written.items()}
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="experiment workdir holding lm/ and vae/ checkpoints")
@@ -279,4 +274,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

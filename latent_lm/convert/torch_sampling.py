@@ -19,7 +19,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from latent_lm import cli, storage
 from latent_lm.convert.torch_files import VAE_DIR, load_model
+from latent_lm.pixels import to_uint8
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -124,11 +126,6 @@ def generate_images(export_dir: str, labels: np.ndarray, *, batch: int = 500, se
     return np.concatenate(images)
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] → uint8, clipped and rounded (as `latent_lm.evaluation.image_metrics.to_uint8`)."""
-    return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--export_dir", required=True)
@@ -146,9 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     labels = np.repeat(np.arange(cfg["kwargs"]["num_classes"]), args.per_class)
     images = generate_images(args.export_dir, labels, seed=args.seed, cfg_scale=args.cfg_scale,
                              num_steps=args.num_steps)
-    np.savez(args.out, images=images, labels=labels)
+    storage.write_npz_atomic(args.out, images=images, labels=labels)
     print(f"wrote {len(images)} images {images.shape[1:]} to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

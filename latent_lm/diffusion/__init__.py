@@ -1,13 +1,12 @@
-"""Diffusion numerics: DDPM schedules and targets (spec §3.4), DPM-Solver++(2M) and DDPM samplers (spec §5.2)."""
+"""Diffusion numerics: DDPM schedules and targets (spec §3.4), the DPM-Solver++(2M) sampler (spec §5.2)."""
 
-from latent_lm.diffusion.ddpm import ddpm_sample, ddpm_timesteps
 from latent_lm.diffusion.dpm_solver import (SolverCoefficients, dpm_solver_coefficients, dpm_solver_sample,
                                             solver_timesteps)
 from latent_lm.diffusion.schedule import (PREDICTION_TYPES, NoiseSchedule, add_noise, cosine_betas, linear_betas,
                                           make_schedule, predict_x0, training_target, velocity)
 
 __all__ = [
-    "PREDICTION_TYPES", "NoiseSchedule", "SolverCoefficients", "add_noise", "cosine_betas", "ddpm_sample",
-    "ddpm_timesteps", "dpm_solver_coefficients", "dpm_solver_sample", "linear_betas", "make_schedule", "predict_x0",
-    "solver_timesteps", "training_target", "velocity",
+    "PREDICTION_TYPES", "NoiseSchedule", "SolverCoefficients", "add_noise", "cosine_betas", "dpm_solver_coefficients",
+    "dpm_solver_sample", "linear_betas", "make_schedule", "predict_x0", "solver_timesteps", "training_target",
+    "velocity",
 ]

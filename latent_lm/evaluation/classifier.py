@@ -13,6 +13,7 @@ import numpy as np
 import optax
 
 from latent_lm import storage
+from latent_lm.pixels import to_signed
 
 Params = Any
 _EVAL_BATCH = 500  # fixed batch for `classify`: one compile per number of classes
@@ -29,10 +30,6 @@ class CNNClassifier(nn.Module):
         x = nn.relu(nn.Conv(64, (3, 3), strides=2)(x))  # 7×7
         features = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
         return nn.Dense(self.num_classes)(features), features
-
-
-def _to_float(images_uint8: jax.Array) -> jax.Array:
-    return images_uint8.astype(jnp.float32) * (2.0 / 255.0) - 1.0
 
 
 def _augment(rng: jax.Array, x: jax.Array) -> jax.Array:
@@ -61,7 +58,7 @@ def train_classifier(images_uint8: np.ndarray, labels: np.ndarray, num_classes: 
     def step(params, opt_state, key):
         k_idx, k_aug = jax.random.split(key)
         idx = jax.random.randint(k_idx, (batch_size,), 0, n)  # sampling with replacement: no epoch bookkeeping
-        x = _to_float(images[idx])
+        x = to_signed(images[idx])
         if augment:
             x = _augment(k_aug, x)
 
@@ -81,7 +78,7 @@ def train_classifier(images_uint8: np.ndarray, labels: np.ndarray, num_classes: 
 @functools.lru_cache(maxsize=None)
 def _apply_fn(num_classes: int):
     model = CNNClassifier(num_classes)
-    return jax.jit(lambda p, x: model.apply(p, _to_float(x)))
+    return jax.jit(lambda p, x: model.apply(p, to_signed(x)))
 
 
 def classify(params: Params, images_uint8: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

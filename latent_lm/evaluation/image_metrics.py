@@ -29,7 +29,3 @@ def variance_collapse_ratio(mean_abs_sigma: float | np.ndarray, mu: np.ndarray) 
     return float(np.mean(np.abs(np.asarray(mean_abs_sigma, np.float64)))) / max(std, 1e-12)
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Maps float images in [-1,1] to uint8 [0,255] (clipped, rounded)."""
-    x = (np.asarray(images, np.float32) + 1.0) * 127.5
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)

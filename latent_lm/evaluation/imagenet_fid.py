@@ -31,7 +31,6 @@ import concurrent.futures
 import functools
 import hashlib
 import os
-import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -43,8 +42,8 @@ import scipy.special
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from latent_lm import storage
-from latent_lm.errors import ConfigError, DataError, MissingInputError, UserError
+from latent_lm import cli, storage
+from latent_lm.errors import ConfigError, DataError, MissingInputError
 from latent_lm.evaluation import inception
 from latent_lm.evaluation.frechet import feature_stats, frechet_distance
 
@@ -366,25 +365,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", choices=sorted(inception.PRECISIONS), default="highest",
                    help="conv precision: highest = fp32 (reference numerics); default = bf16/TF32 passes")
     args = p.parse_args(argv)
-    try:
-        if args.make_ref:
-            if args.samples or not args.out:
-                raise ConfigError("--make_ref IMAGES writes to --out REF.npz and takes no --samples")
-            r = make_reference(args.make_ref, args.out, args.weights, image_size=args.image_size,
-                               batch_size=args.batch_size, precision=args.precision, verbose=True)
-            print(f"wrote {r['out']}: statistics of {r['num_images']} images ({r['images_per_sec']:.1f} images/s)")
-        else:
-            if not args.samples or not args.ref:
-                raise ConfigError("pass --samples SAMPLES.npz and --ref REF.npz (or --make_ref IMAGES --out REF.npz)")
-            r = evaluate_samples(args.samples, args.ref, args.weights, out=args.out, batch_size=args.batch_size,
-                                 num_splits=args.num_splits, precision=args.precision, verbose=True)
-            print(f"FID {r['fid']:.3f}  IS {r['inception_score']:.2f} ± {r['inception_score_std']:.2f}  "
-                  f"({r['num_samples']} samples, {r['images_per_sec']:.1f} images/s on {r['num_devices']} "
-                  f"{r['device_kind']}) → {r['out']}", flush=True)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    if args.make_ref:
+        if args.samples or not args.out:
+            raise ConfigError("--make_ref IMAGES writes to --out REF.npz and takes no --samples")
+        r = make_reference(args.make_ref, args.out, args.weights, image_size=args.image_size,
+                           batch_size=args.batch_size, precision=args.precision, verbose=True)
+        print(f"wrote {r['out']}: statistics of {r['num_images']} images ({r['images_per_sec']:.1f} images/s)")
+    else:
+        if not args.samples or not args.ref:
+            raise ConfigError("pass --samples SAMPLES.npz and --ref REF.npz (or --make_ref IMAGES --out REF.npz)")
+        r = evaluate_samples(args.samples, args.ref, args.weights, out=args.out, batch_size=args.batch_size,
+                             num_splits=args.num_splits, precision=args.precision, verbose=True)
+        print(f"FID {r['fid']:.3f}  IS {r['inception_score']:.2f} ± {r['inception_score_std']:.2f}  "
+              f"({r['num_samples']} samples, {r['images_per_sec']:.1f} images/s on {r['num_devices']} "
+              f"{r['device_kind']}) → {r['out']}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 from typing import Any, NamedTuple
 
 import chex
@@ -37,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latent_lm import storage
+from latent_lm import cli, storage
 from latent_lm.errors import DataError, MissingInputError, UserError
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -374,13 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--convert", required=True, help="input weights (.pth/.pt needs torch; .safetensors/.npz)")
     p.add_argument("--out", required=True, help="output .safetensors or .npz")
     args = p.parse_args(argv)
-    try:
-        n = convert(args.convert, args.out)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    n = convert(args.convert, args.out)
     print(f"wrote {args.out} ({n} tensors)")
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

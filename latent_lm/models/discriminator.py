@@ -1,4 +1,4 @@
-"""PatchGAN discriminator and hinge losses: the adversarial term of the σ-VAE loss (spec §1.4 recommended recipe).
+"""PatchGAN discriminator: the adversary of the σ-VAE's GAN term (spec §1.4 recommended recipe).
 
 The LDM/VQGAN `NLayerDiscriminator` (taming-transformers, after pix2pix): a 4×4 conv with stride 2 and LeakyReLU
 0.2, then `num_layers − 1` blocks of 4×4 conv (stride 2, no bias) → norm → LeakyReLU with channels doubling up to
@@ -58,15 +58,3 @@ class PatchDiscriminator(nn.Module):
             x = nn.leaky_relu(norm(x, f"norm{n}"), LEAKY_SLOPE)
         logits = conv(1, 1, True, f"conv{self.num_layers + 1}")(x)
         return logits[..., 0].astype(jnp.float32)
-
-
-def hinge_discriminator_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
-    """taming `hinge_d_loss`: ½·(mean(relu(1 − D(x))) + mean(relu(1 + D(x̂))))."""
-    real = jnp.mean(jax.nn.relu(1.0 - logits_real.astype(jnp.float32)))
-    fake = jnp.mean(jax.nn.relu(1.0 + logits_fake.astype(jnp.float32)))
-    return 0.5 * (real + fake)
-
-
-def generator_adversarial_loss(logits_fake: jax.Array) -> jax.Array:
-    """The generator's hinge-GAN loss −mean(D(x̂)) (taming/LDM `g_loss`)."""
-    return -jnp.mean(logits_fake.astype(jnp.float32))

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latent_lm.diffusion import NoiseSchedule, add_noise, training_target
 from latent_lm.errors import ConfigError
 from latent_lm.models.diffusion_head import FinalLayer, TimestepEmbedder
 from latent_lm.models.layers import Attention, Dense, SwiGLU, modulate, rms_norm, swiglu_hidden
@@ -152,32 +151,3 @@ class DiT(nn.Module):
                         out_axes=0, length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = stack(cfg.num_heads, cfg.kv_heads, cfg.mlp_ratio, dtype, name="blocks")(x, c)
         return FinalLayer(cfg.latent_dim, dtype, name="final_layer")(x, c).astype(jnp.float32)
-
-
-def drop_labels(rng: jax.Array, labels: jax.Array, null_class: int, prob: float) -> jax.Array:
-    """CFG training: each label becomes the null class with probability `prob` (official `LabelEmbedder`)."""
-    if prob <= 0:
-        return labels
-    return jnp.where(jax.random.uniform(rng, labels.shape) < prob, null_class, labels)
-
-
-def dit_loss(model: DiT, params, latents: jax.Array, labels: jax.Array, rng: jax.Array, *,
-             schedule: NoiseSchedule, prediction_type: str, class_dropout: float, train: bool = True
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Plain MSE (fp32, mean over all elements) of the ε or v prediction with one uniform t per image (official
-    train_hf.py DiT branch; spec §3.4). Labels are dropped to the null class only when `train`."""
-    chex.assert_rank([latents, labels], [3, 1])
-    rng_drop, rng_t, rng_eps = jax.random.split(rng, 3)
-    if train:
-        labels = drop_labels(rng_drop, labels, model.config.null_class, class_dropout)
-
-    def rows(x):  # pinned to the batch sharding so t and ε are drawn per shard, not whole on every device
-        return nn.with_logical_constraint(x, ("batch", "length", "latent"))
-
-    x0 = rows(latents.astype(jnp.float32))
-    t = nn.with_logical_constraint(jax.random.randint(rng_t, labels.shape, 0, schedule.num_train_steps), ("batch",))
-    noise = rows(jax.random.normal(rng_eps, x0.shape, jnp.float32))
-    x_t = add_noise(schedule, x0, noise, t[:, None])
-    out = model.apply(params, x_t, t, labels.astype(jnp.int32))
-    loss = jnp.mean(jnp.square(out - training_target(prediction_type, x0, noise, t[:, None], schedule)))
-    return loss, {"loss": loss, "diffusion_loss": loss}

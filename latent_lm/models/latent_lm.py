@@ -18,7 +18,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from latent_lm.diffusion import NoiseSchedule, add_noise, training_target
 from latent_lm.models.diffusion_head import DiffusionHead
 from latent_lm.models.layers import Dense, KVCache, rms_norm
 from latent_lm.models.transformer import ConditionLayer, Transformer
@@ -123,71 +122,3 @@ def init_cache(config: LatentLMConfig, batch: int, max_len: int, dtype=jnp.float
     """Zero KV caches for all layers, [depth, B, max_len, n_kv, d_head] each (spec §5.1; scanned with the blocks)."""
     shape = (config.depth, batch, max_len, config.kv_heads, config.width // config.num_heads)
     return KVCache(key=jnp.zeros(shape, dtype), value=jnp.zeros(shape, dtype))
-
-
-def drop_class_tokens(rng: jax.Array, config: LatentLMConfig, tokens: jax.Array, is_latent: jax.Array,
-                      prob: float) -> jax.Array:
-    """CFG training: per example, replace class tokens by the null class with probability `prob` (spec §4.4)."""
-    if not config.num_classes or prob <= 0:
-        return tokens
-    drop = jax.random.uniform(rng, (tokens.shape[0], 1)) < prob
-    is_class = (~is_latent) & (tokens < config.num_classes)
-    return jnp.where(drop & is_class, config.null_class, tokens)
-
-
-def latent_lm_loss(model: LatentLM, params, batch: dict[str, jax.Array], rng: jax.Array, *,
-                   schedule: NoiseSchedule, prediction_type: str, batch_mul: int, class_dropout: float,
-                   diffusion_weight: float = 1.0, train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """L = CE (over text targets) + λ·MSE (over latent targets), each averaged over its own targets (spec §4.3).
-
-    The backbone runs once; conditions are repeated `batch_mul`× (adjacent copies, repeat_interleave) and every
-    copy of every target token gets its own uniform t and ε (spec §3.4–3.5). The MSE is in fp32.
-    """
-    cfg = model.config
-    rng_drop, rng_t, rng_eps = jax.random.split(rng, 3)
-    tokens = batch["tokens"]
-    if train:
-        tokens = drop_class_tokens(rng_drop, cfg, tokens, batch["is_latent"], class_dropout)
-    cond, hidden = model.apply(params, tokens, batch["latents"], batch["is_latent"])
-    metrics = {}
-    loss = jnp.zeros((), jnp.float32)
-
-    b, t_len = tokens.shape
-    # Every [B·mul, T, ...] tensor is pinned to the batch sharding: left alone, GSPMD builds t and ε whole on every
-    # device and the head then runs on all rows of an fsdp group (measured: 2.4× the temporaries at fsdp 8).
-    rows = lambda x, *names: nn.with_logical_constraint(x, ("batch", "length", *names))
-    x0 = rows(jnp.repeat(batch["latent_targets"].astype(jnp.float32), batch_mul, axis=0), "latent")
-    cond_rep = rows(jnp.repeat(cond, batch_mul, axis=0), "embed")
-    mask = jnp.repeat(batch["latent_mask"], batch_mul, axis=0).astype(jnp.float32)
-    t = rows(jax.random.randint(rng_t, (b * batch_mul, t_len), 0, schedule.num_train_steps))
-    noise = rows(jax.random.normal(rng_eps, x0.shape, jnp.float32), "latent")
-    x_t = add_noise(schedule, x0, noise, t)
-    out = model.apply(params, x_t, t, cond_rep, method=LatentLM.diffuse)
-    err = jnp.mean(jnp.square(out - training_target(prediction_type, x0, noise, t, schedule)), axis=-1)
-    diff_loss = jnp.sum(err * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    metrics["diffusion_loss"] = diff_loss
-    loss = loss + diffusion_weight * diff_loss
-
-    if cfg.text_vocab_size:
-        logits = model.apply(params, hidden, method=LatentLM.lm_logits)
-        tmask = batch["text_mask"].astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, batch["text_targets"][..., None], axis=-1)[..., 0]
-        ce = jnp.sum(nll * tmask) / jnp.maximum(jnp.sum(tmask), 1.0)
-        acc = jnp.sum((jnp.argmax(logits, -1) == batch["text_targets"]) * tmask) / jnp.maximum(jnp.sum(tmask), 1.0)
-        metrics.update(ce_loss=ce, text_accuracy=acc)
-        loss = loss + ce
-    metrics["loss"] = loss
-    return loss, metrics
-
-
-def class_conditional_batch(latents: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
-    """[class][z0..z_{N-2}] → targets z0..z_{N-1}: the ImageNet-style sequence (spec §4.1)."""
-    chex.assert_rank([latents, labels], [3, 1])
-    b, n, c = latents.shape
-    tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(labels.astype(jnp.int32))
-    inputs = jnp.concatenate([jnp.zeros((b, 1, c), latents.dtype), latents[:, :-1]], axis=1)
-    is_latent = jnp.arange(n)[None, :].repeat(b, 0) > 0
-    return dict(tokens=tokens, latents=inputs, is_latent=is_latent,
-                latent_targets=latents, latent_mask=jnp.ones((b, n), bool),
-                text_targets=jnp.zeros((b, n), jnp.int32), text_mask=jnp.zeros((b, n), bool))

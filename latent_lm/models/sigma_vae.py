@@ -8,8 +8,8 @@ encoder also predicts log σ² per latent value, z = μ + σ ⊙ ε, and the los
 extra head is `encoder/logvar_head` (LDM's `quant_conv` emits both moments from one 1×1 conv; two heads are the
 same map). The PyTorch export covers the σ-VAE only.
 
-Losses (spec §1.4): `vae_loss` (L1 + L2 + μ penalty or KL) here; LPIPS in `perceptual.py`; PatchGAN and hinge
-losses in `discriminator.py`; the adaptive GAN weight helpers below; `training.tasks.VAETask` combines them.
+The module only maps images ↔ latents; its losses (spec §1.4: L1/MSE, μ penalty or KL, LPIPS, PatchGAN with the
+adaptive weight) are in `latent_lm/training/vae_losses.py`, and the posterior sampling in `latent_lm/latents.py`.
 
 Layout differences from the official PyTorch modules, all handled by the converter:
 - Patch pixels are flattened in (i, j, c) order, both in the encoder's patch embedding (official: a Conv2d,
@@ -21,7 +21,6 @@ Layout differences from the official PyTorch modules, all handled by the convert
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -31,12 +30,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from latent_lm.latents import VAE_KINDS, sample_latent, sigma_points
 from latent_lm.models.layers import Dense, torch_default_init
 
 Dtype = Any
 LN_EPS = 1e-6  # spec §1.3 / official_code_facts §7.6 (the ViT's LayerNorm; torchscale BEiT-3 uses 1e-5)
-SIGMA_DIVISOR = 0.8  # official GaussianDistribution.sample: σ_b = N(0,1)·std/0.8 (spec §1.1)
-VAE_KINDS = ("sigma", "kl")
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM DiagonalGaussianDistribution clamps log σ² to this range
 
 # timm's trunc_normal_(std=.02) truncates at ±2 *absolute*, i.e. ±100σ: effectively a plain N(0, 0.02²).
@@ -55,157 +53,6 @@ def num_latent_tokens(image_size: int | tuple[int, int], patch_size: int) -> int
     """T = (H/p)·(W/p) latent tokens per image."""
     h, w = latent_grid(image_size, patch_size)
     return h * w
-
-
-def sample_latent(rng: jax.Array, mu: jax.Array, std: float, sampling_std: float | None = None) -> jax.Array:
-    """z = μ + σ_b·ε with one σ_b ~ N(0, (std/0.8)²) per example, ε ~ N(0, I) (spec §1.1).
-
-    σ_b is shared by all positions and channels of example b and may be negative (harmless: ε is symmetric);
-    E|σ_b| = std·√(2/π)/0.8 ≈ 0.997·std. `sampling_std` replaces the draw by a fixed σ (official `sample`).
-    """
-    k_sigma, k_eps = jax.random.split(rng)
-    batch = mu.shape[0]
-    if sampling_std is None:
-        sigma = jax.random.normal(k_sigma, (batch,), jnp.float32) * (std / SIGMA_DIVISOR)
-    else:
-        sigma = jnp.full((batch,), sampling_std, jnp.float32)
-    eps = jax.random.normal(k_eps, mu.shape, jnp.float32)
-    sigma = sigma.reshape((batch,) + (1,) * (mu.ndim - 1))
-    return (mu.astype(jnp.float32) + sigma * eps).astype(mu.dtype)
-
-
-def mu_regularizer(mu: jax.Array) -> jax.Array:
-    """Official `kl()`: MSE(μ, 0) with mean reduction, an L2 pull on μ since σ is fixed (spec §1.4)."""
-    return jnp.mean(jnp.square(mu.astype(jnp.float32)))
-
-
-def kl_divergence(mu: jax.Array, logvar: jax.Array) -> jax.Array:
-    """KL(N(μ, σ²) ‖ N(0, I)) per latent value, averaged: ½·mean(μ² + σ² − 1 − log σ²) (spec §1.5 KL-VAE).
-
-    LDM sums it over latent values (and sums the reconstruction over pixels); with both terms mean-reduced here,
-    LDM's weight w corresponds to w·(latent values)/(pixel values) (see `ldm_equivalent_kl_weight`).
-    """
-    mu, logvar = mu.astype(jnp.float32), logvar.astype(jnp.float32)
-    return 0.5 * jnp.mean(jnp.square(mu) + jnp.exp(logvar) - 1.0 - logvar)
-
-
-def ldm_equivalent_kl_weight(num_latent_values: int, num_pixel_values: int, ldm_weight: float = 1e-6) -> float:
-    """LDM KL-f16's `kl_weight` (1e-6 on the KL summed per image, next to the summed pixel loss) as a weight of
-    `kl_divergence` next to our mean-reduced pixel loss: e.g. 2.5e-7 on MNIST 28×28 with 7×7×4 latents."""
-    return ldm_weight * num_latent_values / num_pixel_values
-
-
-def posterior_regularizer(out: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The σ-VAE's μ penalty mean(μ²), or the KL-VAE's KL when `out` carries "logvar" (spec §1.4, §1.5)."""
-    if "logvar" in out:
-        kl = kl_divergence(out["mu"], out["logvar"])
-        return kl, {"kl": kl, "posterior_std": jnp.mean(jnp.exp(0.5 * out["logvar"].astype(jnp.float32)))}
-    reg = mu_regularizer(out["mu"])
-    return reg, {"mu_reg": reg}
-
-
-def pixel_loss(batch_images: jax.Array, recon: jax.Array, l1_weight: float = 1.0,
-               l2_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """l1_weight·L1(x, x̂) + l2_weight·MSE(x, x̂) in fp32, with PSNR (data in [-1, 1], range 2)."""
-    err = recon.astype(jnp.float32) - batch_images.astype(jnp.float32)
-    l1 = jnp.mean(jnp.abs(err))
-    mse = jnp.mean(jnp.square(err))
-    psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
-    return l1_weight * l1 + l2_weight * mse, {"l1": l1, "mse": mse, "psnr": psnr}
-
-
-def vae_loss(batch_images: jax.Array, out: dict[str, jax.Array], kl_weight: float = 0.01,
-             l2_weight: float = 0.0, l1_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """l1_weight·L1(x, x̂) + l2_weight·MSE(x, x̂) + kl_weight·(mean(μ²) | KL), in fp32 (spec §1.4, §1.5).
-
-    `out` is `SigmaVAE.__call__`'s dict; the KL replaces the μ penalty for the KL-VAE (`out` has "logvar").
-    The perceptual and GAN terms are added by `training.tasks.VAETask`.
-    """
-    rec, metrics = pixel_loss(batch_images, out["recon"], l1_weight, l2_weight)
-    reg, reg_metrics = posterior_regularizer(out)
-    loss = rec + kl_weight * reg
-    return loss, {"loss": loss, **metrics, **reg_metrics}
-
-
-def decoder_last_layer_grad(head_input: jax.Array, image_grad: jax.Array, patch_size: int) -> jax.Array:
-    """∂L/∂W of the decoder's last layer (`head_fc2` kernel [width, p²·C]) from ∂L/∂x̂ [B, H, W, C].
-
-    x̂ = unpatchify(h·W + b), so ∂L/∂W = hᵀ·patchify(∂L/∂x̂) with h = `head_input` [B, T, width], the layer's
-    input. This gives VQGAN's adaptive-weight gradients from image-space gradients alone: no backward pass
-    through the decoder and encoder.
-    """
-    p = patch_size
-    g = einops.rearrange(image_grad.astype(jnp.float32), "b (h i) (w j) c -> b (h w) (i j c)", i=p, j=p)
-    return jnp.einsum("btw,btp->wp", head_input.astype(jnp.float32), g)
-
-
-def adaptive_gan_weight(rec_grad: jax.Array, gan_grad: jax.Array, disc_weight: float,
-                        max_weight: float = 1e4) -> jax.Array:
-    """VQGAN `calculate_adaptive_weight`: clip(‖∇_W L_rec‖ / (‖∇_W L_GAN‖ + 1e-4), 0, 1e4)·disc_weight, with W
-    the decoder's last layer; a constant of the loss (no gradient flows through it)."""
-    ratio = jnp.linalg.norm(rec_grad) / (jnp.linalg.norm(gan_grad) + 1e-4)
-    return jax.lax.stop_gradient(jnp.clip(ratio, 0.0, max_weight) * disc_weight)
-
-
-@dataclasses.dataclass(frozen=True)
-class LatentPosterior:
-    """How cached tokenizer outputs become the sampled latents z the generators train on (spec §1.1, §1.7, §1.5).
-
-    kind "sigma": the cache holds μ [T, C]; z = μ + σ_b·ε with σ_b ~ N(0, (std/0.8)²) per example.
-    kind "kl": the cache holds the posterior's two sigma points [T, 2C] = (μ + σ, μ − σ) (see `sigma_points`);
-    z = μ + σ ⊙ ε with the learned σ, as MAR/LDM train on posterior samples.
-    """
-
-    kind: str = "sigma"
-    std: float = 0.75
-
-    def __post_init__(self):
-        if self.kind not in VAE_KINDS:
-            raise ValueError(f"vae.kind={self.kind!r} must be one of {list(VAE_KINDS)}")
-
-    @classmethod
-    def from_vae_config(cls, vae_config) -> "LatentPosterior":
-        return cls(kind=vae_config.get("kind", "sigma"), std=float(vae_config.std))
-
-    def cache_dim(self, latent_dim: int) -> int:
-        """Channels per cached token: C for the σ-VAE, 2C for the KL-VAE."""
-        return latent_dim * (2 if self.kind == "kl" else 1)
-
-    def sample(self, rng: jax.Array, cached: jax.Array) -> jax.Array:
-        """Cached rows [B, T, cache_dim] → sampled latents z [B, T, C] (fp32)."""
-        cached = cached.astype(jnp.float32)
-        if self.kind == "sigma":
-            return sample_latent(rng, cached, self.std)
-        mu, sigma = from_sigma_points(cached)
-        return mu + sigma * jax.random.normal(rng, mu.shape, jnp.float32)
-
-    def latent_variance(self, cache_std: float) -> float:
-        """Var z from the std of all cached values (closed form; `encode` normalises with it).
-
-        σ-VAE: Var z = Var μ + E σ_b², E σ_b² = (std/0.8)². KL-VAE: the cached sigma points μ ± σ have mean E μ and
-        second moment E μ² + E σ² over all values, so their variance is already Var z = Var μ + E σ².
-        """
-        extra = (self.std / SIGMA_DIVISOR) ** 2 if self.kind == "sigma" else 0.0
-        return cache_std ** 2 + extra
-
-
-def sigma_points(mu: jax.Array, logvar: jax.Array) -> jax.Array:
-    """A diagonal Gaussian posterior as its two sigma points concat(μ + σ, μ − σ) on the last axis [.., 2C].
-
-    This is what the KL-VAE's latent cache stores, instead of (μ, log σ²): the same information, and the points'
-    mean and second moment over all values are exactly E z and E z² of z = μ + σ·ε, so the cache's running moments
-    give the closed-form latent normalisation without another pass. σ is recovered as half the difference, to
-    about 1e-7·|μ| (fp32), far below any σ that matters for sampling.
-    """
-    sigma = jnp.exp(0.5 * logvar.astype(jnp.float32))
-    mu = mu.astype(jnp.float32)
-    return jnp.concatenate([mu + sigma, mu - sigma], axis=-1)
-
-
-def from_sigma_points(points: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The inverse of `sigma_points`: [.., 2C] → (μ, σ), each [.., C]."""
-    upper, lower = jnp.split(points.astype(jnp.float32), 2, axis=-1)
-    return 0.5 * (upper + lower), 0.5 * jnp.abs(upper - lower)
 
 
 def _scaled(init: nn.initializers.Initializer, scale: float) -> nn.initializers.Initializer:

@@ -15,15 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from latent_lm import storage
-from latent_lm.errors import DataError, MissingInputError, UserError
+from latent_lm.errors import DataError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +103,3 @@ def new_figure(width_in: float, height_in: float) -> Figure:
 def save_png(figure: Figure, path: str) -> None:
     with storage.atomic_open(path, "wb") as f:
         figure.savefig(f, format="png", dpi=120)
-
-
-def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:
-    """Runs a study's `main`; bad input is one `error: ...` line on stderr and exit status 2 (as `latent_lm.main`)."""
-    try:
-        main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0

@@ -21,9 +21,10 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.optimize import least_squares
 
+from latent_lm import cli
 from latent_lm.errors import DataError, MissingInputError
 from latent_lm.studies import (FAMILIES, FAMILY_COLORS, FAMILY_LABELS, config_value, finished_run_dirs,
-                               finite_number, new_figure, read_json, run_cli, save_png, write_json, write_text)
+                               finite_number, new_figure, read_json, save_png, write_json, write_text)
 
 # Bounds on b in the normalised parameterisation. A fit that ends on B_MIN means the loss does not fall with
 # compute; one that ends on B_MAX means the points cannot pin the exponent down. Both are DataErrors.
@@ -288,4 +289,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    cli.main(main)

@@ -23,9 +23,10 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.ticker import FormatStrFormatter
 
+from latent_lm import cli
 from latent_lm.errors import DataError, MissingInputError
 from latent_lm.studies import (FAMILIES, FAMILY_COLORS, FAMILY_LABELS, config_value, finished_run_dirs,
-                               finite_number, new_figure, read_json, run_cli, save_png, write_json, write_text)
+                               finite_number, new_figure, read_json, save_png, write_json, write_text)
 
 VAE_KINDS = ("sigma", "kl")
 METRIC_KEYS = ("variance_collapse_ratio", "vae_psnr_db", "sample_conditional_accuracy", "sample_fd",
@@ -237,4 +238,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    cli.main(main)

@@ -1,18 +1,57 @@
-"""Ancestral DDPM sampler as the official `schedule/ddpm.py` configures it (spec §5.2; official_code_facts §5).
+"""Reference samplers for tests and benchmarks (not part of the installed package).
 
-Official defaults reproduced: variance_type="fixed_large" (the noise variance is the step's β_t = 1 − ᾱ_t/ᾱ_prev,
-not the posterior variance), clip_sample=False, timestep_spacing="leading". Used for training utilities and as a
-stochastic reference; generation uses DPM-Solver++.
+- `make_reference_sampler`: LatentLM sampling without a KV cache — a Python loop over positions that recomputes the
+  whole prefix each time; the compiled sampler must match it.
+- `ddpm_sample`: the ancestral DDPM sampler as the official `schedule/ddpm.py` configures it (variance_type
+  "fixed_large": the noise variance is the step's β_t = 1 − ᾱ_t/ᾱ_prev; clip_sample=False; "leading" spacing), a
+  stochastic reference for the schedule and targets.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latent_lm.diffusion import NoiseSchedule, dpm_solver_sample
 from latent_lm.diffusion.dpm_solver import ModelFn
-from latent_lm.diffusion.schedule import NoiseSchedule, check_prediction_type
+from latent_lm.diffusion.schedule import check_prediction_type
+from latent_lm.models.latent_lm import LatentLM
+from latent_lm.sampling import SamplerSettings, guided_head, with_null_prefix
+
+
+def make_reference_sampler(model: LatentLM, schedule: NoiseSchedule, settings: SamplerSettings) -> Callable:
+    """No-cache reference `sample(params, prefix [B,P], noise [N,B,C]) -> [B,N,C]`: a Python loop over positions
+    that recomputes the whole prefix every time (for tests and benchmarks only; compiles once per length)."""
+
+    @jax.jit
+    def last_condition(params, toks, lats, is_lat):
+        cond, _ = model.apply(params, toks, lats, is_lat)
+        return cond[:, -1]
+
+    @jax.jit
+    def solve(params, cond, x_T):
+        return dpm_solver_sample(guided_head(model, params, cond, settings.cfg_scale), x_T, schedule,
+                                 settings.num_steps, settings.prediction_type, settings.x0_clip)
+
+    def sample(params, prefix, noise):
+        n, _, c = noise.shape
+        toks = prefix if settings.cfg_scale is None else with_null_prefix(model, prefix, None)
+        rows, p = toks.shape
+        lats, is_lat = jnp.zeros((rows, p, c)), jnp.zeros((rows, p), bool)
+        out = []
+        for i in range(n):
+            x0 = solve(params, last_condition(params, toks, lats, is_lat), noise[i])
+            out.append(x0)
+            feed = x0 if settings.cfg_scale is None else jnp.concatenate([x0, x0])
+            toks = jnp.concatenate([toks, jnp.zeros((rows, 1), jnp.int32)], 1)
+            lats = jnp.concatenate([lats, feed[:, None]], 1)
+            is_lat = jnp.concatenate([is_lat, jnp.ones((rows, 1), bool)], 1)
+        return jnp.stack(out, axis=1)
+
+    return sample
 
 
 def ddpm_timesteps(num_inference_steps: int | None = None, num_train_steps: int = 1000) -> np.ndarray:

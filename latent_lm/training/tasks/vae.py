@@ -1,4 +1,5 @@
-"""Tasks for the one train loop: what to initialise and which loss to minimise. Configs pick the task."""
+"""The σ-VAE tokenizer's training task (spec §1.4, §1.5): the one σ-VAE loss, with the optional LPIPS and PatchGAN
+terms."""
 
 from __future__ import annotations
 
@@ -7,18 +8,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from latent_lm.diffusion import NoiseSchedule, make_schedule
 from latent_lm.errors import ConfigError
-from latent_lm.models.discriminator import PatchDiscriminator, generator_adversarial_loss, hinge_discriminator_loss
-from latent_lm.models.dit import DiT, DiTConfig, dit_loss
-from latent_lm.models.latent_lm import LatentLM, LatentLMConfig, class_conditional_batch, latent_lm_loss
+from latent_lm.latents import VAE_KINDS
+from latent_lm.models.discriminator import PatchDiscriminator
 from latent_lm.models.perceptual import LPIPS, init_lpips_params, load_lpips_params
-from latent_lm.models.sigma_vae import (VAE_KINDS, LatentPosterior, SigmaVAE, adaptive_gan_weight,
-                                        decoder_last_layer_grad, pixel_loss, posterior_regularizer)
-from latent_lm.sampling import SamplerSettings, make_dit_sampler, make_sampler
-from latent_lm.training.flops import dit_train_flops_per_step, train_flops_per_step
+from latent_lm.models.sigma_vae import SigmaVAE
+from latent_lm.training.vae_losses import (adaptive_gan_weight, decoder_last_layer_grad, generator_adversarial_loss,
+                                           hinge_discriminator_loss, pixel_loss, posterior_regularizer)
 
 
 def make_vae(config) -> SigmaVAE:
@@ -170,153 +167,3 @@ class VAETask:
         return loss, {"loss": loss, **metrics, **reg_metrics, "g_loss": g_loss, "d_loss": d_loss,
                       "gan_weight": weight, "logits_real": jnp.mean(logits_real),
                       "logits_fake": jnp.mean(logits_fake)}
-
-
-@dataclasses.dataclass(frozen=True)
-class LatentNormalization:
-    """LM-space latents z' = (z + bias)·scale (spec §1.7); estimated once from σ-sampled latents."""
-
-    scale: float
-    bias: float
-
-    def normalize(self, z):
-        return (z + self.bias) * self.scale
-
-    def denormalize(self, z):
-        return z / self.scale - self.bias
-
-    @classmethod
-    def estimate(cls, sampled_latents: np.ndarray) -> "LatentNormalization":
-        z = np.asarray(sampled_latents, np.float64)
-        return cls(scale=float(1.0 / z.std()), bias=float(-z.mean()))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def training_latents(rng: jax.Array, cached: jax.Array, posterior: LatentPosterior,
-                     norm: LatentNormalization) -> jax.Array:
-    """Cached tokenizer outputs → the normalised *sampled* latents the generators train on (spec §1.1, §1.7):
-    z = μ + σ_b·ε for the σ-VAE, z = μ + σ ⊙ ε with the learned σ for the KL-VAE control (§1.5)."""
-    return norm.normalize(posterior.sample(rng, cached))
-
-
-def cache_shape(config) -> tuple[int, int]:
-    """(T, channels) of a latent-cache row for `config`: (max_len, C) for the σ-VAE, (max_len, 2C) for the KL-VAE
-    (its posterior's sigma points, `sigma_vae.sigma_points`)."""
-    return config.model.max_len, LatentPosterior.from_vae_config(config.vae).cache_dim(config.vae.latent_dim)
-
-
-@dataclasses.dataclass(frozen=True)
-class LatentLMTask:
-    """Class-conditional next-token diffusion on cached σ-VAE means.
-
-    The σ-VAE noise is applied on device every step (the LM trains on *sampled* latents, spec §1.7), then the
-    latents are normalised and laid out as [class][z0..z_{N-2}].
-    """
-
-    model: LatentLM
-    schedule: NoiseSchedule
-    prediction_type: str
-    batch_mul: int
-    class_dropout: float
-    diffusion_weight: float
-    posterior: LatentPosterior
-    norm: LatentNormalization
-    num_tokens: int
-
-    @classmethod
-    def from_config(cls, config, norm: LatentNormalization) -> "LatentLMTask":
-        d = config.diffusion
-        return cls(model=LatentLM(LatentLMConfig.from_config(config)),
-                   schedule=make_schedule(d.schedule, d.num_train_steps), prediction_type=d.prediction_type,
-                   batch_mul=d.batch_mul, class_dropout=config.model.class_dropout,
-                   diffusion_weight=d.diffusion_weight, posterior=LatentPosterior.from_vae_config(config.vae),
-                   norm=norm,
-                   num_tokens=config.model.max_len)
-
-    def init_params(self, rng):
-        n, c = self.num_tokens, self.model.config.latent_dim
-        return self.model.init(rng, jnp.zeros((1, n), jnp.int32), jnp.zeros((1, n, c)), jnp.zeros((1, n), bool))
-
-    def make_batch(self, batch, rng):
-        return class_conditional_batch(training_latents(rng, batch["latents"], self.posterior, self.norm),
-                                       batch["label"])
-
-    def make_sampler(self, settings: SamplerSettings):
-        """Jitted `sample(params, labels [B], rng) -> normalised latents [B, N, C]` (spec §5)."""
-        return make_sampler(self.model, self.schedule, settings, self.num_tokens)
-
-    def train_flops_per_example(self) -> float:
-        """Exact training FLOPs of one example (backbone + head × batch_mul, training.flops)."""
-        return train_flops_per_step(self.model.config, 1, self.num_tokens, self.batch_mul)["total"]
-
-    def loss(self, params, batch, rng, train: bool = True):
-        rng_vae, rng_loss = jax.random.split(rng)
-        return latent_lm_loss(self.model, params, self.make_batch(batch, rng_vae), rng_loss,
-                              schedule=self.schedule, prediction_type=self.prediction_type,
-                              batch_mul=self.batch_mul, class_dropout=self.class_dropout,
-                              diffusion_weight=self.diffusion_weight, train=train)
-
-
-@dataclasses.dataclass(frozen=True)
-class DiTTask:
-    """Class-conditional whole-image diffusion with the DiT twin on cached σ-VAE means (spec §2.5).
-
-    The same σ-sampled, normalised latents as LatentLMTask (spec §1.7); then the official DiT branch: one uniform
-    t per image, plain MSE, no batch multiplier (`diffusion.batch_mul` and `config.head` do not apply).
-    """
-
-    model: DiT
-    schedule: NoiseSchedule
-    prediction_type: str
-    class_dropout: float
-    posterior: LatentPosterior
-    norm: LatentNormalization
-
-    @classmethod
-    def from_config(cls, config, norm: LatentNormalization) -> "DiTTask":
-        d = config.diffusion
-        return cls(model=DiT(DiTConfig.from_config(config)),
-                   schedule=make_schedule(d.schedule, d.num_train_steps), prediction_type=d.prediction_type,
-                   class_dropout=config.model.class_dropout,
-                   posterior=LatentPosterior.from_vae_config(config.vae), norm=norm)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.model.config.max_len
-
-    def init_params(self, rng):
-        cfg = self.model.config
-        labels = jnp.zeros((1,), jnp.int32)
-        return self.model.init(rng, jnp.zeros((1, cfg.max_len, cfg.latent_dim)), labels, labels)
-
-    def make_sampler(self, settings: SamplerSettings):
-        """Jitted `sample(params, labels [B], rng) -> normalised latents [B, N, C]` (whole-image DPM-Solver++)."""
-        return make_dit_sampler(self.model, self.schedule, settings)
-
-    def train_flops_per_example(self) -> float:
-        """Exact training FLOPs of one image (training.flops, same conventions as LatentLM)."""
-        return dit_train_flops_per_step(self.model.config, 1)["total"]
-
-    def loss(self, params, batch, rng, train: bool = True):
-        rng_vae, rng_loss = jax.random.split(rng)
-        return dit_loss(self.model, params, training_latents(rng_vae, batch["latents"], self.posterior, self.norm),
-                        batch["label"], rng_loss, schedule=self.schedule, prediction_type=self.prediction_type,
-                        class_dropout=self.class_dropout, train=train)
-
-
-ARCHS = ("latent_lm", "dit")
-
-
-def make_generator_task(config, norm: LatentNormalization):
-    """The class-conditional latent generator that `config.model.arch` names: LatentLM or its DiT twin (spec §2.5).
-
-    Both share one interface: init_params, loss, make_sampler, train_flops_per_example.
-    """
-    arch = config.model.get("arch", "latent_lm")
-    if arch == "latent_lm":
-        return LatentLMTask.from_config(config, norm)
-    if arch == "dit":
-        return DiTTask.from_config(config, norm)
-    raise ValueError(f"unknown model.arch {arch!r}; choose one of {list(ARCHS)}")

@@ -48,7 +48,8 @@ from latent_lm.parallel.mesh import (
     make_mesh,
 )
 from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
-from latent_lm.training.tasks import LatentNormalization, make_generator_task
+from latent_lm.latents import LatentNormalization
+from latent_lm.training.tasks import make_generator_task
 from latent_lm.training.train_loop import build_state_fns, jit_train_step
 
 GB = 1e9  # vendors quote HBM in decimal gigabytes (TPU v5p 95 GB, H100 80 GB)

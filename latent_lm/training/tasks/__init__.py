@@ -1,0 +1,14 @@
+"""Tasks for the one train loop: what to initialise and which loss to minimise. Configs pick the task.
+
+`registry.py` declares the interface (`Task`, `GeneratorTask`) and the registry; each generator kind registers itself
+on import below, so `GENERATOR_TASKS` lists every `model.arch` a config may name.
+"""
+
+from latent_lm.training.tasks.registry import (GENERATOR_TASKS, GeneratorTask, Task, make_generator_task,
+                                               register_generator)
+from latent_lm.training.tasks.vae import VAETask, make_vae
+from latent_lm.training.tasks.latent_lm import LatentLMTask  # noqa: E402  (registers "latent_lm")
+from latent_lm.training.tasks.dit import DiTTask  # noqa: E402  (registers "dit")
+
+__all__ = ["GENERATOR_TASKS", "DiTTask", "GeneratorTask", "LatentLMTask", "Task", "VAETask", "make_generator_task",
+           "make_vae", "register_generator"]

@@ -1,0 +1,74 @@
+"""What the one train loop, the stages and the tools ask of a task, and the registry of generator tasks.
+
+A new experiment kind is a class that satisfies `GeneratorTask` and is registered by name with
+`@register_generator("name")`; `config.model.arch` picks it. Nothing in the loop, the stages, planning or export
+branches on the kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import jax
+
+from latent_lm.errors import ConfigError
+from latent_lm.latents import LatentNormalization
+from latent_lm.sampling import SamplerSettings
+
+Metrics = dict[str, jax.Array]
+
+
+@runtime_checkable
+class Task(Protocol):
+    """Anything the train loop (`training.train_loop.train`) can optimise."""
+
+    def init_params(self, rng: jax.Array) -> Any:
+        """Fresh parameters (a pytree with Flax logical-partitioning metadata)."""
+
+    def loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, Metrics]:
+        """Scalar loss and metrics of one batch as the data pipeline yields it."""
+
+
+@runtime_checkable
+class GeneratorTask(Task, Protocol):
+    """A latent generator trained on a latent cache: LatentLM, its DiT twin, and what comes next."""
+
+    model: Any  # the Flax module; `model.config` is its dataclass config
+    norm: LatentNormalization  # cached latents → LM space
+
+    @classmethod
+    def from_config(cls, config, norm: LatentNormalization) -> "GeneratorTask":
+        """The task that `config` describes, for latents normalised by `norm`."""
+
+    def loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array,
+             train: bool = True) -> tuple[jax.Array, Metrics]:
+        """`train=False`: the held-out loss (no condition dropout), as the eval_loss stage measures it."""
+
+    def make_sampler(self, settings: SamplerSettings) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+        """Jitted `sample(params, labels [B], rng) -> normalised latents [B, N, C]`."""
+
+    def train_flops_per_example(self) -> float:
+        """Exact training FLOPs of one example (the scaling-law x axis)."""
+
+
+GENERATOR_TASKS: dict[str, type] = {}
+
+
+def register_generator(name: str) -> Callable[[type], type]:
+    """Class decorator: makes `config.model.arch=name` build this task."""
+
+    def register(cls: type) -> type:
+        if name in GENERATOR_TASKS:
+            raise ValueError(f"generator task {name!r} is already registered ({GENERATOR_TASKS[name].__name__})")
+        GENERATOR_TASKS[name] = cls
+        return cls
+
+    return register
+
+
+def make_generator_task(config, norm: LatentNormalization) -> GeneratorTask:
+    """The generator task that `config.model.arch` names (default "latent_lm")."""
+    arch = config.model.get("arch", "latent_lm")
+    if arch not in GENERATOR_TASKS:
+        raise ConfigError(f"unknown model.arch {arch!r}; choose one of {sorted(GENERATOR_TASKS)}")
+    return GENERATOR_TASKS[arch].from_config(config, norm)
