@@ -28,7 +28,7 @@ $(TEST_STAMP): $(STAMP)
 run: venv
 	$(VENV)/bin/python -m latent_lm.main --config=configs/default.py --workdir=$(WORKDIR) --mode=all
 
-# The embedded studies (README "Paper experiments"): a sweep, then its analysis (plot, fitted exponents, table).
+# The embedded studies (docs/experiments.md §2): a sweep, then its analysis (plot, fitted exponents, table).
 scaling: venv
 	$(VENV)/bin/python -m latent_lm.sweep --config=configs/scaling.py:scale=embedded --root=runs/scaling
 	$(VENV)/bin/python -m latent_lm.studies.scaling_law --root=runs/scaling

@@ -30,14 +30,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dataset=dataset, image_size=28, channels=1, num_classes=DATASETS[dataset], num_workers=0, data_dir="",
         mixture=(), random_flip=True, cache_shards=4, encode_batch_size=500, tokenizer_workdir=""))
 
-    # σ-VAE (spec §1): ViT encoder/decoder, patch 4 → a 7×7 grid of latent vectors. `kind="kl"` is the learned-
-    # variance KL-VAE control (spec §1.5): `std` is then unused and `kl_weight` weighs the true KL instead of the
-    # μ penalty; LDM KL-16's weight in this mean-reduced loss is 1e-6·(latent values / pixel values), 2.5e-7 here
-    # (`sigma_vae.ldm_equivalent_kl_weight`), which collapses the posterior (r ≪ 0.05). `dtype`: compute dtype.
+    # σ-VAE (docs/method.md §2): ViT encoder/decoder, patch 4 → a 7×7 grid of latent vectors. `kind="kl"` is the
+    # learned-variance KL-VAE control (docs/method.md §2.4): `std` is then unused and `kl_weight` weighs the true KL
+    # instead of the μ penalty; LDM KL-16's weight in this mean-reduced loss is 1e-6·(latent values / pixel values),
+    # 2.5e-7 here (`sigma_vae.ldm_equivalent_kl_weight`), which collapses the posterior (r ≪ 0.05). `dtype`: compute
+    # dtype.
     c.vae = ml_collections.ConfigDict(dict(
         patch_size=4, width=96, depth=2, num_heads=4, mlp_ratio=4.0, latent_dim=4, std=0.5, kl_weight=0.01,
         kind="sigma", dtype="float32"))
-    # σ-VAE loss terms beyond L1 + kl_weight·(μ penalty | KL) (spec §1.4 recipe; training.tasks.VAETask):
+    # σ-VAE loss terms beyond L1 + kl_weight·(μ penalty | KL) (docs/method.md §2.3 recipe; training.tasks.VAETask):
     # l1/l2 pixel weights; LPIPS(VGG16) with `perceptual_weights` = comma-separated weight files (torchvision VGG16
     # + LPIPS v0.1 lin layers; `perceptual_random_init` is for tests only); PatchGAN hinge loss on when
     # disc_weight > 0, `adaptive_weight` = VQGAN's gradient-norm balancing, off until step `disc_start`.
@@ -53,7 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     grid = c.data.image_size // c.vae.patch_size
     num_tokens = grid * grid
 
-    # LatentLM backbone (spec §2) and diffusion head (spec §3); arch="dit" trains its DiT twin instead (spec §2.5).
+    # LatentLM backbone (docs/method.md §4) and diffusion head (docs/method.md §5); arch="dit" trains its DiT twin
+    # instead (docs/method.md §9).
     c.model = ml_collections.ConfigDict(dict(
         arch="latent_lm", width=96, depth=4, num_heads=4, num_kv_heads=None, mlp_ratio=4.0, posi_scale=1.0,
         latent_dim=c.vae.latent_dim, num_classes=c.data.num_classes, text_vocab_size=0,

@@ -1,20 +1,20 @@
-"""The ImageNet 256×256 σ-VAE tokenizer (spec §1.2–1.4): train it, then encode ImageNet to latents.
+"""The ImageNet 256×256 σ-VAE tokenizer (docs/method.md §2.1–2.3): train it, then encode ImageNet to latents.
 
   --config=configs/imagenet_vae.py                 σ-VAE, C_σ = 0.75: stages train_vae → encode
-  --config=configs/imagenet_vae.py:std=0.5         another C_σ (the tokenizer-variance study, spec §1.2 / Fig. 6)
-  --config=configs/imagenet_vae.py:kind=kl         the learned-variance KL-VAE control (spec §1.5)
+  --config=configs/imagenet_vae.py:std=0.5         another C_σ (tokenizer variance, docs/method.md §2.2, Fig. 6)
+  --config=configs/imagenet_vae.py:kind=kl         the learned-variance KL-VAE control (docs/method.md §2.4)
   --config=configs/imagenet_vae.py:tiny            the same recipe (LPIPS with random weights, GAN) on embedded MNIST
 Generator configs (`configs/imagenet.py`) read its vae/ and latents/ through `data.tokenizer_workdir`.
 
-Architecture (spec §1.3, [code]): ViT-B encoder and decoder (12 layers, width 768, 12 heads), patch 16 → 16×16
+Architecture (docs/method.md §2.1, [code]): ViT-B encoder and decoder (12 layers, width 768, 12 heads), patch 16 → 16×16
 latent tokens of 16 channels, σ-VAE std C_σ = 0.75 (the official class default; the paper value is not recovered).
-Loss (spec §1.4 recommended recipe): L1 + 1.0·LPIPS(VGG16) + λ·PatchGAN hinge (VQGAN adaptive λ, disc_weight 0.5,
+Loss (docs/method.md §2.3): L1 + 1.0·LPIPS(VGG16) + λ·PatchGAN hinge (VQGAN adaptive λ, disc_weight 0.5,
 after a 50k-step warm-up) + 0.01·mean(μ²). LPIPS needs the user's weight files: `vae_loss.perceptual_weights`
 (see latent_lm/models/perceptual.py for where to get them).
 
-Optimisation: not recovered (no σ-VAE training code was released, spec §0). Our defaults follow the ViT/VQGAN
-tokenizer recipes of LlamaGen and ViT-VQGAN: global batch 256, AdamW lr 1e-4, β (0.9, 0.95), weight decay 0.05,
-5k warm-up steps then cosine to 0.1·lr, 200k steps (40 epochs), global-norm clip 1.0, bf16 compute with fp32
+Optimisation: not recovered (no σ-VAE training code was released, docs/method.md §1.3). Our defaults follow the
+ViT/VQGAN tokenizer recipes of LlamaGen and ViT-VQGAN: global batch 256, AdamW lr 1e-4, β (0.9, 0.95), weight decay
+0.05, 5k warm-up steps then cosine to 0.1·lr, 200k steps (40 epochs), global-norm clip 1.0, bf16 compute with fp32
 params; the discriminator (64 channels, 3 layers, as LDM) trains with the same optimizer (training.tasks.VAETask).
 """
 

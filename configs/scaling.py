@@ -1,4 +1,4 @@
-"""Scaling study: LatentLM vs its DiT twin across model sizes (paper Fig. 4; spec §2.4–2.5, §6.1).
+"""Scaling study: LatentLM vs its DiT twin across model sizes (paper Fig. 4; docs/method.md §4.6, §9, §10.2).
 
   python -m latent_lm.sweep --config=configs/scaling.py:scale=embedded --root=runs/scaling   (make scaling)
   python -m latent_lm.studies.scaling_law --root=runs/scaling
@@ -7,9 +7,9 @@ through `data.tokenizer_workdir=../tokenizer`, trains, and writes its held-out l
 (eval/loss.json); the study fits L(C) = a·C^(−b) + c per family.
 
 scale=embedded: 4 sizes × 2 families on the embedded MNIST latents, about 20 minutes on a 2-core CPU.
-scale=imagenet: the paper's family Base…13B × {LatentLM, DiT} on ImageNet 256 at batch 2048 (spec §6.4: "scaling runs
-use a different LR and batch 2048"; Table 7's per-size LRs are not recovered: 4e-4 up to XL, 2e-4 above — our
-default) for `epochs` epochs each, plus FID-50k of every run.
+scale=imagenet: the paper's family Base…13B × {LatentLM, DiT} on ImageNet 256 at batch 2048 (docs/method.md §6.4:
+"scaling runs use a different LR and batch 2048"; Table 7's per-size LRs are not recovered: 4e-4 up to XL, 2e-4 above —
+our default) for `epochs` epochs each, plus FID-50k of every run.
 """
 
 import ml_collections

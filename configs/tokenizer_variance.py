@@ -1,14 +1,14 @@
-"""Tokenizer variance study (paper Fig. 6; spec §1.2, §1.5): LatentLM needs high-variance σ-VAE tokenizers, DiT is
-less sensitive, and a learned-variance KL-VAE (which collapses its variance) is the control.
+"""Tokenizer variance study (paper Fig. 6; docs/method.md §2.2, §2.4): LatentLM needs high-variance σ-VAE tokenizers,
+DiT is less sensitive, and a learned-variance KL-VAE (which collapses its variance) is the control.
 
   python -m latent_lm.sweep --config=configs/tokenizer_variance.py:scale=embedded --root=runs/tokenizer_variance
   python -m latent_lm.studies.tokenizer_variance --root=runs/tokenizer_variance     (both: make tokenizer-variance)
 Sweep: one tokenizer point per C_σ of `SIGMA_GRID` and one KL-VAE (`role=tokenizer`: train_vae, encode), then a
 LatentLM and a DiT generator on each (train, sample, eval: class accuracy, FD, PSNR, collapse ratio r).
 
-scale=embedded: MNIST with the embedded default's sizes and steps (times in README "Tokenizer variance").
-scale=imagenet: the paper's setting (spec §6.4, from the paper appendix): the Medium model, lr 1e-4 cosine, warm-up
-100, weight decay 0.1, batch 256, 200k steps, v-prediction, DPM-Solver 20 steps; tokenizers from
+scale=embedded: MNIST with the embedded default's sizes and steps (times in docs/experiments.md §5).
+scale=imagenet: the paper's setting (docs/method.md §6.4, from the paper appendix): the Medium model, lr 1e-4 cosine,
+warm-up 100, weight decay 0.1, batch 256, 200k steps, v-prediction, DPM-Solver 20 steps; tokenizers from
 configs/imagenet_vae.py with the swept C_σ; FID-50k.
 """
 
@@ -18,8 +18,8 @@ from configs import args, default, imagenet
 from latent_lm.errors import ConfigError
 from latent_lm.training.vae_losses import ldm_equivalent_kl_weight
 
-# C_σ grids: spec §1.2's {0.25, 0.5, 0.75, 1.0} at ImageNet; the CPU proxy (spec §7.4) spans 0 (a plain
-# autoencoder) to 1 in three points to fit its time budget.
+# C_σ grids: docs/method.md §2.2's {0.25, 0.5, 0.75, 1.0} at ImageNet; the CPU proxy (docs/method.md §10.4) spans 0 (a
+# plain autoencoder) to 1 in three points to fit its time budget.
 SIGMA_GRID = {"imagenet": (0.25, 0.5, 0.75, 1.0), "embedded": (0.0, 0.5, 1.0)}
 ARGS = dict(scale="embedded", role="generator", tokenizer="sigma0.5", arch="latent_lm", tiny=False)
 FAMILIES = ("latent_lm", "dit")
@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # which says nothing about the tokenizers.
         c = default.get_config()
         # One pixel loss for every tokenizer, MSE: under it the KL-VAE's learned σ collapses (r ≈ 0.01 in 300
-        # steps); under the default's L1 it collapses slowly and unevenly (README "The σ-VAE tokenizer").
+        # steps); under the default's L1 it collapses slowly and unevenly (docs/experiments.md §7).
         c.vae_loss.update(dict(l1_weight=0.0, l2_weight=1.0))
         c.eval.update(dict(samples_per_class=30, sample_batch=300, classifier_dir="../classifier"))
     elif a.scale == "imagenet":

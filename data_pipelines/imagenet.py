@@ -10,7 +10,7 @@ decode; a reduced-size DCT "draft" decode would be faster but is not ADM's BOX/B
 encode fake JPEGs. Preparing ImageNet once does need TensorFlow (the builder's CMYK fixes use it):
 `tfds build imagenet2012 --file_format=array_record --manual_dir=<ILSVRC2012_img_{train,val}.tar> --data_dir=D`.
 
-Preprocessing (spec §6.4 "Data augmentation", guided-diffusion `center_crop_arr`): BOX-downsample by 2 while the
+Preprocessing (docs/method.md §6.4, guided-diffusion `center_crop_arr`): BOX-downsample by 2 while the
 short side is ≥ 2·size, BICUBIC-resize so the short side is `size`, center crop, optional random horizontal flip,
 then [0, 255] → [-1, 1]. Crops and flips run per example in the grain workers, on uint8; the float conversion runs
 once per batch.

@@ -1,6 +1,6 @@
 """Latent cache: σ-VAE means μ in ArrayRecord shards, written once by many processes (resumably), read by grain.
 
-Layout of a cache directory (DESIGN §3 "Latents are cached"):
+Layout of a cache directory (docs/design.md §5):
   latents-00000-of-00008.array_record  one record per example: int32 label, then float32 latents [T,C],
                                        little-endian, C order; shard i holds examples [start_i, end_i)
   latents-00000-of-00008.json          shard i's range, latent shape, μ moments and the writer's fingerprint

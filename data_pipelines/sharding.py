@@ -1,5 +1,6 @@
-"""Per-process input sharding (DESIGN §3, multi-host): every process reads only its slice of a dataset and yields
-its rows of each global batch; `jax.make_array_from_process_local_data` (parallel/mesh.shard_batch) assembles them.
+"""Per-process input sharding (docs/design.md §7, multi-host): every process reads only its slice of a dataset and
+yields its rows of each global batch; `jax.make_array_from_process_local_data` (parallel/mesh.shard_batch) assembles
+them.
 
 Slices are contiguous and of equal size (grain's `ShardOptions(drop_remainder=True)` rule: at most
 `process_count - 1` examples dropped), so every process yields the same number of batches, which a single pass

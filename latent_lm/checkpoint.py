@@ -1,4 +1,4 @@
-"""Thin orbax wrapper: items `state` (train state), `data` (grain iterator state) and `meta` (JSON) (DESIGN §3).
+"""Thin orbax wrapper: items `state` (train state), `data` (grain iterator state) and `meta` (JSON) (docs/design.md §7).
 
 Saves are asynchronous; orbax writes each step to a temporary directory and renames it when complete, so a
 partially written step (e.g. after `kill -9` during a save) is never listed as a checkpoint, and the leftover

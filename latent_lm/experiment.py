@@ -92,10 +92,10 @@ def encode(config, workdir, mesh, rules):
     """Encodes both splits to σ-VAE means μ in sharded, resumable latent caches (data_pipelines.latent_cache).
 
     Every process encodes its own shards on its own devices with a full copy of the σ-VAE, out of step with the
-    others. The latent normalisation (spec §1.7: moments of σ-sampled latents z = μ + σ_b·ε) is computed in closed
-    form over the whole train split: E z = E μ and Var z = Var μ + E σ_b², σ_b ~ N(0, (C_σ/0.8)²); the official
-    code estimates it from one sampled batch. A KL-VAE (`vae.kind="kl"`, spec §1.5) caches its posterior as the
-    sigma points (μ + σ, μ − σ) [T, 2C], whose moments are those of z = μ + σ·ε: Var z = Var μ + E σ²
+    others. The latent normalisation (docs/method.md §3.1: moments of σ-sampled latents z = μ + σ_b·ε) is computed in
+    closed form over the whole train split: E z = E μ and Var z = Var μ + E σ_b², σ_b ~ N(0, (C_σ/0.8)²); the official
+    code estimates it from one sampled batch. A KL-VAE (`vae.kind="kl"`, docs/method.md §2.4) caches its posterior as
+    the sigma points (μ + σ, μ − σ) [T, 2C], whose moments are those of z = μ + σ·ε: Var z = Var μ + E σ²
     (`sigma_vae.LatentPosterior.latent_variance`).
     """
     task = VAETask.from_config(config)
@@ -167,7 +167,7 @@ def _generator_params(config, workdir, mesh, rules):
 def eval_loss(config, workdir, mesh, rules):
     """Held-out loss of the generator on the test latents, with its exact training FLOPs (the scaling-law point).
 
-    The same loss as training (spec §3.4–3.5, §4.3) without class dropout, averaged over `eval.loss_repeats` draws
+    The same loss as training (docs/method.md §6.1–6.3) without class dropout, averaged over `eval.loss_repeats` draws
     of (t, ε, σ) per test batch from a fixed seed, so runs of one sweep see identical noise.
     """
     task, params, step = _generator_params(config, workdir, mesh, rules)
@@ -232,16 +232,16 @@ def _check_fid_inputs(config) -> None:
     e = config.eval
     if not e.reference_stats:
         raise ConfigError(f"eval of {config.data.dataset} needs --config.eval.reference_stats (e.g. the ADM "
-                          f"VIRTUAL_imagenet256_labeled.npz); see README 'ImageNet FID and IS'")
+                          f"VIRTUAL_imagenet256_labeled.npz); see docs/experiments.md §8")
     for path in (e.reference_stats, e.inception_weights or inception.DEFAULT_WEIGHTS):
         if not storage.exists(path):
             raise MissingInputError(f"{path} does not exist (eval.reference_stats / eval.inception_weights); see "
-                                    f"README 'ImageNet FID and IS'")
+                                    f"docs/experiments.md §8")
 
 
 def evaluate_fid(config, workdir):
     """ImageNet (any non-embedded dataset): FID and IS of samples/final.npz with the standard Inception network and
-    reference statistics the user supplies (`eval.inception_weights`, `eval.reference_stats`; spec §6.1)."""
+    reference statistics the user supplies (`eval.inception_weights`, `eval.reference_stats`; docs/method.md §10.2)."""
     e = config.eval
     result = imagenet_fid.evaluate_samples(f"{workdir}/samples/final.npz", e.reference_stats,
                                            e.inception_weights or inception.DEFAULT_WEIGHTS,
@@ -287,7 +287,7 @@ def evaluate(config, workdir, mesh, rules):
     _, fd_random = score(rand_images)
 
     x = to_signed(test_x)
-    if vae.kind == "kl":  # the learned posterior σ (spec §1.5 (a))
+    if vae.kind == "kl":  # the learned posterior σ (docs/method.md §2.4)
         moments = _batched(jax.jit(lambda xx: jnp.concatenate(vae.apply(vparams, xx, method=SigmaVAE.posterior),
                                                                -1)), x, 500)
         mu, logvar = np.split(moments, 2, axis=-1)

@@ -1,4 +1,4 @@
-"""Latents: how tokenizer outputs become the vectors the generators read (spec §1.1, §1.5, §1.7).
+"""Latents: how tokenizer outputs become the vectors the generators read (docs/method.md §2.2, §2.4, §3.1).
 
 One place for the posterior (σ-VAE: z = μ + σ_b·ε with one σ_b per example; KL-VAE: z = μ + σ ⊙ ε from the cached
 sigma points), the LM-space normalisation z' = (z + bias)·scale, and the latent cache's row shape. The σ-VAE module
@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SIGMA_DIVISOR = 0.8  # official GaussianDistribution.sample: σ_b = N(0,1)·std/0.8 (spec §1.1)
+SIGMA_DIVISOR = 0.8  # official GaussianDistribution.sample: σ_b = N(0,1)·std/0.8 (docs/method.md §2.2)
 VAE_KINDS = ("sigma", "kl")
 
 
 def sample_latent(rng: jax.Array, mu: jax.Array, std: float, sampling_std: float | None = None) -> jax.Array:
-    """z = μ + σ_b·ε with one σ_b ~ N(0, (std/0.8)²) per example, ε ~ N(0, I) (spec §1.1).
+    """z = μ + σ_b·ε with one σ_b ~ N(0, (std/0.8)²) per example, ε ~ N(0, I) (docs/method.md §2.2).
 
     σ_b is shared by all positions and channels of example b and may be negative (harmless: ε is symmetric);
     E|σ_b| = std·√(2/π)/0.8 ≈ 0.997·std. `sampling_std` replaces the draw by a fixed σ (official `sample`).
@@ -37,7 +37,8 @@ def sample_latent(rng: jax.Array, mu: jax.Array, std: float, sampling_std: float
 
 @dataclasses.dataclass(frozen=True)
 class LatentPosterior:
-    """How cached tokenizer outputs become the sampled latents z the generators train on (spec §1.1, §1.7, §1.5).
+    """How cached tokenizer outputs become the sampled latents z the generators train on
+    (docs/method.md §2.2, §2.4, §3.1).
 
     kind "sigma": the cache holds μ [T, C]; z = μ + σ_b·ε with σ_b ~ N(0, (std/0.8)²) per example.
     kind "kl": the cache holds the posterior's two sigma points [T, 2C] = (μ + σ, μ − σ) (see `sigma_points`);
@@ -98,8 +99,8 @@ def from_sigma_points(points: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 @dataclasses.dataclass(frozen=True)
 class LatentNormalization:
-    """LM-space latents z' = (z + bias)·scale (spec §1.7); the encode stage computes it in closed form from the
-    cache's moments (`LatentPosterior.latent_variance`)."""
+    """LM-space latents z' = (z + bias)·scale (docs/method.md §3.1); the encode stage computes it in closed form from
+    the cache's moments (`LatentPosterior.latent_variance`)."""
 
     scale: float
     bias: float
@@ -121,8 +122,8 @@ class LatentNormalization:
 
 def training_latents(rng: jax.Array, cached: jax.Array, posterior: LatentPosterior,
                      norm: LatentNormalization) -> jax.Array:
-    """Cached tokenizer outputs → the normalised *sampled* latents the generators train on (spec §1.1, §1.7):
-    z = μ + σ_b·ε for the σ-VAE, z = μ + σ ⊙ ε with the learned σ for the KL-VAE control (§1.5)."""
+    """Cached tokenizer outputs → the normalised *sampled* latents the generators train on (docs/method.md §2.2, §3.1):
+    z = μ + σ_b·ε for the σ-VAE, z = μ + σ ⊙ ε with the learned σ for the KL-VAE control (§2.4)."""
     return norm.normalize(posterior.sample(rng, cached))
 
 

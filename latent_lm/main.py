@@ -6,7 +6,7 @@
 Modes: train_vae | encode | train | sample | eval | all (the stages in order) | plan (per-device memory of the
 train step on this host's devices; for N fake devices on a CPU use launch/plan.py).
 Multi-host: on TPU VMs and SLURM the cluster is detected; elsewhere pass --coordinator_address=HOST:PORT
---num_processes=N --process_id=I on every process (README "Scaling out").
+--num_processes=N --process_id=I on every process (docs/scaling_out.md).
 """
 
 from __future__ import annotations

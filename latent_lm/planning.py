@@ -135,10 +135,11 @@ def analytic_activation_bytes(cfg: LatentLMConfig | DiTConfig, *, sequences: int
       diffusion head     never rematerialised: per block R·(10D + 4F)·s (adaLN, norms, SwiGLU), final layer
                          R·6D·s, timestep sinusoids R·256·4, fp32 targets/noise/errors R·C·4·6; its weights are
                          gathered whole once under FSDP (head_params·s)
-    The DiT twin (`DiTConfig`, spec §2.5) has no diffusion head and no batch multiplier; its adaLN-Zero blocks add
-    the two modulated inputs and the two gated branches, 4D per token, to every block term (8D → 12D), and its
+    The DiT twin (`DiTConfig`, docs/method.md §9) has no diffusion head and no batch multiplier; its adaLN-Zero blocks
+    add the two modulated inputs and the two gated branches, 4D per token, to every block term (8D → 12D), and its
     final layer (modulate + linear) keeps n·3D·s plus the same fp32 targets/noise/errors n·C·4·6.
-    Within 15% of the XLA:CPU compile on the scaling family (README table); checked in tests/test_planning.py.
+    Within 15% of the XLA:CPU compile on the scaling family (docs/scaling_out.md §6.1); checked in
+    tests/test_planning.py.
     """
     t, d, c = cfg.max_len, cfg.width, cfg.latent_dim
     tp, fsdp = mesh_shape["tensor"], mesh_shape["fsdp"]

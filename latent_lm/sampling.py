@@ -1,4 +1,4 @@
-"""Compiled autoregressive sampling with a static KV cache and per-token DPM-Solver++ (spec §4.4, §5).
+"""Compiled autoregressive sampling with a static KV cache and per-token DPM-Solver++ (docs/method.md §8).
 
 One jitted function per (batch, prefix length, number of latents): the prefix (e.g. the class token) is
 prefilled into the cache, then `lax.scan` runs over latent positions; at each position the K solver steps of the
@@ -6,7 +6,7 @@ diffusion head run inside the scan body, and the sampled latent is embedded and 
 CFG doubles the batch: [conditional prefix; null prefix]; both halves are fed the same sampled latent and the head
 output is guided with a constant scale, u + s·(c − u), on ε or v alike.
 
-The DiT twin (spec §2.5) is sampled whole-image: one DPM-Solver++ run over all N latents at once, the same
+The DiT twin (docs/method.md §9) is sampled whole-image: one DPM-Solver++ run over all N latents at once, the same
 settings and the same doubled-batch guidance (`sample_dit_latents`, `make_dit_sampler`).
 """
 

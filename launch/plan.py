@@ -2,7 +2,7 @@
 
   python launch/plan.py --config=configs/imagenet.py:7B --num_devices=256 '--config.mesh.shape=(32,8,1)' \\
       --config.train.batch_size=2048 --hbm_gb=95
-  python launch/plan.py --table          # the README table: scaling family on TPU v5p (95 GB) and H100 (80 GB)
+  python launch/plan.py --table          # docs/scaling_out.md §6.1: scaling family on TPU v5p (95 GB) and H100 (80 GB)
   python launch/plan.py --table --arch=dit --sizes=Base,Medium    # the same for the DiT twins
 
 The process gives itself `--num_devices` (or, with --table, `--max_devices`) fake XLA:CPU devices before jax is
@@ -73,7 +73,7 @@ _STAGE = flags.DEFINE_enum("stage", "compile", ["shapes", "lower", "compile"],
                            "compile: activations from the compiled step; lower/shapes: analytic estimate (faster).")
 _USABLE = flags.DEFINE_float("usable_fraction", USABLE_HBM_FRACTION, "Fraction of HBM a plan may use to 'fit'.")
 _JSON = flags.DEFINE_string("json", None, "Also write the plan(s) as JSON to this path.")
-_TABLE = flags.DEFINE_bool("table", False, "Print the README table for the scaling family instead of one plan.")
+_TABLE = flags.DEFINE_bool("table", False, "Print docs/scaling_out.md's scaling-family tables, not one plan.")
 _ARCH = flags.DEFINE_enum("arch", "latent_lm", ["latent_lm", "dit"], "Table: LatentLM or its DiT twin.")
 _SIZES = flags.DEFINE_list("sizes", ["Base", "Medium", "Large", "XL", "3B", "7B", "13B"], "Table: model sizes.")
 _HARDWARE = flags.DEFINE_list("hardware", ["TPU v5p=95", "H100=80"], "Table: name=HBM GB per device.")

@@ -1,4 +1,4 @@
-"""PyTorch LatentLM `Transformer` and its `DiT` twin, written from the spec (§2–§5; official_code_facts §1, §2, §7).
+"""PyTorch LatentLM `Transformer` and its `DiT` twin, written from docs/method.md (§4–§8, §9, §11).
 
 Module names, parameter keys, tensor layouts and forward signatures are those of the official
 `LatentLM/models/Transformer.py` (microsoft/unilm), so `Transformer(**kwargs).load_state_dict(sd, strict=True)`
@@ -32,7 +32,7 @@ FREQ_DIM = 256
 
 
 def swiglu_hidden(width: int, mlp_ratio: float) -> int:
-    """⌊D·ratio·2/3/64⌋·64 (spec §2.1)."""
+    """⌊D·ratio·2/3/64⌋·64 (docs/method.md §4.2)."""
     return int(width * mlp_ratio * 2 / 3 / 64) * 64
 
 
@@ -67,7 +67,7 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """[cos ‖ sin](t·exp(−ln(10⁴)·k/128)) → Linear → SiLU → Linear, no biases (spec §3.2)."""
+    """[cos ‖ sin](t·exp(−ln(10⁴)·k/128)) → Linear → SiLU → Linear, no biases (docs/method.md §5.2)."""
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = FREQ_DIM):
         super().__init__()
@@ -130,7 +130,7 @@ def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved (GPT-J) RoPE on x (B, N, H, hd) with tables (N, hd/2) in x's dtype (spec §2.2)."""
+    """Interleaved (GPT-J) RoPE on x (B, N, H, hd) with tables (N, hd/2) in x's dtype (docs/method.md §4.3)."""
     cos = cos.repeat_interleave(2, dim=-1)[None, :, None, :]
     sin = sin.repeat_interleave(2, dim=-1)[None, :, None, :]
     return x * cos + rotate_every_two(x) * sin
@@ -293,7 +293,7 @@ class Transformer(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """The official init (spec §3.3): PyTorch defaults, zero x_embedder bias, N(0, 0.02) tables and t-MLP,
+        """The official init (docs/method.md §5.3): PyTorch defaults, zero x_embedder bias, N(0, 0.02) tables and t-MLP,
         zero adaLN and output linears."""
         nn.init.constant_(self.x_embedder.proj.bias, 0)
         if self.y_embedder is not None:
@@ -386,7 +386,7 @@ class Transformer(nn.Module):
 
     def sample_with_cfg(self, prev_token: torch.Tensor, cfg_scale: float, sample_func: Callable,
                         noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Autoregressive CFG sampling (spec §5.1). `prev_token` = [labels; null labels] (2B,); `sample_func(
+        """Autoregressive CFG sampling (docs/method.md §8.1). `prev_token` = [labels; null labels] (2B,); `sample_func(
         model_fn, z)` runs the solver from z. `noise` (N, B, C), optional, fixes the initial x_T of every position
         (the layout of the JAX sampler); by default it is drawn with torch.randn as the official code does.
         Returns latents (B, C, H, W)."""
@@ -411,7 +411,7 @@ class Transformer(nn.Module):
     # ---- extensions: interleaved token/latent sequences (the JAX `LatentLM` contract) ----
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Ids in the JAX table order: classes 0…K−1, null K, then text ids from K+1 (spec §4.2)."""
+        """Ids in the JAX table order: classes 0…K−1, null K, then text ids from K+1 (docs/method.md §7.2)."""
         offset = self.num_classes + 1 if self.num_classes else 0
         out = torch.zeros(*tokens.shape, self.hidden_size, device=tokens.device, dtype=self.dtype)
         if self.num_classes:

@@ -1,4 +1,4 @@
-"""Class-conditional generation from an export directory with PyTorch alone (spec §5; official_code_facts §5).
+"""Class-conditional generation from an export directory with PyTorch alone (docs/method.md §6.1, §8).
 
 The solver is DPM-Solver++(2M), midpoint, as the official scripts configure diffusers'
 `DPMSolverMultistepScheduler` (order 2, lower_order_final, final σ = 0, linspace timesteps, no thresholding),

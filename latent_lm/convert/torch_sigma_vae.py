@@ -1,8 +1,7 @@
-"""PyTorch σ-VAE with ViT encoder and decoder, written from the spec (§1; official_code_facts §4).
+"""PyTorch σ-VAE with ViT encoder and decoder, written from docs/method.md (§2).
 
 Keys, layouts and shapes are those of the official `tokenizer_models/modeling_sigma_vae.SigmaVAE` built with
-`encoder_arch='vit-base'` (`modeling_utils.VisionTransformer`, recorded as SigmaVAE_small in
-official_state_dict_keys.md): `encoder.*`, `encoder_post_processor.dense`, `decoder.*`,
+`encoder_arch='vit-base'` (`modeling_utils.VisionTransformer`, the official SigmaVAE_small): `encoder.*`, `encoder_post_processor.dense`, `decoder.*`,
 `decoder_post_processor.fc1/fc2`.
 The constructor takes the official (encoder_config, decoder_config, patch_size, latent_size, kl_weight, std);
 the LayerNorm epsilon is 1e-6 (the official `get_model_default_params`), or `layer_norm_eps` in a config dict.
@@ -103,7 +102,7 @@ class VisionTransformer(nn.Module):
 
 
 class GaussianDistribution:
-    """μ with a fixed σ: `sample()` draws one σ_b ~ N(0, (std/0.8)²) per example (spec §1.1)."""
+    """μ with a fixed σ: `sample()` draws one σ_b ~ N(0, (std/0.8)²) per example (docs/method.md §2.2)."""
 
     def __init__(self, mean: torch.Tensor, std: float):
         self.mean, self.std = mean, std

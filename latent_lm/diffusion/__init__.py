@@ -1,4 +1,5 @@
-"""Diffusion numerics: DDPM schedules and targets (spec §3.4), the DPM-Solver++(2M) sampler (spec §5.2)."""
+"""Diffusion numerics: DDPM schedules and targets (docs/method.md §6.1), the DPM-Solver++(2M) sampler
+(docs/method.md §8.2)."""
 
 from latent_lm.diffusion.dpm_solver import (SolverCoefficients, dpm_solver_coefficients, dpm_solver_sample,
                                             solver_timesteps)

@@ -1,4 +1,5 @@
-"""DPM-Solver++(2M), midpoint, as the official sampler configures diffusers' `DPMSolverMultistepScheduler` (spec §5.2).
+"""DPM-Solver++(2M), midpoint, as the official sampler configures diffusers' `DPMSolverMultistepScheduler`
+(docs/method.md §8.2).
 
 Settings reproduced: solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
 final_sigmas_type="zero", timestep_spacing="linspace", lambda_min_clipped=−inf, thresholding off. So step 0 and the
@@ -22,7 +23,7 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def solver_timesteps(num_inference_steps: int, num_train_steps: int = 1000) -> np.ndarray:
-    """linspace(0, T−1, K+1).round()[::-1][:-1]: K=20 → 999, 949, …, 50 (official_code_facts §5)."""
+    """linspace(0, T−1, K+1).round()[::-1][:-1]: K=20 → 999, 949, …, 50 (docs/method.md §6.1, §8.2)."""
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     return np.linspace(0, num_train_steps - 1, num_inference_steps + 1).round()[::-1][:-1].astype(np.int64)
@@ -67,11 +68,11 @@ def dpm_solver_coefficients(schedule: NoiseSchedule, num_inference_steps: int) -
 
 def dpm_solver_sample(model_fn: ModelFn, x_T: jax.Array, schedule: NoiseSchedule, num_inference_steps: int,
                       prediction_type: str = "epsilon", x0_clip: float | None = None) -> jax.Array:
-    """Runs K DPM-Solver++(2M) steps from x_T (spec §5.2); returns x̂₀ with x_T's shape and dtype.
+    """Runs K DPM-Solver++(2M) steps from x_T (docs/method.md §8.2); returns x̂₀ with x_T's shape and dtype.
 
     model_fn(x, t) gets x [..., C] (fp32) and t int32 [...] (one equal timestep per row). `x0_clip` clamps x̂₀ to
     ±x0_clip before every update: a deviation from the official sampler (default None = off) that tames ε-prediction,
-    whose x̂₀ = (x − σ·ε̂)/α amplifies ε̂ errors by 1/α ≈ 2·10⁴ at t = 999 (DESIGN.md §4).
+    whose x̂₀ = (x − σ·ε̂)/α amplifies ε̂ errors by 1/α ≈ 2·10⁴ at t = 999 (docs/design.md §4).
     """
     check_prediction_type(prediction_type)
     c = dpm_solver_coefficients(schedule, num_inference_steps)

@@ -1,4 +1,4 @@
-"""DDPM noise schedules, forward process and prediction targets (spec §3.4; official_code_facts §5).
+"""DDPM noise schedules, forward process and prediction targets (docs/method.md §6.1, §8.2).
 
 The ᾱ table replicates the official (diffusers-derived) `DDPMScheduler` bit for bit: betas are computed in float64
 and stored as float32, and ᾱ = cumprod(1 − β) as torch computes it on CPU (float64 accumulation, float32 result).
@@ -81,7 +81,8 @@ def check_prediction_type(prediction_type: str) -> None:
 
 def training_target(prediction_type: str, x0: jax.Array, noise: jax.Array, t: jax.Array,
                     schedule: NoiseSchedule) -> jax.Array:
-    """The regression target of the head: ε ("epsilon", official default) or v ("v_prediction") (spec §3.4)."""
+    """The regression target of the head: ε ("epsilon", official default) or v ("v_prediction")
+    (docs/method.md §6.1)."""
     check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
         return noise.astype(jnp.float32)

@@ -1,4 +1,4 @@
-"""Image metrics: PSNR, the σ-VAE variance-collapse ratio (spec §1.5 (a)), uint8 conversion."""
+"""Image metrics: PSNR, the σ-VAE variance-collapse ratio (docs/method.md §2.4), uint8 conversion."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def variance_collapse_ratio(mean_abs_sigma: float | np.ndarray, mu: np.ndarray) 
     """r = mean posterior |σ| / std(μ), std over all entries of μ [N,...] (the scale latent normalisation uses).
 
     r ≪ 0.05 means the posterior noise is negligible next to the latent signal: a collapsed, deterministic latent
-    space (spec §1.5 (a)).
+    space (docs/method.md §2.4).
     """
     std = float(np.std(np.asarray(mu, np.float64)))
     return float(np.mean(np.abs(np.asarray(mean_abs_sigma, np.float64)))) / max(std, 1e-12)

@@ -1,4 +1,4 @@
-"""ImageNet FID and Inception Score of generated samples (issue 5; spec §6.1 "Evaluation protocol").
+"""ImageNet FID and Inception Score of generated samples (issue 5; docs/method.md §10.2).
 
     # FID-50k / IS of the sampler's npz against the ADM reference batch
     python -m latent_lm.evaluation.imagenet_fid --samples runs/in256/samples/final.npz \

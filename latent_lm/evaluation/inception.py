@@ -1,4 +1,4 @@
-"""The FID Inception-v3 in Flax Linen, and its weights (issue 5, spec §6.1 "Evaluation protocol" (a)/(b)).
+"""The FID Inception-v3 in Flax Linen, and its weights (issue 5, docs/method.md §10.2).
 
 The network is pytorch-fid's `fid_inception_v3()`: torchvision's `Inception3(num_classes=1008, aux_logits=False)`
 with the blocks the TF FID graph (`inception-2015-12-05`, the `classify_image_graph_def.pb` of the TTUR and ADM

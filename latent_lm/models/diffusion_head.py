@@ -1,4 +1,4 @@
-"""Per-token diffusion head: timestep embedding, adaLN SwiGLU blocks, zero-init final layer (spec §3.1–3.3).
+"""Per-token diffusion head: timestep embedding, adaLN SwiGLU blocks, zero-init final layer (docs/method.md §5.1–5.3).
 
 The head never mixes tokens: every row of x_t [..., C] is denoised independently given its condition [..., D].
 Its width is the backbone width D; with the zero-init adaLN and output linears it outputs exactly 0 at init.
@@ -21,7 +21,8 @@ FREQ_DIM = 256
 
 
 def timestep_sinusoid(t: jax.Array, dim: int = FREQ_DIM, max_period: float = 10000.0) -> jax.Array:
-    """[cos ‖ sin] of the raw timestep (0…999 as float) at frequencies exp(−ln(max_period)·k/half) (spec §3.2)."""
+    """[cos ‖ sin] of the raw timestep (0…999 as float) at frequencies exp(−ln(max_period)·k/half)
+    (docs/method.md §5.2)."""
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
     args = t.astype(jnp.float32)[..., None] * freqs

@@ -1,4 +1,4 @@
-"""PatchGAN discriminator: the adversary of the σ-VAE's GAN term (spec §1.4 recommended recipe).
+"""PatchGAN discriminator: the adversary of the σ-VAE's GAN term (docs/method.md §2.3).
 
 The LDM/VQGAN `NLayerDiscriminator` (taming-transformers, after pix2pix): a 4×4 conv with stride 2 and LeakyReLU
 0.2, then `num_layers − 1` blocks of 4×4 conv (stride 2, no bias) → norm → LeakyReLU with channels doubling up to

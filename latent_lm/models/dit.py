@@ -1,5 +1,5 @@
 """The DiT twin baseline: a bidirectional adaLN-Zero Transformer that denoises the whole latent image at once
-(spec §2.5; official `models/DiT.py`, official_code_facts §2).
+(docs/method.md §9; official `models/DiT.py`).
 
 Same building blocks as LatentLM (RMSNorm without gain, bias-free SwiGLU and attention, the timestep embedder, the
 zero-init final layer) but no causal mask and no RoPE: positions come from a fixed 2-D sin-cos table added to the

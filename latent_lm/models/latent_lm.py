@@ -1,4 +1,4 @@
-"""LatentLM: one causal Transformer over interleaved discrete tokens and latent vectors (spec §2–4).
+"""LatentLM: one causal Transformer over interleaved discrete tokens and latent vectors (docs/method.md §4–7).
 
 Sequence contract (all arrays [B, T, ...]; position i's hidden state predicts position i+1):
   tokens      int   discrete ids in one table: classes 0..K-1, the null class K, then text ids from K+1
@@ -6,7 +6,7 @@ Sequence contract (all arrays [B, T, ...]; position i's hidden state predicts po
   is_latent   bool  which input positions are latent vectors (linear projection) vs tokens (embedding)
   text_targets, text_mask      next-token CE targets (raw text ids 0..V-1) and where they apply
   latent_targets, latent_mask  next-latent diffusion targets [B,T,C] and where they apply
-Class-conditional image generation is the special case [class][z0..z_{N-2}] → targets z0..z_{N-1} (spec §4.1).
+Class-conditional image generation is the special case [class][z0..z_{N-2}] → targets z0..z_{N-1} (docs/method.md §7.1).
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ class LatentLM(nn.Module):
 
 
 def init_cache(config: LatentLMConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """Zero KV caches for all layers, [depth, B, max_len, n_kv, d_head] each (spec §5.1; scanned with the blocks)."""
+    """Zero KV caches for all layers, [depth, B, max_len, n_kv, d_head] each (docs/method.md §8.1; scanned with the
+    blocks)."""
     shape = (config.depth, batch, max_len, config.kv_heads, config.width // config.num_heads)
     return KVCache(key=jnp.zeros(shape, dtype), value=jnp.zeros(shape, dtype))

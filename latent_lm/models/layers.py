@@ -1,4 +1,4 @@
-"""Backbone building blocks (spec §2.1–2.2, §3.3; official_code_facts §1, §7).
+"""Backbone building blocks (docs/method.md §4, §5.3, §11).
 
 Every parameter carries logical axis names; the logical→mesh mapping lives in the config (`mesh.rules`).
 Parameters are stored in `param_dtype` (fp32) and cast to the compute `dtype` (e.g. bf16) at use.
@@ -23,7 +23,7 @@ RMS_EPS = 1e-6
 
 
 def torch_default_init(fan_in: int) -> Initializer:
-    """PyTorch's default Linear/Conv init, Kaiming-uniform(a=√5) = U(±1/√fan_in) (spec §3.3, §7.2)."""
+    """PyTorch's default Linear/Conv init, Kaiming-uniform(a=√5) = U(±1/√fan_in) (docs/method.md §5.3, §11)."""
     bound = 1.0 / math.sqrt(fan_in)
 
     def init(key, shape, dtype=jnp.float32):
@@ -70,7 +70,7 @@ class Dense(nn.Module):
 
 
 def rms_norm(x: jax.Array, eps: float = RMS_EPS) -> jax.Array:
-    """RMSNorm without gain, computed in fp32 and cast back (spec §2.1; official `RMSNorm(affine=False)`)."""
+    """RMSNorm without gain, computed in fp32 and cast back (docs/method.md §4.2; official `RMSNorm(affine=False)`)."""
     xf = x.astype(jnp.float32)
     return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
@@ -81,17 +81,17 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def swiglu_hidden(width: int, mlp_ratio: float) -> int:
-    """SwiGLU hidden size ⌊D·ratio·2/3/64⌋·64 (spec §2.1); e.g. 768→2048, 1024→2688 at ratio 4."""
+    """SwiGLU hidden size ⌊D·ratio·2/3/64⌋·64 (docs/method.md §4.2); e.g. 768→2048, 1024→2688 at ratio 4."""
     return int(width * mlp_ratio * 2 / 3 / 64) * 64
 
 
 def rope_frequencies(head_dim: int, posi_scale: float = 1.0) -> np.ndarray:
-    """Official RoPE angles 1/(10000·s)^linspace(0, 1, d/2): the grid *includes* the endpoint (spec §2.2)."""
+    """Official RoPE angles 1/(10000·s)^linspace(0, 1, d/2): the grid *includes* the endpoint (docs/method.md §4.3)."""
     return 1.0 / (10000.0 * posi_scale) ** np.linspace(0.0, 1.0, head_dim // 2, dtype=np.float64)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, posi_scale: float = 1.0) -> jax.Array:
-    """Interleaved (GPT-J) rotary embedding on x [B,T,N,H] at integer positions [B,T] (spec §2.2).
+    """Interleaved (GPT-J) rotary embedding on x [B,T,N,H] at integer positions [B,T] (docs/method.md §4.3).
 
     Pairs (2i, 2i+1) rotate together. Angles are computed in fp32 and the rotation is done in fp32;
     the official code casts the tables to x.dtype first, which only differs under bf16.
@@ -131,13 +131,14 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with GQA, interleaved RoPE and an optional static KV cache (spec §2.1).
+    """Causal multi-head attention with GQA, interleaved RoPE and an optional static KV cache (docs/method.md §4.2).
 
     q/k/v are separate kernels ([D, heads, d_head]) so tensor parallelism can shard whole heads; the official
     fused `qkv.weight` is their row-concatenation [q | k | v] (see latent_lm/convert).
     With a cache, the new keys/values are written at `positions` and every query attends to cache slots
     whose index ≤ its own position, which is exactly causal attention over the filled prefix.
-    `causal=False, rope=False` is the DiT twin's attention (spec §2.5): bidirectional, positions unused, no cache.
+    `causal=False, rope=False` is the DiT twin's attention (docs/method.md §9): bidirectional, positions unused, no
+    cache.
     """
 
     num_heads: int

@@ -1,4 +1,4 @@
-"""LPIPS(VGG16) perceptual distance in Flax, the perceptual term of the σ-VAE loss (spec §1.4 recommended recipe).
+"""LPIPS(VGG16) perceptual distance in Flax, the perceptual term of the σ-VAE loss (docs/method.md §2.3).
 
 LPIPS v0.1 (Zhang et al. 2018, `lpips.LPIPS(net="vgg")`, as used by the LDM/VQGAN autoencoder losses):
   1. scale images in [-1, 1] by the fixed ImageNet shift/scale (`ScalingLayer`);

@@ -1,11 +1,11 @@
-"""Model sizes of the paper and the official code (spec §2.4; official `Transformer_models`, `DiT_models`).
+"""Model sizes of the paper and the official code (docs/method.md §4.6; official `Transformer_models`, `DiT_models`).
 
 Each preset is (depth, width, heads, mlp_ratio, head_depth). `EXPECTED_PARAMS` is the official PyTorch parameter
 count at input_size 16 (256 tokens), 16 latent channels and 1000 classes (+1 null row), for the count test.
 
-DiT twins (spec §2.5): the DiT of a scaling-family size has the same depth, width and heads as the LatentLM of
+DiT twins (docs/method.md §9): the DiT of a scaling-family size has the same depth, width and heads as the LatentLM of
 that name but SwiGLU mlp_ratio 4 (LatentLM uses 6 there, which equalises the totals against DiT's adaLN) and no
-diffusion head. `DIT_EXPECTED_PARAMS` are the exact official counts (official_state_dict_keys.md), which include
+diffusion head. `DIT_EXPECTED_PARAMS` are the exact official counts (of the official state dicts), which include
 the frozen `pos_embed` [256, D].
 """
 

@@ -1,15 +1,15 @@
-"""Image σ-VAE: ViT encoder → μ, fixed per-example σ, ViT decoder (spec §1; official_code_facts §4).
+"""Image σ-VAE: ViT encoder → μ, fixed per-example σ, ViT decoder (docs/method.md §2).
 
 Images are NHWC in [-1, 1]; latents are token sequences [B, T, C] in raster order over the (H/p, W/p) grid
 (the official code keeps them as (B, C, h, w); see latent_lm/convert for the permutation).
 
-`kind="kl"` turns the model into the learned-variance KL-VAE control of spec §1.5 (paper Fig. 6 "stars"): the
+`kind="kl"` turns the model into the learned-variance KL-VAE control of docs/method.md §2.4 (paper Fig. 6 "stars"): the
 encoder also predicts log σ² per latent value, z = μ + σ ⊙ ε, and the loss carries the true KL to N(0, I). The
 extra head is `encoder/logvar_head` (LDM's `quant_conv` emits both moments from one 1×1 conv; two heads are the
 same map). The PyTorch export covers the σ-VAE only.
 
-The module only maps images ↔ latents; its losses (spec §1.4: L1/MSE, μ penalty or KL, LPIPS, PatchGAN with the
-adaptive weight) are in `latent_lm/training/vae_losses.py`, and the posterior sampling in `latent_lm/latents.py`.
+The module only maps images ↔ latents; its losses (docs/method.md §2.3: L1/MSE, μ penalty or KL, LPIPS, PatchGAN with
+the adaptive weight) are in `latent_lm/training/vae_losses.py`, and the posterior sampling in `latent_lm/latents.py`.
 
 Layout differences from the official PyTorch modules, all handled by the converter:
 - Patch pixels are flattened in (i, j, c) order, both in the encoder's patch embedding (official: a Conv2d,
@@ -34,7 +34,7 @@ from latent_lm.latents import VAE_KINDS, sample_latent, sigma_points
 from latent_lm.models.layers import Dense, torch_default_init
 
 Dtype = Any
-LN_EPS = 1e-6  # spec §1.3 / official_code_facts §7.6 (the ViT's LayerNorm; torchscale BEiT-3 uses 1e-5)
+LN_EPS = 1e-6  # docs/method.md §2.1, §11.1 (the ViT's LayerNorm; torchscale BEiT-3 uses 1e-5)
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM DiagonalGaussianDistribution clamps log σ² to this range
 
 # timm's trunc_normal_(std=.02) truncates at ±2 *absolute*, i.e. ±100σ: effectively a plain N(0, 0.02²).
@@ -42,7 +42,7 @@ trunc_normal = nn.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
 
 
 def latent_grid(image_size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
-    """(h, w) = (H/p, W/p): one latent vector per p×p patch (spec §1.3)."""
+    """(h, w) = (H/p, W/p): one latent vector per p×p patch (docs/method.md §2.1)."""
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if hw[0] % patch_size or hw[1] % patch_size:
         raise ValueError(f"image size {hw} is not divisible by patch size {patch_size}")
@@ -62,14 +62,14 @@ def _scaled(init: nn.initializers.Initializer, scale: float) -> nn.initializers.
 
 
 def _layer_norm(name: str) -> nn.LayerNorm:
-    # Norms run in fp32 whatever the compute dtype (DESIGN §3 precision).
+    # Norms run in fp32 whatever the compute dtype (docs/design.md §3).
     return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name=name,
                         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
 
 
 class ViTBlock(nn.Module):
-    """Pre-LN ViT block: x + proj(MHSA(LN x)), x + fc2(GELU(fc1(LN x))) (spec §1.3, official modeling_utils).
+    """Pre-LN ViT block: x + proj(MHSA(LN x)), x + fc2(GELU(fc1(LN x))) (docs/method.md §2.1, official modeling_utils).
 
     qkv has q and v biases but no k bias (BEiT convention). `layer_id` (from 1) applies the official
     `fix_init_weight`: proj and fc2 weights are scaled by 1/√(2·layer_id) at init.
@@ -136,7 +136,7 @@ class ViTBody(nn.Module):
 
 
 class ViTEncoder(nn.Module):
-    """Patchify → Linear(p²·C_in → width) → ViT → Linear(width → latent_dim) = μ [B,T,latent_dim] (spec §1.3).
+    """Patchify → Linear(p²·C_in → width) → ViT → Linear(width → latent_dim) = μ [B,T,latent_dim] (docs/method.md §2.1).
 
     Returns (μ, log σ²): log σ² [B,T,latent_dim] from `logvar_head` for kind "kl" (clamped as LDM), else None.
     """
@@ -170,7 +170,7 @@ class ViTEncoder(nn.Module):
 
 
 class ViTDecoder(nn.Module):
-    """Linear(latent_dim → width) → ViT → Linear → tanh → Linear(width → p²·C_out) → unpatchify (spec §1.3).
+    """Linear(latent_dim → width) → ViT → Linear → tanh → Linear(width → p²·C_out) → unpatchify (docs/method.md §2.1).
 
     The per-patch output order is (i, j, c); the official `DecodeHeadBLC` uses (c, i, j). With
     `return_head_input`, also returns the last layer's input tanh(fc1(·)) [B,T,width] (the adaptive GAN weight).
@@ -205,9 +205,9 @@ class ViTDecoder(nn.Module):
 
 
 class SigmaVAE(nn.Module):
-    """σ-VAE (spec §1): encode → μ [B,T,C]; z = μ + σ_b·ε (σ_b per example, `std` = C_σ); decode → image.
+    """σ-VAE (docs/method.md §2): encode → μ [B,T,C]; z = μ + σ_b·ε (σ_b per example, `std` = C_σ); decode → image.
 
-    `kind="kl"`: the KL-VAE control (spec §1.5), z = μ + σ ⊙ ε with the learned σ; `std` is then unused.
+    `kind="kl"`: the KL-VAE control (docs/method.md §2.4), z = μ + σ ⊙ ε with the learned σ; `std` is then unused.
     Use `model.apply(params, x, method=SigmaVAE.encode)` / `method=SigmaVAE.decode` for the two halves;
     `method=SigmaVAE.posterior` gives (μ, log σ²) of a KL-VAE, `method=SigmaVAE.cache_latents` the cache rows.
     """

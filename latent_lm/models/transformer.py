@@ -1,4 +1,5 @@
-"""Causal Transformer backbone and ConditionLayer (spec §2.1–2.2; official `Transformer.blocks`, `ConditionLayer`).
+"""Causal Transformer backbone and ConditionLayer (docs/method.md §4.2–4.3; official `Transformer.blocks`,
+`ConditionLayer`).
 
 The blocks are one `nn.scan` over a stacked layer axis (logical name "layers"), so the compiled program holds one
 block whatever the depth; compile time and HLO size stay flat from 2 to 48 layers. Parameters are stored as

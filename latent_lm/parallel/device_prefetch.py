@@ -1,4 +1,4 @@
-"""Prefetch to device: keeps `size` global batches in flight ahead of the train step (DESIGN §3).
+"""Prefetch to device: keeps `size` global batches in flight ahead of the train step (docs/design.md §7).
 
 Assembling and transferring batch k+1 is dispatched before step k finishes (JAX dispatch is asynchronous), so the
 host→device copy overlaps compute. For exact resumption, the checkpointed data state is the grain iterator state

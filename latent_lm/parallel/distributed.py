@@ -1,4 +1,4 @@
-"""Multi-host start-up: `jax.distributed.initialize` before any other JAX call (DESIGN §4).
+"""Multi-host start-up: `jax.distributed.initialize` before any other JAX call (docs/design.md §7).
 
 - TPU VM pods and SLURM jobs: detected from the environment, JAX finds the coordinator itself.
 - GPU clusters without SLURM, and local testing: explicit coordinator address, process count and id (flags

@@ -1,4 +1,4 @@
-"""Device mesh and logical-axis sharding (DESIGN §3).
+"""Device mesh and logical-axis sharding (docs/design.md §7).
 
 The mesh has axes (data, fsdp, tensor); `config.mesh.shape` may hold one -1 that is filled from the device count.
 Multi-slice TPU and multi-node GPU jobs add `config.mesh.dcn_shape` (default (1, 1, 1)): the slow data-centre

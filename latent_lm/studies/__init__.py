@@ -1,6 +1,6 @@
-"""Analysis of finished sweeps (issue 5, "Studies"): the LatentLM-vs-DiT scaling law (spec §2.4 scaling family,
-§2.5 DiT twin, §6.1 Fig. 4) in `scaling_law.py` and the tokenizer-variance study (spec §1.5, §6.1 Fig. 6) in
-`tokenizer_variance.py`.
+"""Analysis of finished sweeps (issue 5, "Studies"): the LatentLM-vs-DiT scaling law (docs/method.md §4.6 scaling
+family, §9 DiT twin, §10.2 Fig. 4) in `scaling_law.py` and the tokenizer-variance study (docs/method.md §2.4, §10.2
+Fig. 6) in `tokenizer_variance.py`.
 
 This package file holds what both studies share: the run-directory contract and atomic file writing (the root
 may be a URL, gs://...: `latent_lm.storage`).

@@ -1,7 +1,7 @@
 """LatentLM-vs-DiT scaling law: eval loss against training compute, L(C) = a·C^(−b) + c per family (issue 5).
 
-The paper's Fig. 4 (spec §6.1) shows both families improving with size on the §2.4 scaling family, LatentLM
-scaling better than its DiT twin (§2.5, same token count). Here each family's finished runs are fitted with a
+The paper's Fig. 4 (docs/method.md §10.2) shows both families improving with size on the §4.6 scaling family, LatentLM
+scaling better than its DiT twin (§9, same token count). Here each family's finished runs are fitted with a
 saturating power law in the training FLOPs that `eval/loss.json` reports (counted from the model, see
 `latent_lm/training/flops.py`). The two families' losses are both diffusion losses on the same latents but of
 different conditionals (per token given the prefix vs the whole image jointly), so compare the exponents b and the
@@ -228,7 +228,7 @@ def plot(runs: Sequence[Run], fits: dict[str, PowerLawFit], path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel("eval loss")
-    ax.set_title("Scaling: eval loss vs training compute (spec §6.1, Fig. 4)")
+    ax.set_title("Scaling: eval loss vs training compute (docs/method.md §10.2, Fig. 4)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     save_png(figure, path)

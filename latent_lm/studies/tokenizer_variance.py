@@ -1,9 +1,9 @@
 """Tokenizer-variance study: generation quality of LatentLM and DiT against the σ-VAE's C_σ (issue 5).
 
-The paper's Fig. 6 (spec §6.1, §1.2) sweeps tokenizer variance: LatentLM needs high-variance (σ-VAE) tokenizers,
-DiT (§2.5) is less sensitive, and a KL-VAE tuned for image diffusion (learned variance, collapsed, §1.5) is the
-control. The paper measures collapse only indirectly, through FID; here each tokenizer row also carries the direct
-diagnostic of §1.5 (a), the collapse ratio r = mean posterior |σ| / std(μ), and the σ-VAE's PSNR, both from the
+The paper's Fig. 6 (docs/method.md §2.2, §10.2) sweeps tokenizer variance: LatentLM needs high-variance (σ-VAE)
+tokenizers, DiT (§9) is less sensitive, and a KL-VAE tuned for image diffusion (learned variance, collapsed, §2.4) is
+the control. The paper measures collapse only indirectly, through FID; here each tokenizer row also carries the direct
+diagnostic of §2.4, the collapse ratio r = mean posterior |σ| / std(μ), and the σ-VAE's PSNR, both from the
 generator runs' `eval/final.json` (the runs of one tokenizer share it, so these are averaged over them).
 
 Several runs of one (tokenizer, family) are combined as follows: runs at the same CFG scale (seeds) are averaged,
@@ -206,7 +206,7 @@ def plot(rows: Sequence[TokenizerRun], path: str) -> None:
     for axis in (axes[0].yaxis.set_major_formatter, axes[0].yaxis.set_minor_formatter):
         axis(FormatStrFormatter("%g"))  # plain FD values on the log axis, not 6×10²
     axes[0].legend(fontsize=8)
-    figure.suptitle("Tokenizer variance: generation quality vs C_σ (spec §1.5, §6.1 Fig. 6)")
+    figure.suptitle("Tokenizer variance: generation quality vs C_σ (docs/method.md §2.4, §10.2 Fig. 6)")
     save_png(figure, path)
 
 

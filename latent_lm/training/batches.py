@@ -1,5 +1,5 @@
 """Batch builders: cached latents and labels → the model's sequence arrays, and the condition dropout of CFG
-training (spec §4.1, §4.4). The sequence contract is in `latent_lm/models/latent_lm.py`'s docstring."""
+training (docs/method.md §7.1, §8.3). The sequence contract is in `latent_lm/models/latent_lm.py`'s docstring."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from latent_lm.models.latent_lm import LatentLMConfig
 
 
 def class_conditional_batch(latents: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
-    """[class][z0..z_{N-2}] → targets z0..z_{N-1}: the ImageNet-style sequence (spec §4.1)."""
+    """[class][z0..z_{N-2}] → targets z0..z_{N-1}: the ImageNet-style sequence (docs/method.md §7.1)."""
     chex.assert_rank([latents, labels], [3, 1])
     b, n, c = latents.shape
     tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(labels.astype(jnp.int32))
@@ -24,7 +24,8 @@ def class_conditional_batch(latents: jax.Array, labels: jax.Array) -> dict[str, 
 
 def drop_class_tokens(rng: jax.Array, config: LatentLMConfig, tokens: jax.Array, is_latent: jax.Array,
                       prob: float) -> jax.Array:
-    """CFG training: per example, replace class tokens by the null class with probability `prob` (spec §4.4)."""
+    """CFG training: per example, replace class tokens by the null class with probability `prob`
+    (docs/method.md §8.3)."""
     if not config.num_classes or prob <= 0:
         return tokens
     drop = jax.random.uniform(rng, (tokens.shape[0], 1)) < prob

@@ -2,8 +2,8 @@
 
 Convention: a matmul of [n, a]·[a, b] costs 2nab forward and 6nab forward+backward. Attention scores and the
 weighted sum cost 2·2·T·D per token per layer forward (the full T×T square, PaLM's convention, no causal
-discount). The diffusion head runs on every token `batch_mul` times (spec §3.5), so it is counted ×batch_mul.
-The DiT (spec §2.5) has no multiplier; its conditioning path (timestep MLP, every adaLN modulation) acts on one
+discount). The diffusion head runs on every token `batch_mul` times (docs/method.md §6.2), so it is counted ×batch_mul.
+The DiT (docs/method.md §9) has no multiplier; its conditioning path (timestep MLP, every adaLN modulation) acts on one
 vector per image, so it is counted once per image, not per token. Embedding lookups, norms and elementwise ops
 are not counted.
 """

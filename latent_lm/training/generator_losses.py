@@ -1,5 +1,5 @@
-"""Generator losses: next-token diffusion (LatentLM, spec §3.4–3.5, §4.3) and whole-image diffusion (the DiT twin,
-spec §2.5). Both see the same σ-sampled, normalised latents (`latent_lm.latents.training_latents`)."""
+"""Generator losses: next-token diffusion (LatentLM, docs/method.md §6.1–6.3) and whole-image diffusion (the DiT twin,
+docs/method.md §9). Both see the same σ-sampled, normalised latents (`latent_lm.latents.training_latents`)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from latent_lm.training.batches import drop_class_tokens, drop_labels
 def latent_lm_loss(model: LatentLM, params, batch: dict[str, jax.Array], rng: jax.Array, *,
                    schedule: NoiseSchedule, prediction_type: str, batch_mul: int, class_dropout: float,
                    diffusion_weight: float = 1.0, train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """L = CE (over text targets) + λ·MSE (over latent targets), each averaged over its own targets (spec §4.3).
+    """L = CE (over text targets) + λ·MSE (over latent targets), each averaged over its own targets
+    (docs/method.md §6.3).
 
     The backbone runs once; conditions are repeated `batch_mul`× (adjacent copies, repeat_interleave) and every
-    copy of every target token gets its own uniform t and ε (spec §3.4–3.5). The MSE is in fp32.
+    copy of every target token gets its own uniform t and ε (docs/method.md §6.1–6.2). The MSE is in fp32.
     """
     cfg = model.config
     rng_drop, rng_t, rng_eps = jax.random.split(rng, 3)
@@ -64,7 +65,7 @@ def dit_loss(model: DiT, params, latents: jax.Array, labels: jax.Array, rng: jax
              schedule: NoiseSchedule, prediction_type: str, class_dropout: float, train: bool = True
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Plain MSE (fp32, mean over all elements) of the ε or v prediction with one uniform t per image (official
-    train_hf.py DiT branch; spec §3.4). Labels are dropped to the null class only when `train`."""
+    train_hf.py DiT branch; docs/method.md §6.1). Labels are dropped to the null class only when `train`."""
     chex.assert_rank([latents, labels], [3, 1])
     rng_drop, rng_t, rng_eps = jax.random.split(rng, 3)
     if train:

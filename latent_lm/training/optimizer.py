@@ -1,4 +1,4 @@
-"""AdamW with linear warm-up + cosine decay and global-norm clipping (spec §6.4; official train_hf.py)."""
+"""AdamW with linear warm-up + cosine decay and global-norm clipping (docs/method.md §6.4; official train_hf.py)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ class TrainState:
 
 
 def ema_update(ema, params, step: jax.Array, decay: float):
-    """Official EMA: the first update copies the weights, then a constant decay (spec §6.4)."""
+    """Official EMA: the first update copies the weights, then a constant decay (docs/method.md §6.4)."""
     d = jnp.where(step == 0, 0.0, decay)
     return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)
 

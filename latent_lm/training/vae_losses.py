@@ -1,4 +1,4 @@
-"""The σ-VAE's loss terms (spec §1.4, §1.5); `training.tasks.vae.VAETask.loss` combines them into the one σ-VAE
+"""The σ-VAE's loss terms (docs/method.md §2.3–2.4); `training.tasks.vae.VAETask.loss` combines them into the one σ-VAE
 loss: l1·L1 + l2·MSE + w_p·LPIPS + λ·L_G + kl_weight·(mean(μ²) | KL), plus the discriminator's hinge loss.
 
 All terms are computed in fp32 whatever the model's compute dtype.
@@ -12,12 +12,12 @@ import jax.numpy as jnp
 
 
 def mu_regularizer(mu: jax.Array) -> jax.Array:
-    """Official `kl()`: MSE(μ, 0) with mean reduction, an L2 pull on μ since σ is fixed (spec §1.4)."""
+    """Official `kl()`: MSE(μ, 0) with mean reduction, an L2 pull on μ since σ is fixed (docs/method.md §2.3)."""
     return jnp.mean(jnp.square(mu.astype(jnp.float32)))
 
 
 def kl_divergence(mu: jax.Array, logvar: jax.Array) -> jax.Array:
-    """KL(N(μ, σ²) ‖ N(0, I)) per latent value, averaged: ½·mean(μ² + σ² − 1 − log σ²) (spec §1.5 KL-VAE).
+    """KL(N(μ, σ²) ‖ N(0, I)) per latent value, averaged: ½·mean(μ² + σ² − 1 − log σ²) (docs/method.md §2.4 KL-VAE).
 
     LDM sums it over latent values (and sums the reconstruction over pixels); with both terms mean-reduced here,
     LDM's weight w corresponds to w·(latent values)/(pixel values) (see `ldm_equivalent_kl_weight`).
@@ -33,7 +33,7 @@ def ldm_equivalent_kl_weight(num_latent_values: int, num_pixel_values: int, ldm_
 
 
 def posterior_regularizer(out: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The σ-VAE's μ penalty mean(μ²), or the KL-VAE's KL when `out` carries "logvar" (spec §1.4, §1.5)."""
+    """The σ-VAE's μ penalty mean(μ²), or the KL-VAE's KL when `out` carries "logvar" (docs/method.md §2.3–2.4)."""
     if "logvar" in out:
         kl = kl_divergence(out["mu"], out["logvar"])
         return kl, {"kl": kl, "posterior_std": jnp.mean(jnp.exp(0.5 * out["logvar"].astype(jnp.float32)))}

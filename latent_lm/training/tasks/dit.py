@@ -1,4 +1,4 @@
-"""Class-conditional whole-image diffusion: the DiT twin generator task (spec §2.5)."""
+"""Class-conditional whole-image diffusion: the DiT twin generator task (docs/method.md §9)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from latent_lm.training.tasks.registry import register_generator
 @register_generator("dit")
 @dataclasses.dataclass(frozen=True)
 class DiTTask:
-    """Class-conditional whole-image diffusion with the DiT twin on cached σ-VAE means (spec §2.5).
+    """Class-conditional whole-image diffusion with the DiT twin on cached σ-VAE means (docs/method.md §9).
 
-    The same σ-sampled, normalised latents as LatentLMTask (spec §1.7); then the official DiT branch: one uniform
-    t per image, plain MSE, no batch multiplier (`diffusion.batch_mul` and `config.head` do not apply).
+    The same σ-sampled, normalised latents as LatentLMTask (docs/method.md §3.1); then the official DiT branch: one
+    uniform t per image, plain MSE, no batch multiplier (`diffusion.batch_mul` and `config.head` do not apply).
     """
 
     model: DiT

@@ -1,4 +1,4 @@
-"""Class-conditional next-token diffusion: the LatentLM generator task (spec §3–5)."""
+"""Class-conditional next-token diffusion: the LatentLM generator task (docs/method.md §5–8)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from latent_lm.training.tasks.registry import register_generator
 class LatentLMTask:
     """Class-conditional next-token diffusion on cached σ-VAE means.
 
-    The σ-VAE noise is applied on device every step (the LM trains on *sampled* latents, spec §1.7), then the
+    The σ-VAE noise is applied on device every step (the LM trains on *sampled* latents, docs/method.md §3.1), then the
     latents are normalised and laid out as [class][z0..z_{N-2}].
     """
 
@@ -55,7 +55,7 @@ class LatentLMTask:
                                        batch["label"])
 
     def make_sampler(self, settings: SamplerSettings):
-        """Jitted `sample(params, labels [B], rng) -> normalised latents [B, N, C]` (spec §5)."""
+        """Jitted `sample(params, labels [B], rng) -> normalised latents [B, N, C]` (docs/method.md §8)."""
         return make_sampler(self.model, self.schedule, settings, self.num_tokens)
 
     def train_flops_per_example(self) -> float:

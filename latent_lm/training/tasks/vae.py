@@ -1,5 +1,5 @@
-"""The σ-VAE tokenizer's training task (spec §1.4, §1.5): the one σ-VAE loss, with the optional LPIPS and PatchGAN
-terms."""
+"""The σ-VAE tokenizer's training task (docs/method.md §2.3–2.4): the one σ-VAE loss, with the optional LPIPS and
+PatchGAN terms."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def make_vae(config) -> SigmaVAE:
 
 @dataclasses.dataclass(frozen=True)
 class VAETask:
-    """σ-VAE (or KL-VAE control) training on images in [-1, 1] (spec §1.4, §1.5):
+    """σ-VAE (or KL-VAE control) training on images in [-1, 1] (docs/method.md §2.3–2.4):
 
         L = l1·L1 + l2·MSE + w_p·LPIPS + λ·L_G + kl_weight·(mean(μ²) | KL)   for the σ-VAE,
           + L_D                                                              for the discriminator.
