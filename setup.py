@@ -14,7 +14,7 @@ setup(
     install_requires=[
         "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "ml-collections", "tensorflow-datasets",
         "einops", "chex", "absl-py", "tensorboardX", "importlib_resources", "array_record", "numpy", "scipy",
-        "matplotlib", "safetensors", "pillow",
+        "matplotlib", "safetensors", "pillow", "tokenizers",
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "diffusers", TORCH],
