@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from latent_lm.models.diffusion_head import DiffusionHead
-from latent_lm.models.layers import Dense, KVCache, rms_norm
+from latent_lm.models.layers import Dense, KVCache, attention_mask, rms_norm
 from latent_lm.models.transformer import ConditionLayer, Transformer
 
 
@@ -93,10 +93,10 @@ class LatentLM(nn.Module):
         lat = self.latent_embed(latents)
         return nn.with_logical_constraint(jnp.where(is_latent[..., None], lat, tok), ("batch", "length", "embed"))
 
-    def backbone_forward(self, h: jax.Array, positions: jax.Array, caches: KVCache | None = None
-                         ) -> tuple[jax.Array, jax.Array, KVCache | None]:
+    def backbone_forward(self, h: jax.Array, positions: jax.Array, caches: KVCache | None = None,
+                         mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, KVCache | None]:
         """Runs the causal stack; returns (conditions, hidden, caches). Conditions feed the diffusion head."""
-        hidden, caches = self.backbone(h, positions, caches)
+        hidden, caches = self.backbone(h, positions, caches, mask)
         return self.condition_layer(hidden), hidden, caches
 
     def lm_logits(self, hidden: jax.Array) -> jax.Array:
@@ -106,11 +106,15 @@ class LatentLM(nn.Module):
     def diffuse(self, x_t: jax.Array, t: jax.Array, condition: jax.Array) -> jax.Array:
         return self.head(x_t, t, condition).astype(jnp.float32)
 
-    def __call__(self, tokens, latents, is_latent, positions=None):
-        """Teacher-forced pass: (conditions [B,T,D], hidden [B,T,D]). Also used by `init`."""
+    def __call__(self, tokens, latents, is_latent, positions=None, segment_ids=None):
+        """Teacher-forced pass: (conditions [B,T,D], hidden [B,T,D]). Also used by `init`.
+
+        A packed row holds several documents: `segment_ids` [B,T] keeps attention inside each, and `positions` then
+        restart at 0 in every document (`training.batches.segment_positions`)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        cond, hidden, _ = self.backbone_forward(self.embed(tokens, latents, is_latent), positions)
+        mask = None if segment_ids is None else attention_mask(segment_ids)
+        cond, hidden, _ = self.backbone_forward(self.embed(tokens, latents, is_latent), positions, mask=mask)
         if self.is_initializing():  # create every parameter once
             self.diffuse(latents, jnp.zeros(tokens.shape, jnp.int32), cond)
             if self.config.text_vocab_size:

@@ -122,6 +122,24 @@ class SwiGLU(nn.Module):
         return Dense(width, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
 
 
+def attention_mask(segment_ids: jax.Array, bidirectional_spans: jax.Array | None = None) -> jax.Array:
+    """Which keys each query may attend to in a packed row (docs/method.md §4.1): bool [B, 1, T, T].
+
+    Query i sees key j when both are in the same document (`segment_ids` [B, T], one id per packed document) and
+    j ≤ i (causal), or when both lie in the same bidirectional span (`bidirectional_spans` [B, T]: a span id > 0 per
+    position, 0 outside any span; Transfusion's image spans). Every position sees itself, padding included.
+    """
+    chex.assert_rank(segment_ids, 2)
+    t = segment_ids.shape[1]
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    allowed = jnp.tril(jnp.ones((t, t), bool))[None]
+    if bidirectional_spans is not None:
+        chex.assert_equal_shape([segment_ids, bidirectional_spans])
+        span = bidirectional_spans[:, :, None]
+        allowed = allowed | ((span == bidirectional_spans[:, None, :]) & (span > 0))
+    return (same_doc & allowed)[:, None]
+
+
 @flax.struct.dataclass
 class KVCache:
     """Static-size per-layer cache of *rotated* keys and values, [B, max_len, n_kv, d_head] each."""
@@ -138,7 +156,8 @@ class Attention(nn.Module):
     With a cache, the new keys/values are written at `positions` and every query attends to cache slots
     whose index ≤ its own position, which is exactly causal attention over the filled prefix.
     `causal=False, rope=False` is the DiT twin's attention (docs/method.md §9): bidirectional, positions unused, no
-    cache.
+    cache. Without a cache, `mask` ([B, 1, T, T] bool, `attention_mask`) replaces the plain causal mask: packed
+    documents, bidirectional spans.
     """
 
     num_heads: int
@@ -149,10 +168,10 @@ class Attention(nn.Module):
     rope: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array | None, cache: KVCache | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
-        if cache is not None and not self.causal:
-            raise ValueError("a KV cache needs causal attention")
+    def __call__(self, x: jax.Array, positions: jax.Array | None, cache: KVCache | None = None,
+                 mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        if cache is not None and (not self.causal or mask is not None):
+            raise ValueError("a KV cache needs plain causal attention (no mask)")
         width = x.shape[-1]
         head_dim = width // self.num_heads
         q = Dense((self.num_heads, head_dim), ("embed", "heads", "kv"), dtype=self.dtype, name="query")(x)
@@ -161,7 +180,9 @@ class Attention(nn.Module):
         if self.rope:
             q = apply_rope(q, positions, self.posi_scale)
             k = apply_rope(k, positions, self.posi_scale)
-        if cache is None:
+        if cache is None and mask is not None:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        elif cache is None:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             # Every row of the batch writes at the same offset (positions[0, 0]); the sampler guarantees it.

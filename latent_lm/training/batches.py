@@ -38,3 +38,14 @@ def drop_labels(rng: jax.Array, labels: jax.Array, null_class: int, prob: float)
     if prob <= 0:
         return labels
     return jnp.where(jax.random.uniform(rng, labels.shape) < prob, null_class, labels)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 where each packed document starts ([B, T] int32; a new document begins where the
+    segment id changes), so RoPE sees every document as if it were alone (docs/method.md §4.1)."""
+    chex.assert_rank(segment_ids, 2)
+    t = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return (idx - first).astype(jnp.int32)
