@@ -1,7 +1,9 @@
-"""Shared helpers for the benchmark scripts: timing and a random-weight model from a config."""
+"""Shared helpers for the benchmark scripts: timing, a random-weight model from a config, and the model-size flags
+(`--width/--depth/--head_depth`, default: the config's) that let tests run every script at a tiny size."""
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import flax.linen as nn
@@ -10,6 +12,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--width", type=int, default=None, help="backbone width (default: the config's)")
+    p.add_argument("--depth", type=int, default=None, help="backbone depth (default: the config's)")
+    p.add_argument("--head_depth", type=int, default=None, help="diffusion head depth (default: the config's)")
+
+
+def apply_model_flags(c, args: argparse.Namespace) -> None:
+    """Overrides the experiment config `c` with the size flags that were given."""
+    if args.width:
+        c.model.width = args.width
+    if args.depth:
+        c.model.depth = args.depth
+    if args.head_depth:
+        c.head.depth = args.head_depth
 
 
 def time_fn(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
@@ -28,12 +46,16 @@ def random_model(cfg: LatentLMConfig, seed: int = 0):
     """LatentLM with random weights everywhere (the zero-init head outputs are perturbed so sampling does work)."""
     model = LatentLM(cfg)
     n = cfg.max_len
-    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, n), jnp.int32),
-                                          jnp.zeros((1, n, cfg.latent_dim)), jnp.zeros((1, n), bool)))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    leaves = [x + 0.02 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    return model, jax.tree.unflatten(tree, leaves)
+
+    def init(rng):  # one compiled program (per-leaf eager ops would compile a kernel per parameter shape)
+        params = nn.unbox(model.init(rng, jnp.zeros((1, n), jnp.int32), jnp.zeros((1, n, cfg.latent_dim)),
+                                     jnp.zeros((1, n), bool)))
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+        return jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape, x.dtype)
+                                         for x, k in zip(leaves, keys)])
+
+    return model, jax.jit(init)(jax.random.PRNGKey(seed))
 
 
 def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:

@@ -3,6 +3,7 @@ same compiled step fed by one synthetic batch already on device, measured side b
 
   python benchmarks/input_pipeline.py                                   # the embedded default model and data
   python benchmarks/input_pipeline.py --cache=runs/default/latents/train --workers=2
+  python benchmarks/input_pipeline.py --num_examples=64 --width=32 --depth=1 --batch=8 --steps=2 --rounds=1  # smoke
 
 The fed loop is what the train loop does: `next(iterator)` (ArrayRecord read, decode, shuffle, batch), then
 `shard_batch` (`make_array_from_process_local_data`), then the step; JAX dispatch is asynchronous, so the host
@@ -30,6 +31,7 @@ import numpy as np
 from configs import default
 from data_pipelines.image_pipeline import ordered_images
 from data_pipelines.latent_cache import encode_to_latent_cache, make_latent_dataset
+from benchmarks.common import add_model_flags, apply_model_flags
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.mesh import DEFAULT_RULES, make_mesh, shard_batch
 from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
@@ -38,27 +40,33 @@ from latent_lm.latents import LatentNormalization
 from latent_lm.training.train_loop import build_state_fns, jit_train_step
 
 
-def build_cache(config, path: str) -> None:
-    """MNIST train split → random-init σ-VAE means → a sharded latent cache at `path`."""
+def build_cache(config, path: str, num_examples: int | None = None) -> None:
+    """MNIST train split (its first `num_examples`, default all) → random-init σ-VAE means → a sharded latent cache
+    at `path`."""
     task = VAETask.from_config(config)
     params = nn.unbox(jax.jit(task.init_params)(jax.random.PRNGKey(0)))
     enc = jax.jit(lambda x: task.model.apply(params, x, method=SigmaVAE.encode))
     count, read_batches = ordered_images(config.data, "train", 500)
+    count = min(count, num_examples or count)
     encode_to_latent_cache(path, num_examples=count, read_batches=read_batches, encode_fn=enc,
                            num_shards=config.data.cache_shards, metadata={}, fingerprint={"benchmark": True},
                            process_index=0, process_count=1)
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--cache", default=None, help="a latent cache (default: build one from MNIST in a temp dir)")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
     p.add_argument("--workers", type=int, default=0, help="grain worker processes (data.num_workers)")
     p.add_argument("--steps", type=int, default=20, help="steps per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds of each loop, alternating")
-    args = p.parse_args()
+    p.add_argument("--num_examples", type=int, default=None,
+                   help="without --cache: encode only the first N MNIST train images (default: all)")
+    add_model_flags(p)
+    args = p.parse_args(argv)
 
     c = default.get_config()
+    apply_model_flags(c, args)
     batch = args.batch or c.train.batch_size
     tmp = None
     cache = args.cache
@@ -66,7 +74,7 @@ def main():
         tmp = tempfile.TemporaryDirectory()
         cache = os.path.join(tmp.name, "train")
         t0 = time.perf_counter()
-        build_cache(c, cache)
+        build_cache(c, cache, args.num_examples)
         print(f"built a temporary cache of the MNIST train split in {time.perf_counter() - t0:.1f} s")
 
     task = LatentLMTask.from_config(c, LatentNormalization(1.0, 0.0))

@@ -2,6 +2,7 @@
 
   python benchmarks/sampling.py                    # embedded default size: 49 tokens, K=20, CFG
   python benchmarks/sampling.py --size=B --batch=256 --dtype=bfloat16 --skip_reference   # GPU throughput
+  python benchmarks/sampling.py --width=32 --depth=1 --head_depth=1 --tokens=4 --batch=2 --steps=2   # smoke test
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import random_model, time_fn
+from benchmarks.common import add_model_flags, apply_model_flags, random_model, time_fn
 from configs import default
 from latent_lm.diffusion import make_schedule
 from latent_lm.models.latent_lm import LatentLMConfig
@@ -25,7 +26,7 @@ from latent_lm.sampling import SamplerSettings, make_sampler
 from tests.reference_samplers import make_reference_sampler
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", default=None)
     p.add_argument("--batch", type=int, default=100)
@@ -33,11 +34,16 @@ def main():
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--skip_reference", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--tokens", type=int, default=None, help="sequence length (default: the config's)")
+    add_model_flags(p)
+    args = p.parse_args(argv)
     c = default.get_config()
     if args.size:
         apply_preset(c.model, c.head, args.size)
         c.model.update(dict(max_len=256, latent_dim=16, num_classes=1000))
+    if args.tokens:
+        c.model.max_len = args.tokens
+    apply_model_flags(c, args)
     c.model.dtype = args.dtype
     cfg = LatentLMConfig.from_config(c)
     model, params = random_model(cfg)

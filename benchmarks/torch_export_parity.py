@@ -53,7 +53,7 @@ def jax_models(workdir: str, params: str):
     return task, jax.device_get(lm_params), vtask.model, jax.device_get(vstate.params), config
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", default="runs/default")
     p.add_argument("--out", default=None)
@@ -62,7 +62,7 @@ def main():
     p.add_argument("--torch_threads", type=int, default=1,
                    help="PyTorch intra-op threads (1 is robust on a shared machine; 2 threads ran 2.6× slower than 1 "
                         "here while one other process kept a core busy)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     out = args.out or f"{args.workdir}/export"
 

@@ -2,6 +2,7 @@
 
   python benchmarks/train_step.py                      # the embedded default model (configs/default.py)
   python benchmarks/train_step.py --size=B --dtype=bfloat16 --batch=32 --peak=989e12   # GPU MFU
+  python benchmarks/train_step.py --width=32 --depth=1 --batch=4 --steps=1 --matmul_n=256   # smoke test (tests)
 FLOPs come from latent_lm.training.flops (the head counted ×batch_mul).
 """
 
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from benchmarks.common import matmul_peak_flops, time_fn
+from benchmarks.common import add_model_flags, apply_model_flags, matmul_peak_flops, time_fn
 from configs import default
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.presets import apply_preset
@@ -30,7 +31,7 @@ from latent_lm.training.train_loop import build_state_fns, jit_train_step
 from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", default=None, help="a preset (B, L, H, Base, …); default: the embedded model")
     p.add_argument("--batch", type=int, default=None)
@@ -39,7 +40,9 @@ def main():
     p.add_argument("--dtype", default="float32")
     p.add_argument("--peak", type=float, default=None, help="vendor peak FLOP/s (else a measured matmul peak)")
     p.add_argument("--steps", type=int, default=5)
-    args = p.parse_args()
+    p.add_argument("--matmul_n", type=int, default=2048, help="side of the square matmul that measures the peak")
+    add_model_flags(p)
+    args = p.parse_args(argv)
 
     c = default.get_config()
     if args.size:
@@ -49,6 +52,7 @@ def main():
         c.model.max_len = args.tokens
     if args.latent_dim:
         c.model.latent_dim = args.latent_dim
+    apply_model_flags(c, args)
     c.model.dtype = args.dtype
     c.vae.latent_dim = c.model.latent_dim
     batch = args.batch or c.train.batch_size
@@ -72,7 +76,7 @@ def main():
 
             seconds = time_fn(one, repeats=args.steps, warmup=2)
     flops = train_flops_per_step(cfg, batch, cfg.max_len, c.diffusion.batch_mul)
-    peak = args.peak or matmul_peak_flops(dtype=jnp.dtype(args.dtype))
+    peak = args.peak or matmul_peak_flops(args.matmul_n, dtype=jnp.dtype(args.dtype))
     achieved = flops["total"] / seconds
     print(f"device: {jax.devices()[0].device_kind}  model: width {cfg.width} depth {cfg.depth} "
           f"head {cfg.head_depth}  batch {batch} × {cfg.max_len} tokens  head ×{c.diffusion.batch_mul}  {args.dtype}")

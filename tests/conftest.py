@@ -40,3 +40,107 @@ def pytest_configure(config):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shared fixtures below this line.
+
+import pytest  # noqa: E402
+
+
+def write_tiny_run(workdir: str, arch: str = "latent_lm") -> dict:
+    """A workdir laid out as `--mode=all` leaves it, at the `default.py:tiny=1` size (backbone depth 1, 2 solver
+    steps, 1 sample per class; `arch`: "latent_lm" or its DiT twin "dit"), written without training or compiling:
+    lm/ and vae/ checkpoints (step 7) whose params are random in every leaf (so the zero-initialised head layers are
+    exercised) and whose EMA params are other random values, and eval/classifier.msgpack (random weights). For the
+    export/import CLIs and the PyTorch-parity benchmark, which read only these files.
+
+    Returns dict(workdir, config, lm_raw, lm_ema, vae_raw): the config the checkpoints hold, host params."""
+    import jax
+    import ml_collections
+    import numpy as np
+
+    from configs import default
+    from latent_lm.checkpoint import Checkpointer
+    from latent_lm.evaluation import classifier as clf
+    from latent_lm.latents import LatentNormalization
+    from latent_lm.parallel.mesh import logical_rules, make_mesh
+    from latent_lm.training.optimizer import make_optimizer
+    from latent_lm.training.tasks import VAETask, make_generator_task
+    from latent_lm.training.train_loop import build_state_fns
+
+    config = default.get_config("tiny=1")
+    config.model.update(dict(arch=arch, depth=1))
+    config.diffusion.num_sampling_steps = 2
+    config.eval.update(dict(samples_per_class=1, sample_batch=10))
+    norm = LatentNormalization(scale=0.8, bias=0.1)  # not the identity: exports must carry it
+    mesh = make_mesh(ml_collections.ConfigDict(dict(shape=(1, 1, 1))), jax.devices()[:1])
+    rng = np.random.default_rng(0)
+
+    def filled(abstract, std):  # std: N(0, std²) values, else zeros (optimizer moments, counters, key)
+        return jax.tree.map(lambda a: jax.device_put(
+            (rng.normal(0.0, std, a.shape) if std else np.zeros(a.shape)).astype(a.dtype), a.sharding), abstract)
+
+    def write(task, optim, train, train_dir, meta):
+        _, abstract, _ = build_state_fns(task, make_optimizer(optim, train.steps), mesh, logical_rules(config.mesh), 0)
+        state = filled(abstract, 0).replace(step=jax.device_put(np.int32(7), abstract.step.sharding),
+                                            params=filled(abstract.params, 0.05),
+                                            ema_params=filled(abstract.ema_params, 0.05))
+        ckpt = Checkpointer(f"{train_dir}/checkpoints", async_save=False)
+        ckpt.save(7, state, meta=dict(meta, config=config.to_json()), force=True)
+        ckpt.wait()
+        ckpt.close()
+        return jax.device_get(state.params), jax.device_get(state.ema_params)
+
+    lm_raw, lm_ema = write(make_generator_task(config, norm), config.optim, config.train, f"{workdir}/lm",
+                           {"latent_norm": norm.to_dict()})
+    vae_raw, _ = write(VAETask.from_config(config), config.vae_optim, config.vae_train, f"{workdir}/vae", {})
+    classifier = jax.eval_shape(clf.CNNClassifier(10).init, jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1)))
+    clf.save_classifier(jax.tree.map(lambda a: rng.normal(0.0, 0.1, a.shape).astype(a.dtype), classifier),
+                        f"{workdir}/eval/classifier.msgpack")
+    return dict(workdir=workdir, config=config, lm_raw=lm_raw, lm_ema=lm_ema, vae_raw=vae_raw)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_workdir(tmp_path_factory):
+    """`write_tiny_run` of a LatentLM run (written once per session; treat it as read-only)."""
+    return write_tiny_run(str(tmp_path_factory.mktemp("tiny_run")))
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_workdir(tmp_path_factory):
+    """`write_tiny_run` of a DiT-twin run (written once per session; treat it as read-only)."""
+    return write_tiny_run(str(tmp_path_factory.mktemp("tiny_dit_run")), arch="dit")
+
+
+@pytest.fixture(scope="session")
+def toy_reference(tmp_path_factory):
+    """The uninterrupted toy run (test_train_loop.reference_run: REF_STEPS steps on one device, checkpoints every
+    REF_EVERY) that the resume, restore, fault and bucket tests compare against; built once per xdist worker.
+    Read-only: copy its workdir before resuming from its checkpoints."""
+    from test_train_loop import reference_run  # noqa: PLC0415  (a test module: importable once pytest runs)
+
+    return reference_run(tmp_path_factory.mktemp("toy_reference") / "run")
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+    """XLA with most optimisations off (`jax_disable_most_optimizations`: LLVM -O0, no expensive passes) for a module
+    of tiny-model tests, whose cost is mostly compiling: a train step compiles in about half the time (measured here
+    10.7 → 5.8 s CPU), execution is slower (fine for a few hundred tiny steps, not for long runs). Same programs, so
+    the same results up to rounding. Use with `pytestmark = pytest.mark.usefixtures("fast_compile")`; module
+    fixtures that compile should request it too (pytest sets up same-scope fixtures in request order)."""
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture
+def optimized_compile():
+    """Full XLA optimisation for one long-running test inside a `fast_compile` module (execution-bound: many steps
+    of a larger model), restored afterwards."""
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)

@@ -19,12 +19,14 @@ from latent_lm.diffusion import NoiseSchedule, dpm_solver_sample
 from latent_lm.diffusion.dpm_solver import ModelFn
 from latent_lm.diffusion.schedule import check_prediction_type
 from latent_lm.models.latent_lm import LatentLM
-from latent_lm.sampling import SamplerSettings, guided_head, with_null_prefix
+from latent_lm.sampling import SamplerSettings
 
 
 def make_reference_sampler(model: LatentLM, schedule: NoiseSchedule, settings: SamplerSettings) -> Callable:
-    """No-cache reference `sample(params, prefix [B,P], noise [N,B,C]) -> [B,N,C]`: a Python loop over positions
-    that recomputes the whole prefix every time (for tests and benchmarks only; compiles once per length)."""
+    """No-cache reference `sample(params, prefix [B,P], noise [N,B,C], null_prefix=None) -> [B,N,C]`: a Python loop
+    over positions that recomputes the whole prefix every time (for tests and benchmarks only; compiles once per
+    length). With CFG the unconditional rows start from `null_prefix` [B,P] (None: the null class everywhere), as
+    `sampling.sample_latents` does."""
 
     @jax.jit
     def last_condition(params, toks, lats, is_lat):
@@ -33,12 +35,24 @@ def make_reference_sampler(model: LatentLM, schedule: NoiseSchedule, settings: S
 
     @jax.jit
     def solve(params, cond, x_T):
-        return dpm_solver_sample(guided_head(model, params, cond, settings.cfg_scale), x_T, schedule,
-                                 settings.num_steps, settings.prediction_type, settings.x0_clip)
+        def head(x, t, cond):
+            return model.apply(params, x, t, cond, method=LatentLM.diffuse)
 
-    def sample(params, prefix, noise):
+        def guided(x, t):  # written out here, not sampling.guided_head: CFG's u + s·(c − u) on [cond; uncond] rows
+            if settings.cfg_scale is None:
+                return head(x, t, cond)
+            c, u = (head(x, t, half) for half in jnp.split(cond, 2))
+            return u + settings.cfg_scale * (c - u)
+
+        return dpm_solver_sample(guided, x_T, schedule, settings.num_steps, settings.prediction_type,
+                                 settings.x0_clip)
+
+    def sample(params, prefix, noise, null_prefix=None):
         n, _, c = noise.shape
-        toks = prefix if settings.cfg_scale is None else with_null_prefix(model, prefix, None)
+        if settings.cfg_scale is not None:  # conditional rows, then unconditional rows (the null class by default)
+            null = jnp.full_like(prefix, model.config.null_class) if null_prefix is None else null_prefix
+            prefix = jnp.concatenate([prefix, null.astype(prefix.dtype)])
+        toks = prefix
         rows, p = toks.shape
         lats, is_lat = jnp.zeros((rows, p, c)), jnp.zeros((rows, p), bool)
         out = []

@@ -1,7 +1,8 @@
 """Every experiment config instantiates, validates, has the model size it claims, and its tiny variant lowers.
 
 The list covers each config file's documented arguments and every point of every `get_sweep()`; the tiny variant
-(`:...,tiny=1`, the same recipe on the embedded data) of each is traced and lowered through the real train step.
+(`:...,tiny=1`, the same recipe on the embedded data) of each validates, and each distinct train-step program among
+them is traced and lowered through the real train step.
 """
 
 import importlib
@@ -92,10 +93,49 @@ def _tiny_cases():
 TINY = _tiny_cases()
 
 
+def _train_step_key(config) -> str:
+    """Everything the tiny variant's train step is built from (its task, optimizer, schedule, batch and mesh); the
+    rest (dataset name, paths, eval, checkpointing, the σ-VAE's nonzero std, a constant) leaves the program's
+    structure as it is."""
+    if "train" in config.stages:
+        sections = ("model", "head", "diffusion", "optim", "train")
+        vae = dict(kind=config.vae.get("kind", "sigma"), zero_std=config.vae.std == 0, latent_dim=config.vae.latent_dim,
+                   patch_size=config.vae.patch_size)
+    else:
+        sections = ("vae", "vae_loss", "vae_optim", "vae_train")
+        vae = {}
+    key = {s: config[s].to_dict() for s in sections}
+    key.update(mesh=config.mesh.to_dict(), vae_shape=vae, images=(config.data.image_size, config.data.channels,
+                                                                  config.data.num_classes))
+    for s in ("train", "vae_train"):
+        if s in key:
+            key[s] = {k: v for k, v in key[s].items() if k not in ("log_every", "seed")}
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def _programs():
+    """One tiny variant per distinct train-step program, with the other variants that build the same one."""
+    groups: dict[str, list] = {}
+    for name, arg, config in TINY:
+        groups.setdefault(_train_step_key(config), []).append((name, arg, config))
+    return list(groups.values())
+
+
+PROGRAMS = _programs()
+
+
 @pytest.mark.parametrize("name,arg,config", TINY, ids=[f"{n}:{a}" for n, a, _ in TINY])
-def test_tiny_variant_lowers_the_train_step(name, arg, config):
+def test_tiny_variant_validates_on_embedded_data(name, arg, config):
     validate(config, STAGES)
     assert config.data.dataset in ("mnist", "animal_mnist")  # embedded data
+
+
+@pytest.mark.parametrize("group", PROGRAMS, ids=[f"{g[0][0]}:{g[0][1]}" + (f"(+{len(g) - 1})" if len(g) > 1 else "")
+                                                 for g in PROGRAMS])
+def test_tiny_variant_lowers_the_train_step(group):
+    """Traced and lowered through the real train step, once per distinct program: the variants in `group` build
+    the same one (`_train_step_key`), so lowering the first lowers them all."""
+    _, _, config = group[0]
     task, train_cfg, optim_cfg = _task(config)
     mesh = make_mesh(config.mesh)
     rules = logical_rules(config.mesh)
@@ -112,6 +152,18 @@ def test_tiny_variant_lowers_the_train_step(name, arg, config):
                               shardings, mesh)
         hlo = step.lower(abstract, batch).as_text()
     assert "stablehlo.dot_general" in hlo
+
+
+def test_train_step_key_tells_programs_apart():
+    """The grouping above merges only what builds one program: the default's tiny variant shares its key with the
+    animal-silhouette one, and a change to the model, the optimizer or the posterior splits it."""
+    base = _load("default", "tiny=1")
+    assert _train_step_key(base) == _train_step_key(_load("default", "animal_mnist,tiny=1"))
+    for section, field, value in (("model", "width", 64), ("optim", "lr", 0.5), ("vae", "kind", "kl"),
+                                  ("vae", "std", 0.0), ("train", "batch_size", 8), ("mesh", "shape", (1, -1, 1))):
+        other = _load("default", "tiny=1")
+        other[section][field] = value
+        assert _train_step_key(other) != _train_step_key(base), (section, field)
 
 
 @pytest.mark.parametrize("name,arg,message", [

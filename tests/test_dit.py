@@ -4,6 +4,7 @@ CLI end to end (train → sample → eval_loss)."""
 
 import json
 import os
+import shutil
 import subprocess
 
 import cli_runs
@@ -18,6 +19,7 @@ from test_train_loop import configs
 
 from configs import default
 from data_pipelines.latent_cache import write_latent_cache
+from latent_lm import experiment
 from latent_lm.convert.torch_modules import get_2d_sincos_pos_embed
 from latent_lm.errors import ConfigError
 from latent_lm.models.dit import DiT, DiTConfig, sincos_pos_embed_2d
@@ -31,6 +33,9 @@ from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
 from latent_lm.training.tasks import DiTTask, make_generator_task
 from latent_lm.latents import LatentNormalization
 from latent_lm.training.train_loop import build_state_fns, jit_train_step, train
+
+# Tiny models: compiling is most of this file's cost (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 CLASSES, TOKENS, CHANNELS = 4, 16, 4
 CLASS_MEANS = np.array([-1.5, -0.5, 0.5, 1.5], np.float32)
@@ -182,12 +187,15 @@ def test_flops_match_the_parameter_shapes_and_xla():
 
 # ---- training and sampling ----
 
+TRAIN_STEPS = 400
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, fast_compile):
     """400 steps of the real train loop on the toy class-conditional latents (one device; ≈ 3 s of steps, the rest
     is compilation)."""
     task = make_task()
-    optim, train_cfg, ckpt = configs(400)
+    optim, train_cfg, ckpt = configs(TRAIN_STEPS)
     workdir = str(tmp_path_factory.mktemp("dit") / "run")
     res = train(task, toy_data(), optim_config=optim, train_config=train_cfg, mesh=one_device_mesh(),
                 rules=DEFAULT_RULES, workdir=workdir, checkpoint_config=ckpt, log=lambda s: None)
@@ -197,7 +205,7 @@ def trained(tmp_path_factory):
 def test_loss_falls_in_the_train_loop(trained):
     _, _, workdir = trained
     rows = read_metrics(workdir)
-    assert rows[-1]["step"] == 400 and {"loss", "diffusion_loss", "grad_norm"} <= set(rows[-1])
+    assert rows[-1]["step"] == TRAIN_STEPS and {"loss", "diffusion_loss", "grad_norm"} <= set(rows[-1])
     first = np.mean([r["loss"] for r in rows[:2]])
     last = np.mean([r["loss"] for r in rows[-10:]])
     assert last < 0.5 * first, (first, last)
@@ -250,12 +258,14 @@ def test_sampler_cfg_determinism_and_clipping(trained):
 # ---- parallelism ----
 
 def _steps(task, shape, n=3):
-    optim, _, _ = configs(n)
-    tx, schedule = make_optimizer(optim, n), learning_rate_schedule(optim, n)
+    """The first n steps of the `trained` run's optimizer (the same schedule, logical rules and batches as `train`),
+    so the one-device step is the program `trained` compiled: the persistent compilation cache serves it."""
+    optim, _, _ = configs(TRAIN_STEPS)
+    tx, schedule = make_optimizer(optim, TRAIN_STEPS), learning_rate_schedule(optim, TRAIN_STEPS)
     mesh = make_mesh(ml_collections.ConfigDict(dict(shape=shape)), jax.devices()[: int(np.prod(shape))])
     init, _, shardings = build_state_fns(task, tx, mesh, DEFAULT_RULES, 0)
     data, losses = toy_data(), []
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         state = init(jax.random.PRNGKey(0))
         step = jit_train_step(task, tx, schedule, optim.ema_decay, shardings, mesh)
         for _ in range(n):
@@ -264,6 +274,7 @@ def _steps(task, shape, n=3):
     return losses, state, shardings
 
 
+@pytest.mark.slow
 def test_sharded_run_matches_one_device():
     """DP × FSDP × TP (2, 2, 2) trains like one device, with the parameters really split by the logical rules."""
     task = make_task()
@@ -272,11 +283,24 @@ def test_sharded_run_matches_one_device():
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for x, y in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(ref_state.params))):
         np.testing.assert_allclose(x, y, atol=2e-5, rtol=2e-4)
-    blocks = state.params["params"]["blocks"]
+    _check_dit_layout(state.params, shardings.params)
+
+
+def _check_dit_layout(params, param_shardings):
+    blocks = params["params"]["blocks"]
     assert blocks["mlp"]["fc1"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert blocks["adaLN_modulation"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-    name, size = largest_replicated(state.params, shardings.params)
+    name, size = largest_replicated(params, param_shardings)
     assert size <= 256, (name, size)
+
+
+def test_sharded_layout_follows_the_logical_rules():
+    """Fast sibling of the sharded run: on the (2, 2, 2) mesh the DiT's state is laid out by the logical rules (the
+    block kernels split over fsdp × tensor, nothing larger than 256 elements whole), from the abstract state alone."""
+    optim, _, _ = configs(TRAIN_STEPS)
+    mesh = make_mesh(ml_collections.ConfigDict(dict(shape=(2, 2, 2))), jax.devices())
+    _, abstract, shardings = build_state_fns(make_task(), make_optimizer(optim, TRAIN_STEPS), mesh, DEFAULT_RULES, 0)
+    _check_dit_layout(abstract.params, shardings.params)
 
 
 def test_remat_policies_give_the_same_gradients():
@@ -288,43 +312,73 @@ def test_remat_policies_give_the_same_gradients():
     for remat in ("none", "full"):  # "dots" is the same nn.remat wrapper with another policy
         model = make_task(remat=remat).model
         f = lambda p, m=model: jnp.sum(jnp.square(m.apply(p, x, t, y)))  # noqa: E731
-        grads[remat] = jax.grad(f)(params)
+        grads[remat] = jax.jit(jax.grad(f))(params)
         if remat != "none":
             assert "remat" in str(jax.make_jaxpr(jax.grad(f))(params))
     for a, b in zip(jax.tree.leaves(grads["full"]), jax.tree.leaves(grads["none"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-# ---- the CLI ----
+# ---- the stages and the CLI ----
+
+def _synthetic_cache(workdir: str, counts=(("train", 256), ("test", 64))) -> None:
+    """Class-dependent latents in the default config's shape [49, 4], with the identity normalisation."""
+    rng = np.random.default_rng(0)
+    for split, count in counts:
+        labels = rng.integers(0, 10, count).astype(np.int32)
+        latents = (labels[:, None, None] / 5.0 - 1.0 + 0.3 * rng.standard_normal((count, 49, 4))).astype(np.float32)
+        meta = {"latent_norm": cli_runs.NORM} if split == "train" else {}
+        write_latent_cache(os.path.join(workdir, "latents", split), latents, labels, meta)
+
+
+def _check_stage_outputs(workdir: str, config, num_images: int, steps: int) -> None:
+    """What sample and eval_loss leave for the DiT twin: uint8 samples, and the held-out loss with the DiT's own
+    FLOPs and parameter count."""
+    samples = np.load(f"{workdir}/samples/final.npz")
+    assert samples["images"].shape == (num_images, 28, 28, 1) and samples["images"].dtype == np.uint8
+    task = make_generator_task(config, LatentNormalization(**cli_runs.NORM))
+    assert isinstance(task, DiTTask)
+    loss = json.loads(open(f"{workdir}/eval/loss.json").read())
+    assert loss["family"] == "dit" and loss["steps"] == steps and np.isfinite(loss["eval_loss"])
+    assert loss["flops_per_step"] == task.train_flops_per_example() * config.train.batch_size
+    assert loss["params"] == param_count(task.model.config)
+
+
+def test_sample_and_eval_loss_stages_of_the_dit_twin(tiny_dit_workdir, tmp_path):
+    """Fast sibling of the CLI test below: the sample and eval_loss stages in this process, on one device, on a DiT
+    checkpoint at the `tiny=1` size (`tiny_dit_workdir`: random weights at step 7, written without training; the
+    train stage's loop is `trained` above)."""
+    workdir = str(tmp_path)
+    for part in ("lm", "vae"):
+        shutil.copytree(f"{tiny_dit_workdir['workdir']}/{part}", f"{workdir}/{part}")
+    _synthetic_cache(workdir, (("train", 16), ("test", 32)))
+    config = tiny_dit_workdir["config"].copy_and_resolve_references()
+    assert config.model.arch == "dit"
+    config.eval.update(dict(loss_batch=16, loss_repeats=1))
+    mesh = one_device_mesh()
+    for stage in ("sample", "eval_loss"):
+        experiment.RUNNERS[stage](config, workdir, mesh, DEFAULT_RULES)
+    _check_stage_outputs(workdir, config, num_images=config.eval.samples_per_class * 10, steps=7)
+
 
 @pytest.mark.slow
 def test_cli_trains_and_samples_the_dit_twin(tmp_path):
     """`python -m latent_lm.main --config.model.arch=dit` on a synthetic latent cache: σ-VAE (2 steps, for the
     decoder), DiT training, CFG sampling and the held-out loss with the DiT's FLOPs, in one process."""
     workdir = str(tmp_path)
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 256), ("test", 64)):
-        labels = rng.integers(0, 10, count).astype(np.int32)
-        latents = (labels[:, None, None] / 5.0 - 1.0 + 0.3 * rng.standard_normal((count, 49, 4))).astype(np.float32)
-        meta = {"latent_norm": cli_runs.NORM} if split == "train" else {}
-        write_latent_cache(os.path.join(workdir, "latents", split), latents, labels, meta)
+    _synthetic_cache(workdir)
     over = {"model.arch": "dit", "model.width": 32, "model.depth": 2, "model.num_heads": 4, "train.steps": 4,
             "train.batch_size": 16, "train.log_every": 2, "vae.width": 32, "vae.depth": 1, "vae_train.steps": 2,
             "vae_train.batch_size": 16, "diffusion.num_sampling_steps": 2, "eval.samples_per_class": 2,
             "eval.sample_batch": 20, "eval.loss_batch": 32, "eval.loss_repeats": 1}
     cmd = cli_runs.command(workdir, over, "--config.stages=('train_vae', 'train', 'sample', 'eval_loss')")
     cmd = [a if a != "--mode=train" else "--mode=all" for a in cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=cli_runs.env(), cwd=cli_runs.ROOT, timeout=600)
+    # The subprocess compiles a dozen programs and runs each a few times: XLA's optimisations off halve its compiles
+    # (conftest.fast_compile).
+    env = dict(cli_runs.env(), JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cli_runs.ROOT, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
-    samples = np.load(f"{workdir}/samples/final.npz")
-    assert samples["images"].shape == (20, 28, 28, 1) and samples["images"].dtype == np.uint8
-    config = cli_runs.make_config(over)
-    task = make_generator_task(config, LatentNormalization(**cli_runs.NORM))
-    assert isinstance(task, DiTTask)
-    loss = json.loads(open(f"{workdir}/eval/loss.json").read())
-    assert loss["family"] == "dit" and loss["steps"] == 4 and np.isfinite(loss["eval_loss"])
-    assert loss["flops_per_step"] == task.train_flops_per_example() * 16
-    assert loss["params"] == param_count(task.model.config)
+    _check_stage_outputs(workdir, cli_runs.make_config(over), num_images=20, steps=4)
     rows = read_metrics(f"{workdir}/lm")
     assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss"]) for r in rows)

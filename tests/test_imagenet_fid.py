@@ -17,6 +17,8 @@ from PIL import Image
 from safetensors.numpy import save_file
 from torch import nn
 
+from data_pipelines.imagenet import center_crop_arr
+from latent_lm import cli
 from latent_lm.errors import ConfigError, DataError, MissingInputError
 from latent_lm.evaluation import imagenet_fid, inception
 from latent_lm.evaluation.frechet import feature_stats, frechet_distance
@@ -205,6 +207,15 @@ class TorchFIDInception(nn.Module):
 
 # --------------------------------------------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One PyTorch thread: with the other test worker on the second core, 2 intra-op threads spin against it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def images():
     rng = np.random.default_rng(7)
@@ -232,10 +243,6 @@ def _flat(variables) -> dict[str, np.ndarray]:
             for path, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
 
 
-def _features(variables, imgs):
-    return imagenet_fid.InceptionFeatures(variables, batch_size=8)(iter([imgs]))
-
-
 def test_layout_matches_pytorch_fid_state_dict():
     assert len(PYTORCH_FID_TABLE) == EXPECTED_TENSORS
     # torchvision documents inception_v3 (aux logits, 1000 classes) at 27,161,264 parameters; without AuxLogits
@@ -260,12 +267,12 @@ def test_formats_load_identically_and_match_independent_torch(weights, images):
         assert flat[fmt].keys() == flat["pth"].keys()
         for k, v in flat["pth"].items():
             np.testing.assert_array_equal(flat[fmt][k], v, err_msg=f"{fmt}: {k}")
-    outs = {fmt: _features(v, images[:8]) for fmt, v in loaded.items()}
-    pool, logits = outs["pth"]
-    assert pool.shape == (8, 2048) and logits.shape == (8, 1008)
-    for fmt in ("safetensors", "npz"):
-        np.testing.assert_array_equal(outs[fmt][0], pool)
-        np.testing.assert_array_equal(outs[fmt][1], logits)
+    # The three formats load to identical variables (above), so one network run stands for all of them: 10 images
+    # in batches of 8, the second zero-padded.
+    extractor = imagenet_fid.InceptionFeatures(loaded["npz"], batch_size=8)
+    p10, l10 = extractor(iter([images[:8], images[8:]]))
+    pool, logits = p10[:8], l10[:8]
+    assert p10.shape == (10, 2048) and l10.shape == (10, 1008)
 
     twin = TorchFIDInception().eval()
     twin.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
@@ -280,11 +287,8 @@ def test_formats_load_identically_and_match_independent_torch(weights, images):
           f"(max |logit| {np.abs(ref_unbiased).max():.1f})")
     assert err < 1e-3 and logit_err < 1e-3  # measured 4e-5 on pool_3
 
-    # Padding and batch position do not leak: 10 images in batches of 8 (the last zero-padded), and images 8–9
-    # moved to the front of a batch, give the same rows.
-    extractor = imagenet_fid.InceptionFeatures(loaded["npz"], batch_size=8)
-    p10, _ = extractor(iter([images[:8], images[8:]]))
-    np.testing.assert_allclose(p10[:8], pool, rtol=1e-5, atol=1e-5)
+    # Padding and batch position do not leak: images 8–9, computed in the zero-padded batch above, give the same rows
+    # at the front of a full batch.
     p_front, _ = extractor(iter([np.concatenate([images[8:], images[:6]])]))
     np.testing.assert_allclose(p_front[:2], p10[8:], rtol=1e-5, atol=1e-5)
 
@@ -363,8 +367,57 @@ def test_inception_score_against_definition():
         imagenet_fid.inception_score(logits[:9], 10)
 
 
+def test_cli_scores_with_the_statistics_of_its_inputs(weights, images, tmp_path, monkeypatch, capsys):
+    """The CLI's two stages, one batch of 8 each: --make_ref writes the pool_3 statistics of a folder of PNGs of
+    several sizes (ADM center crop to 32), and scoring the same crops as a sampler npz hands the distance exactly
+    those statistics for both sides, then writes the JSON. The 2048-dimensional matrix square root (8–45 s of CPU per
+    call here) is left to the slow end-to-end test: here the distance is a spy that records its inputs and returns a
+    marker value; frechet_distance itself is checked against scipy in test_frechet_distance_against_scipy.
+    (Fast sibling of test_cli_end_to_end.)"""
+    _, paths = weights
+    real = tmp_path / "real"
+    real.mkdir()
+    for i, img in enumerate(images[:8]):
+        Image.fromarray(img).resize((32 + 8 * (i % 3), 32 + 4 * (i % 2))).save(real / f"{i:03d}.png")
+    ref = tmp_path / "ref.npz"
+    assert cli.run(imagenet_fid.main, ["--make_ref", str(real), "--out", str(ref), "--weights", paths["safetensors"],
+                                       "--image_size", "32", "--batch_size", "8"]) == 0
+    with np.load(ref) as r:
+        mu_ref, sigma_ref = r["mu"], r["sigma"]
+        assert mu_ref.shape == (2048,) and sigma_ref.shape == (2048, 2048) and int(r["num_images"]) == 8
+
+    crops = np.stack([center_crop_arr(Image.open(real / f"{i:03d}.png").convert("RGB"), 32) for i in range(8)])
+    samples = tmp_path / "samples" / "final.npz"
+    samples.parent.mkdir()
+    np.savez(samples, images=crops, labels=np.arange(8) % 3)
+    seen = {}
+
+    def spy(*stats):
+        seen["stats"] = stats
+        return 12.5
+
+    monkeypatch.setattr(imagenet_fid, "frechet_distance", spy)
+    assert cli.run(imagenet_fid.main, ["--samples", str(samples), "--ref", str(ref), "--weights", paths["npz"],
+                                       "--batch_size", "8", "--num_splits", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("FID 12.500  IS ")
+    mu, sigma, mu2, sigma2 = seen["stats"]
+    np.testing.assert_array_equal(mu2, mu_ref)
+    np.testing.assert_array_equal(sigma2, sigma_ref)
+    # The same crops through the same network (weights from another file format): the same statistics.
+    np.testing.assert_allclose(mu, mu_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-6, atol=1e-6)
+    with open(tmp_path / "samples" / "final_imagenet_fid.json") as f:
+        result = json.load(f)
+    assert result["fid"] == 12.5 and result["num_samples"] == 8 and result["inception_score_splits"] == 2
+    assert np.isfinite(result["inception_score"]) and result["inception_score"] >= 1.0
+    assert not [n for n in os.listdir(samples.parent) if ".tmp" in n]
+
+
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 10 samples: a rank-9 covariance, as expected
 def test_cli_end_to_end(weights, images, tmp_path, capsys):
+    """Slow (the 2048-dimensional matrix square root of the FID). Fast sibling:
+    test_cli_scores_with_the_statistics_of_its_inputs."""
     _, paths = weights
     # Real images as a folder of PNGs of different sizes (ADM center crop to 32) → reference statistics.
     real = tmp_path / "real"
@@ -423,10 +476,8 @@ def test_input_errors(tmp_path, capsys):
     # The CLI turns a missing weight file into one line and exit status 2.
     np.savez(tmp_path / "s.npz", images=np.zeros((10, 8, 8, 3), np.uint8))
     np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
-    with pytest.raises(SystemExit) as e:
-        imagenet_fid.main(["--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"),
-                           "--weights", str(tmp_path / "none.pth")])
-    assert e.value.code == 2
+    assert cli.run(imagenet_fid.main, ["--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"),
+                                       "--weights", str(tmp_path / "none.pth")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pt_inception-2015-12-05-6726825d.pth" in err
 

@@ -1,5 +1,7 @@
 """Spec §7.1 numerics a port gets wrong, parameter counts, and KV-cache equivalence."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,9 @@ from latent_lm.models import layers
 from latent_lm.models.diffusion_head import DiffusionHead, timestep_sinusoid
 from latent_lm.models.latent_lm import init_cache, LatentLM, LatentLMConfig
 from latent_lm.models.presets import EXPECTED_PARAMS, PRESETS
+
+# Tiny models: compiling is most of this file's cost (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 TINY = LatentLMConfig(width=64, depth=2, num_heads=4, num_kv_heads=2, latent_dim=4, head_depth=2,
                       num_classes=10, max_len=16)
@@ -71,13 +76,13 @@ def test_diffusion_head_outputs_zero_at_init():
     x = jax.random.normal(jax.random.PRNGKey(1), (5, 7, 4))
     t = jnp.full((5, 7), 500)
     c = jax.random.normal(jax.random.PRNGKey(2), (5, 7, 64))
-    params = head.init(jax.random.PRNGKey(0), x, t, c)
-    assert np.all(np.asarray(head.apply(params, x, t, c)) == 0.0)
+    params = jax.jit(head.init)(jax.random.PRNGKey(0), x, t, c)
+    assert np.all(np.asarray(jax.jit(head.apply)(params, x, t, c)) == 0.0)
 
 
 def test_every_parameter_has_logical_axes():
-    params = LatentLM(TINY).init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32), jnp.zeros((1, 16, 4)),
-                                 jnp.zeros((1, 16), bool))
+    params = jax.eval_shape(LatentLM(TINY).init, jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32),
+                            jnp.zeros((1, 16, 4)), jnp.zeros((1, 16), bool))
     leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
 
@@ -100,17 +105,19 @@ def test_kv_cache_matches_parallel_forward():
     tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(jnp.array([3, 7]))
     latents = jax.random.normal(rng, (b, n, 4))
     is_latent = jnp.arange(n)[None].repeat(b, 0) > 0
-    params = model.init(rng, tokens, latents, is_latent)
-    cond_par, _ = model.apply(params, tokens, latents, is_latent)
+    # Random weights (no compiled init: its RNG takes seconds to compile); shapes from eval_shape.
+    np_rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: jnp.asarray(np_rng.normal(0.0, 0.05, a.shape), a.dtype),
+                          nn.unbox(jax.eval_shape(model.init, rng, tokens, latents, is_latent)))
+    cond_par, _ = jax.jit(model.apply)(params, tokens, latents, is_latent)
     caches = init_cache(TINY, b, n)
-    h = model.apply(params, tokens, latents, is_latent, method=LatentLM.embed)
+    h = jax.jit(functools.partial(model.apply, method=LatentLM.embed))(params, tokens, latents, is_latent)
+    forward = jax.jit(functools.partial(model.apply, method=LatentLM.backbone_forward))
     # prefill 3 positions, then one position at a time
     out = []
-    c, _, caches = model.apply(params, h[:, :3], jnp.broadcast_to(jnp.arange(3), (b, 3)), caches,
-                               method=LatentLM.backbone_forward)
+    c, _, caches = forward(params, h[:, :3], jnp.broadcast_to(jnp.arange(3), (b, 3)), caches)
     out.append(c)
     for i in range(3, n):
-        c, _, caches = model.apply(params, h[:, i:i + 1], jnp.full((b, 1), i), caches,
-                                   method=LatentLM.backbone_forward)
+        c, _, caches = forward(params, h[:, i:i + 1], jnp.full((b, 1), i), caches)
         out.append(c)
     np.testing.assert_allclose(np.concatenate(out, 1), cond_par, atol=2e-5, rtol=1e-5)

@@ -1,9 +1,15 @@
 """Multi-host: two local processes × 4 fake CPU devices (gloo collectives, a DCN×ICI hybrid mesh) train through the
-real command line exactly like one process × 8 devices fed the same global batches."""
+real command line exactly like one process × 8 devices fed the same global batches (slow). The fast test checks what
+that rests on, without training: the runtime starts from the CLI's flags, the hybrid mesh puts each process's devices
+in its own DCN row, the processes' data slices assemble into the global batch the one-process reference is fed,
+compiled collectives span both processes, one process writes the metrics, and a sharded checkpoint round-trips.
+(That the same global batches on the same (2,2,2) mesh train like one device is test_sharding's.)"""
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
 import cli_runs
 import jax
@@ -17,13 +23,89 @@ from latent_lm.training.tasks import LatentLMTask
 from latent_lm.latents import LatentNormalization
 from latent_lm.training.train_loop import train
 
-STEPS = 6
+STEPS = 4
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_PROCESS_SCRIPT = r"""
+import sys
+pid, port, cache, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+from latent_lm.parallel import distributed
+assert distributed.initialize(f"127.0.0.1:{port}", 2, pid)  # what latent_lm.main does with the flags
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from data_pipelines.latent_cache import make_latent_dataset
+from latent_lm.checkpoint import Checkpointer
+from latent_lm.parallel.mesh import batch_sharding, make_mesh, shard_batch
+from latent_lm.training.metrics_writer import MetricsWriter
+
+assert jax.process_count() == 2 and len(jax.devices()) == 8 and len(jax.local_devices()) == 4
+mesh = make_mesh(ml_collections.ConfigDict(dict(shape=(1, 2, 2), dcn_shape=(2, 1, 1))))
+assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+# the DCN factor is the data axis: row p of the mesh is process p's ICI block
+assert [{d.process_index for d in mesh.devices[p].flat} for p in range(2)] == [{0}, {1}]
+local = next(iter(make_latent_dataset(cache, 16, seed=0)))  # this process's 8 rows of the global batch of 16
+batch = shard_batch(local, mesh)
+assert batch["latents"].shape == (16, 49, 4)
+gathered = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in batch.items()}
+mean = jax.jit(lambda x: jnp.mean(x, axis=0))(batch["latents"])  # a compiled cross-process reduction
+mean = multihost_utils.process_allgather(mean, tiled=True)
+
+writer = MetricsWriter(workdir, tensorboard=False)
+writer.write(1, {"loss": float(pid)})
+writer.close()
+ckpt = Checkpointer(f"{workdir}/checkpoints", async_save=False)
+ckpt.save(1, {"latents": batch["latents"]}, force=True)
+abstract = {"latents": jax.ShapeDtypeStruct((16, 49, 4), jnp.float32, sharding=batch_sharding(mesh, 3))}
+restored, _ = ckpt.restore(abstract)
+ckpt.close()
+restored = multihost_utils.process_allgather(restored["latents"], tiled=True)
+if pid == 0:
+    np.savez(f"{workdir}/out.npz", mean=mean, restored=restored, **gathered)
+print("OK", pid)
+"""
+
+
+def test_two_processes_assemble_the_global_batch_on_a_hybrid_mesh(tmp_path):
+    cache = str(tmp_path / "hosts")
+    cli_runs.write_synthetic_cache(cache, count=64)
+    script = tmp_path / "process.py"
+    script.write_text(_PROCESS_SCRIPT)
+    port = _free_port()
+    env = dict(cli_runs.env(4), PYTHONPATH=cli_runs.ROOT)
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), f"{cache}/latents/train",
+                               str(tmp_path / "run")], cwd=cli_runs.ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0 and "OK" in out, out[-3000:]
+
+    # The global batch the slow test's one-process reference is fed: process 0's rows, then process 1's.
+    shards = [next(iter(make_latent_dataset(f"{cache}/latents/train", 16, seed=0, process_index=i,
+                                            process_count=2))) for i in range(2)]
+    want = {k: np.concatenate([shards[0][k], shards[1][k]]) for k in shards[0]}
+    out = np.load(tmp_path / "run" / "out.npz")
+    assert not np.array_equal(shards[0]["latents"], shards[1]["latents"])  # two different slices
+    for k in want:
+        np.testing.assert_array_equal(out[k], want[k])
+    np.testing.assert_array_equal(out["restored"], want["latents"])
+    np.testing.assert_allclose(out["mean"], want["latents"].mean(0), rtol=1e-5, atol=1e-6)
+    assert [r["loss"] for r in read_metrics(str(tmp_path / "run"))] == [0.0]  # process 0 alone writes
 
 
 @pytest.mark.slow

@@ -40,27 +40,56 @@ def per_device_shard_bytes(tree) -> int:
     return max(held.values())
 
 
-@pytest.mark.parametrize("arch", ["latent_lm", "dit"])
-def test_plan_bytes_equal_initialised_shards_and_compiled_arguments(arch):
-    config = tiny_config((2, 2, 2), arch=arch)
-    plan = plan_memory(config, 8, stage="compile", hbm_bytes=1e9)
-
+def _initialised_state(config):
+    """The train state initialised on the 8 fake devices with the shardings the train loop uses."""
     mesh = make_mesh(config.mesh, jax.devices()[:8])
     task = make_generator_task(config, LatentNormalization(1.0, 0.0))
-    assert type(task.model).__name__ == {"latent_lm": "LatentLM", "dit": "DiT"}[arch]
     init, _, _ = build_state_fns(task, make_optimizer(config.optim, config.train.steps), mesh,
                                  logical_rules(config.mesh), 0)
     with jax.set_mesh(mesh):
-        state = init(jax.random.PRNGKey(0))
+        return task, init(jax.random.PRNGKey(0))
+
+
+def _assert_state_bytes_are_the_shards(plan, state):
     assert plan.params == per_device_shard_bytes(state.params)
     assert plan.opt_state == per_device_shard_bytes(state.opt_state)
     assert plan.ema == per_device_shard_bytes(state.ema_params)
     assert plan.params < sum(x.nbytes for x in jax.tree.leaves(state.params))  # really sharded
-    # The compiled step's arguments are exactly the state plus the batch shard the planner counted.
-    assert plan.compiled_argument_bytes == plan.state + plan.batch
+
+
+@pytest.mark.parametrize("arch", ["latent_lm", "dit"])
+def test_lowered_plan_counts_the_state_and_the_batch_shard(arch):
+    """The step of either generator traces and lowers for the (2, 2, 2) mesh; the plan counts the batch shard and
+    estimates activations analytically. For the LatentLM, the state bytes planned from shapes are what the
+    initialised, sharded state really holds per device (the DiT's: in the slow test_plan_matches_the_compiled_step,
+    the fast sibling of which this is)."""
+    config = tiny_config((2, 2, 2), arch=arch)
+    plan = plan_memory(config, 8, stage="lower", hbm_bytes=1e9)
     assert plan.batch == (16 // 4) * (49 * 4 * 4 + 4)  # 4 sequences per (data, fsdp) shard: latents + label
+    assert plan.activation_source == "lowered only (analytic)" and plan.compiled_argument_bytes is None
+    assert plan.activations == plan.analytic_activations > 0
+    assert plan.fits() and not plan.fits(hbm_bytes=plan.total)  # 90% of HBM usable by default
+    if arch == "latent_lm":
+        task, state = _initialised_state(config)
+        assert type(task.model).__name__ == "LatentLM"
+        _assert_state_bytes_are_the_shards(plan, state)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["latent_lm", "dit"])
+def test_plan_matches_the_compiled_step(arch):
+    """Slow (compiles the sharded train step on 8 devices). The compiled step's arguments are exactly the planned
+    state plus the batch shard, the planned state bytes are the initialised shards, and the analytic activation
+    estimate (the fallback when the step is not compiled) is of the compiler's order.
+    Fast sibling: test_lowered_plan_counts_the_state_and_the_batch_shard."""
+    config = tiny_config((2, 2, 2), arch=arch)
+    plan = plan_memory(config, 8, stage="compile", hbm_bytes=1e9)
+    assert plan.compiled_argument_bytes == plan.state + plan.batch
+    assert plan.batch == (16 // 4) * (49 * 4 * 4 + 4)
+    task, state = _initialised_state(config)
+    assert type(task.model).__name__ == {"latent_lm": "LatentLM", "dit": "DiT"}[arch]
+    _assert_state_bytes_are_the_shards(plan, state)
     assert plan.activation_source == "compiled (XLA:CPU)"
-    # The analytic estimate is the fallback when the step is not compiled: same order as the compiler's figure.
     assert 0.3 < plan.analytic_activations / plan.activations < 3.0
     assert plan.fits() and not plan.fits(hbm_bytes=plan.total)  # 90% of HBM usable by default
 

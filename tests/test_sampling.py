@@ -1,4 +1,5 @@
-"""The compiled KV-cache sampler equals a no-cache reference that recomputes the prefix at every position."""
+"""The compiled KV-cache sampler equals a no-cache reference that recomputes the prefix at every position: class and
+multi-token (text-prompt) prefixes, CFG with the default or an explicit null prefix, and x̂₀ clipping."""
 
 import flax.linen as nn
 import jax
@@ -11,38 +12,59 @@ from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
 from latent_lm.sampling import SamplerSettings, make_sampler, sample_latents
 from reference_samplers import make_reference_sampler
 
-CFG = LatentLMConfig(width=32, depth=2, num_heads=4, num_kv_heads=2, latent_dim=3, head_depth=2, num_classes=5,
-                     max_len=6)
+# Small programs: compiling is most of this file's cost (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+# 5 classes (ids 0–4), the null class 5, text ids 6–9; grouped-query attention (4 query heads, 2 KV heads).
+CFG = LatentLMConfig(width=32, depth=2, num_heads=4, num_kv_heads=2, latent_dim=3, head_depth=1, num_classes=5,
+                     text_vocab_size=4, max_len=6)
+MODEL = LatentLM(CFG)
+SCHEDULE = make_schedule("cosine", 1000)
+N = 3  # latents sampled after the prefix: a prefill and two single-position cache writes
+TEXT = CFG.text_offset
+PROMPTS = np.array([[0, TEXT + 1, TEXT + 3], [3, TEXT + 2, TEXT], [4, TEXT + 3, TEXT + 3]], np.int32)
+NULL_PROMPTS = np.array([[CFG.null_class, TEXT, TEXT]] * 3, np.int32)  # e.g. the empty caption
 
 
-def _random_params(seed=0):
-    """Random weights everywhere, including the zero-initialised head outputs (else the head returns 0)."""
-    model = LatentLM(CFG)
-    params = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 6), jnp.int32), jnp.zeros((1, 6, 3)),
-                                 jnp.zeros((1, 6), bool)))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    return model, jax.tree.unflatten(tree, leaves)
+def _random_params(seed=0, std=0.1):
+    """N(0, std²) in every leaf, the zero-initialised head outputs included (else the head returns 0); shapes from
+    eval_shape, so no compiled init (its RNG alone takes seconds to compile)."""
+    rng = np.random.default_rng(seed)
+    abstract = nn.unbox(jax.eval_shape(MODEL.init, jax.random.PRNGKey(0), jnp.zeros((1, 6), jnp.int32),
+                                       jnp.zeros((1, 6, 3)), jnp.zeros((1, 6), bool)))
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, std, s.shape), jnp.float32), abstract)
 
 
-@pytest.mark.parametrize("cfg_scale,prediction", [(4.0, "epsilon"), (None, "v_prediction"), (1.5, "v_prediction")])
-def test_cached_sampler_matches_reference(cfg_scale, prediction):
-    model, params = _random_params()
-    schedule = make_schedule("cosine", 1000)
-    settings = SamplerSettings(num_steps=5, cfg_scale=cfg_scale, prediction_type=prediction, x0_clip=None)
-    labels = jnp.array([[0], [3], [4]], jnp.int32)
-    noise = jax.random.normal(jax.random.PRNGKey(5), (6, 3, 3))
-    fast = jax.jit(lambda p, n: sample_latents(model, p, labels, n, schedule, settings))(params, noise)
-    ref = make_reference_sampler(model, schedule, settings)(params, labels, noise)
-    assert fast.shape == (3, 6, 3)
+@pytest.mark.parametrize("cfg_scale,prediction,prefix_len,null,x0_clip", [
+    (4.0, "epsilon", 1, "default", None),         # [class] → latents, CFG against the null class
+    (None, "v_prediction", 3, "default", None),   # a 3-token prompt, no guidance
+    (1.5, "v_prediction", 3, "explicit", 0.5),    # a prompt with its own null prompt, x̂₀ clipped
+    (4.0, "epsilon", 3, "default", 2.0),          # ε-prediction's large x̂₀ at t = 999, clipped
+])
+def test_cached_sampler_matches_reference(cfg_scale, prediction, prefix_len, null, x0_clip):
+    params = _random_params()
+    settings = SamplerSettings(num_steps=4, cfg_scale=cfg_scale, prediction_type=prediction, x0_clip=x0_clip)
+    prefix = jnp.asarray(PROMPTS[:, :prefix_len])
+    null_prefix = jnp.asarray(NULL_PROMPTS[:, :prefix_len]) if null == "explicit" else None
+    noise = jax.random.normal(jax.random.PRNGKey(5), (N, 3, 3))
+    sampler = jax.jit(lambda p, n, nul: sample_latents(MODEL, p, prefix, n, SCHEDULE, settings, null_prefix=nul))
+    fast = sampler(params, noise, null_prefix)
+    ref = make_reference_sampler(MODEL, SCHEDULE, settings)(params, prefix, noise, null_prefix=null_prefix)
+    assert fast.shape == (3, N, 3)
     assert np.all(np.isfinite(fast))
     np.testing.assert_allclose(fast, ref, atol=1e-4, rtol=1e-4)
+    if x0_clip is not None:
+        # The clip is active: the last solver step returns x̂₀, so some values sit exactly on ±x0_clip.
+        assert np.abs(ref).max() <= x0_clip + 1e-6
+        assert np.sum(np.isclose(np.abs(ref), x0_clip, rtol=0, atol=1e-6)) >= 2, ref
+    if null == "explicit":
+        # The null prompt is really used: the default null prefix (null class everywhere) samples differently.
+        assert np.abs(np.asarray(sampler(params, noise, None)) - np.asarray(fast)).max() > 1e-3
 
 
 def test_make_sampler_deterministic_and_label_dependent():
-    model, params = _random_params(2)
-    sampler = make_sampler(model, make_schedule("cosine", 1000), SamplerSettings(num_steps=3, cfg_scale=2.0), 6)
+    params = _random_params(2)
+    sampler = make_sampler(MODEL, SCHEDULE, SamplerSettings(num_steps=3, cfg_scale=2.0), 3)
     a = sampler(params, jnp.array([1, 2]), jax.random.PRNGKey(0))
     b = sampler(params, jnp.array([1, 2]), jax.random.PRNGKey(0))
     c = sampler(params, jnp.array([1, 3]), jax.random.PRNGKey(0))

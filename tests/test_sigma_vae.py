@@ -17,12 +17,16 @@ from latent_lm.training.vae_losses import mu_regularizer, pixel_loss, posterior_
 from latent_lm.latents import sample_latent
 
 
+# Small models: compiling is most of this file's cost (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+
 def _boxed_leaves(variables):
     return jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 @pytest.fixture(scope="module")
-def mnist_like():
+def mnist_like(fast_compile):
     model = SigmaVAE(image_size=28, in_channels=1, patch_size=4, width=64, depth=2, num_heads=4, latent_dim=4)
     x = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1), minval=-1.0, maxval=1.0)
     variables = jax.jit(lambda x: model.init({"params": jax.random.key(1)}, x, rng=jax.random.key(2)))(x)
@@ -144,22 +148,23 @@ def _rectangles(n: int, size: int, seed: int) -> np.ndarray:
 
 
 def test_tiny_sigma_vae_learns():
-    """200 Adam steps on synthetic images: held-out L1 of decode(μ) drops ≥2× and beats the mean image."""
-    model = SigmaVAE(image_size=16, in_channels=1, patch_size=4, width=64, depth=2, num_heads=4, latent_dim=4,
+    """100 Adam steps on synthetic images: held-out L1 of decode(μ) drops ≥2× and beats the mean image (measured:
+    ×0.18 and ×0.36; one layer of width 32 learns these rectangles as well as two of width 64 do in 200 steps)."""
+    model = SigmaVAE(image_size=16, in_channels=1, patch_size=4, width=32, depth=1, num_heads=4, latent_dim=4,
                      std=0.5)
     train, test = jnp.asarray(_rectangles(512, 16, 0)), jnp.asarray(_rectangles(128, 16, 1))
     params = nn.unbox(jax.jit(lambda x: model.init({"params": jax.random.key(0)}, x, rng=jax.random.key(1)))(train[:2]))
     task = VAETask(model, kl_weight=0.01, image_shape=(16, 16, 1))  # the one σ-VAE loss: L1 + 0.01·mean(μ²)
-    tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 2e-3, 30, 200, 2e-4))
-    opt_state = tx.init(params)
+    steps = 100
+    tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 15, steps, 3e-4))
 
-    @jax.jit
-    def step(params, opt_state, rng):
+    def step(carry, rng):
+        params, opt_state = carry
         k_idx, k_z = jax.random.split(rng)
         batch = train[jax.random.randint(k_idx, (32,), 0, train.shape[0])]
         grads, metrics = jax.grad(lambda p: task.loss(p, {"image": batch}, k_z), has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics
+        return (optax.apply_updates(params, updates), opt_state), metrics["loss"]
 
     @jax.jit
     def held_out_l1(params):
@@ -167,12 +172,11 @@ def test_tiny_sigma_vae_learns():
         return jnp.mean(jnp.abs(model.apply(params, mu, method=SigmaVAE.decode) - test))
 
     l1_init = float(held_out_l1(params))
-    rng = jax.random.key(2)
-    for _ in range(200):
-        rng, key = jax.random.split(rng)
-        params, opt_state, metrics = step(params, opt_state, key)
+    # One program for the optimizer's init and all steps.
+    fit = jax.jit(lambda params, keys: jax.lax.scan(step, (params, tx.init(params)), keys))
+    (params, _), losses = fit(params, jax.random.split(jax.random.key(2), steps))
     l1_final = float(held_out_l1(params))
     l1_mean_image = float(jnp.mean(jnp.abs(jnp.mean(train, axis=0) - test)))
-    assert np.isfinite(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses))
     assert l1_final < 0.5 * l1_init, (l1_init, l1_final)
     assert l1_final < 0.5 * l1_mean_image, (l1_mean_image, l1_final)

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 from etils.epath import backend as epath_backend
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
-from test_train_loop import ToyTask, configs
+from test_train_loop import REF_STEPS, Interrupted, ToyTask, assert_same_state, configs, toy_data, train_toy
 
 from data_pipelines.latent_cache import (
     encode_to_latent_cache,
@@ -48,7 +48,7 @@ from latent_lm.evaluation.classifier import load_classifier, save_classifier
 from latent_lm.evaluation.grids import save_image_grid
 from latent_lm.parallel.mesh import DEFAULT_RULES, make_mesh
 from latent_lm.training.metrics_writer import MetricsWriter, read_metrics
-from latent_lm.training.train_loop import load_state, train
+from latent_lm.training.train_loop import Preempted, load_state
 
 # ----------------------------------------------------------------------------------------------------------------
 # The fake bucket.
@@ -411,51 +411,33 @@ def test_latent_cache_in_bucket(bucket, no_local_gs_dirs):
     assert [k for k in bucket if k.startswith("bucket/.cache")] == []
 
 
-def _mesh():
-    return make_mesh(ml_collections.ConfigDict(dict(shape=(1, 1, 1))), jax.devices()[:1])
-
-
-def _train(workdir, steps, every, data, log=lambda s: None):
-    optim, train_cfg, ckpt = configs(steps, every)
-    return train(ToyTask(), data, optim_config=optim, train_config=train_cfg, mesh=_mesh(), rules=DEFAULT_RULES,
-                 workdir=workdir, checkpoint_config=ckpt, log=log)
-
-
-@pytest.mark.slow  # two train runs: about 25 s of compiles on an idle 2-core CPU
-def test_train_checkpoints_to_bucket_and_resumes(bucket, tmp_path, no_local_gs_dirs):
-    rng = np.random.default_rng(1)
-    labels = rng.integers(0, 4, 64).astype(np.int32)
-    latents = (labels[:, None, None] - 1.5 + 0.1 * rng.standard_normal((64, 8, 2))).astype(np.float32)
-    write_latent_cache("gs://bucket/latents", latents, labels, {}, num_shards=2)
-
-    def data():  # a grain iterator: its position is checkpointed with the state, into the bucket
-        return iter(make_latent_dataset("gs://bucket/latents", 16, seed=0))
-
+def test_train_checkpoints_to_bucket_and_resumes(bucket, toy_reference, no_local_gs_dirs):
+    """The toy run with its workdir in the bucket, preempted at step 6 and resumed from the bucket: checkpoints
+    (arrays through TensorStore's GCS driver), the data position and metrics all live there, and the run ends
+    bit-identical to the local uninterrupted reference."""
     before = len(_GCSHandler.requests)
-    first = _train("gs://bucket/run", 6, 6, data())
-    # The state comes back from the bucket bit for bit (test_train_loop checks that such a state resumes exactly).
-    optim, train_cfg, _ = configs(6)
-    restored = load_state(ToyTask(), optim_config=optim, train_config=train_cfg, mesh=_mesh(), rules=DEFAULT_RULES,
-                          workdir="gs://bucket/run")
-    assert int(restored.step) == 6
-    for x, y in zip(jax.tree.leaves(first.state), jax.tree.leaves(restored), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(Preempted):
+        train_toy("gs://bucket/run", Interrupted(toy_data(), at=6))
     uploads = [r for r in _GCSHandler.requests[before:] if r[0] == "POST" and "tensorstore" in r[3]]
     assert uploads, "orbax's arrays did not go through TensorStore's GCS driver to the fake bucket"
+    optim, train_cfg, _ = configs()
+    mesh = make_mesh(ml_collections.ConfigDict(dict(shape=(1, 1, 1))), jax.devices()[:1])
+    restored = load_state(ToyTask(), optim_config=optim, train_config=train_cfg, mesh=mesh, rules=DEFAULT_RULES,
+                          workdir="gs://bucket/run")
+    assert int(restored.step) == 6
 
     logs = []
-    _train("gs://bucket/run", 8, 6, data(), log=logs.append)
+    res = train_toy("gs://bucket/run", toy_data(), log=logs.append)
     assert "resumed from step 6" in logs
-    assert {k.split("/")[3] for k in _keys(bucket, "bucket/run/checkpoints/")} == {"6", "8"}
+    assert_same_state(res.state, toy_reference.state)
+    assert {k.split("/")[3] for k in _keys(bucket, "bucket/run/checkpoints/")} == {"8", "16", str(REF_STEPS)}
+    last = f"bucket/run/checkpoints/{REF_STEPS}"
     for item in ("commit_success.txt", "state/manifest.ocdbt", "data/process_0-of-1.json", "meta/metadata"):
-        assert f"bucket/run/checkpoints/8/{item}" in bucket, item
-    # The data position was restored from the bucket: at step 8 the iterator has given 8 batches, not 2.
-    reference = data()
-    for _ in range(8):
-        next(reference)
-    saved = bucket["bucket/run/checkpoints/8/data/process_0-of-1.json"].getvalue()
-    assert json.loads(saved) == reference.get_state() == {"next_index": 8}
-    assert [r["step"] for r in read_metrics("gs://bucket/run")] == [5, 6, 8]  # log_every 5, and each last step
+        assert f"{last}/{item}" in bucket, item
+    # The data position went to the bucket and came back: the resumed run read batches 6.. (its result is exact),
+    # and its last checkpoint records all REF_STEPS batches consumed.
+    assert json.loads(bucket[f"{last}/data/process_0-of-1.json"].getvalue()) == {"next_index": REF_STEPS}
+    assert [r["step"] for r in read_metrics("gs://bucket/run")] == [5, 10, 15, 20, REF_STEPS]
 
 
 def test_damaged_checkpoint_in_bucket_is_moved_aside(bucket, no_local_gs_dirs, capsys):

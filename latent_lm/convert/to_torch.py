@@ -26,16 +26,17 @@ import torch
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from latent_lm import cli
+from latent_lm import cli, storage
 from latent_lm.checkpoint import Checkpointer
 from latent_lm.convert import param_mapping
 from latent_lm.convert.torch_files import DTYPES, VAE_DIR, ConversionError, write_export
+from latent_lm.errors import MissingInputError
 from latent_lm.models.dit import DiTConfig
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.mesh import logical_rules, make_mesh
-from latent_lm.training.optimizer import make_optimizer
 from latent_lm.latents import LatentNormalization
+from latent_lm.training.optimizer import make_optimizer
 from latent_lm.training.tasks import DiTTask, VAETask, make_generator_task
 from latent_lm.training.train_loop import build_state_fns
 
@@ -171,11 +172,13 @@ def export_sigma_vae(params, vae: SigmaVAE, out_dir: str, *, dtype: str = "float
 
 def read_meta(train_dir: str, step: int | None = None) -> tuple[int, dict]:
     """(step, meta) of a checkpoint under `<train_dir>/checkpoints` (default: the latest)."""
+    if not storage.exists(f"{train_dir}/checkpoints"):  # before the Checkpointer, which would create the folder
+        raise MissingInputError(f"no checkpoint under {train_dir}/checkpoints: is the --workdir a trained run?")
     ckpt = Checkpointer(f"{train_dir}/checkpoints", async_save=False)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint under {train_dir}/checkpoints")
+            raise MissingInputError(f"no checkpoint under {train_dir}/checkpoints")
         meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     finally:
         ckpt.close()

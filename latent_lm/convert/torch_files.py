@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from latent_lm.convert.torch_modules import DiT, Transformer
 from latent_lm.convert.torch_sigma_vae import SigmaVAE
+from latent_lm.errors import UserError
 
 FORMAT = "latent_lm.convert/1"
 SAFETENSORS, TORCH_PT, CONFIG, OTHER_STATE, VAE_DIR = "model.safetensors", "model.pt", "config.json", \
@@ -28,7 +29,7 @@ MODEL_CLASSES = {"Transformer": Transformer, "DiT": DiT, "SigmaVAE": SigmaVAE}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint that does not fit the target model: wrong architecture, missing/unexpected key, wrong shape."""
 
 
