@@ -13,6 +13,8 @@ import os
 
 import jax
 
+from latent_lm.errors import ConfigError
+
 
 def _on_cloud_tpu_vm() -> bool:
     # GCE TPU VMs keep the worker list and MEGASCALE settings in instance metadata, not in the environment; jax
@@ -44,17 +46,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     detect the cluster) or "off".
     """
     if mode not in ("auto", "on", "off"):
-        raise ValueError(f"--distributed={mode!r} must be one of auto, on, off")
+        raise ConfigError(f"--distributed={mode!r} must be one of auto, on, off")
     explicit = coordinator_address is not None or num_processes is not None or process_id is not None
     if explicit and (coordinator_address is None or num_processes is None or process_id is None):
-        raise ValueError("--coordinator_address, --num_processes and --process_id must be given together")
+        raise ConfigError("--coordinator_address, --num_processes and --process_id must be given together")
+    if explicit and not 0 <= process_id < num_processes:  # checked before any JAX setting changes
+        raise ConfigError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
     if mode == "off" or (mode == "auto" and not explicit and not cluster_detected()):
         return False
     # Affects only the CPU backend (local multi-process tests, CPU clusters); accelerators use their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
-        if not 0 <= process_id < num_processes:
-            raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id)
     else:
