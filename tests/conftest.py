@@ -132,15 +132,3 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", before)
-
-
-@pytest.fixture
-def optimized_compile():
-    """Full XLA optimisation for one long-running test inside a `fast_compile` module (execution-bound: many steps
-    of a larger model), restored afterwards."""
-    import jax
-
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)

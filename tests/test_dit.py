@@ -347,7 +347,7 @@ def _check_stage_outputs(workdir: str, config, num_images: int, steps: int) -> N
 def test_sample_and_eval_loss_stages_of_the_dit_twin(tiny_dit_workdir, tmp_path):
     """Fast sibling of the CLI test below: the sample and eval_loss stages in this process, on one device, on a DiT
     checkpoint at the `tiny=1` size (`tiny_dit_workdir`: random weights at step 7, written without training; the
-    train stage's loop is `trained` above)."""
+    DiT in the train loop is `trained` above, the train stage itself the CLI test)."""
     workdir = str(tmp_path)
     for part in ("lm", "vae"):
         shutil.copytree(f"{tiny_dit_workdir['workdir']}/{part}", f"{workdir}/{part}")

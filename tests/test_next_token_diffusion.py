@@ -71,8 +71,9 @@ def _diffusion_head_vs_mse_head(cfg, *, steps, batch, lr, sample_steps, num_samp
     data = jnp.asarray(bimodal_sequences(np.random.default_rng(0), 4096))
     labels = jnp.zeros((len(data),), jnp.int32)
     schedule = make_schedule("cosine", 1000)
-    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), *[
-        v for k, v in class_conditional_batch(data[:1], labels[:1]).items() if k in ("tokens", "latents", "is_latent")]))
+    first = class_conditional_batch(data[:1], labels[:1])
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), first["tokens"], first["latents"],
+                                          first["is_latent"]))
 
     def batch_of(rng):
         idx = jax.random.randint(rng, (batch,), 0, len(data))
@@ -135,12 +136,13 @@ def _diffusion_head_vs_mse_head(cfg, *, steps, batch, lr, sample_steps, num_samp
 
 @pytest.mark.slow
 def test_bimodal_next_token_diffusion_vs_mse_head():
-    """The full-size toy: a 2-layer, width-64 backbone with a 2-block head, 20 solver steps on 512 samples (300
-    steps of 64 sequences put 99.8 % of the sampled transitions on a mode; 800 of 128 did not do better)."""
+    """The full-size toy: a 2-layer, width-64 backbone with a 2-block head, 20 solver steps on 512 samples, and a
+    trained MSE regressor (200 steps of 64 sequences put 99.5 % of the sampled transitions on a mode; 800 steps of
+    128 did not do better)."""
     cfg = LatentLMConfig(width=64, depth=2, num_heads=4, latent_dim=2, head_depth=2, num_classes=1,
                          max_len=N_POINTS)
-    _diffusion_head_vs_mse_head(cfg, steps=300, batch=64, lr=3e-3, sample_steps=20, num_samples=512,
-                                mse_steps=150)
+    _diffusion_head_vs_mse_head(cfg, steps=200, batch=64, lr=3e-3, sample_steps=20, num_samples=512,
+                                mse_steps=60)
 
 
 def test_bimodal_next_token_diffusion_vs_mse_head_small():
@@ -153,9 +155,11 @@ def test_bimodal_next_token_diffusion_vs_mse_head_small():
                                 mse_steps=0)
 
 
-def _mixed_sequence_losses_fall(width, depth, head_depth, *, steps, batch):
-    """[caption] <BOD> z0..z3 <EOD>: the caption picks the latents' cluster; after training the CE has fallen 10×
-    with every text target right, and the diffusion loss has fallen too."""
+def test_mixed_text_and_latent_sequence_both_losses_fall():
+    """[caption] <BOD> z0..z3 <EOD>: the caption picks the latents' cluster. After 80 steps of a 1-layer width-32
+    model the CE has fallen 10× with every text target right, and the diffusion loss has fallen too (measured:
+    CE 1.95 → 0.02, diffusion 0.94 → 0.33; after 50 steps it is still above 0.7× its start: the check can fail)."""
+    width, depth, head_depth, steps, batch = 32, 1, 1, 80, 32
     bod, eod, vocab = 0, 1, 6  # text ids: <BOD>, <EOD>, four caption words 2..5
     cfg = LatentLMConfig(width=width, depth=depth, num_heads=4, latent_dim=3, head_depth=head_depth,
                          text_vocab_size=vocab, max_len=7)
@@ -202,9 +206,3 @@ def _mixed_sequence_losses_fall(width, depth, head_depth, *, steps, batch):
     assert m1["ce_loss"] < 0.1 * m0["ce_loss"], (m0["ce_loss"], m1["ce_loss"])
     assert m1["text_accuracy"] == 1.0
     assert m1["diffusion_loss"] < 0.7 * m0["diffusion_loss"], (m0["diffusion_loss"], m1["diffusion_loss"])
-
-
-def test_mixed_text_and_latent_sequence_both_losses_fall():
-    """A 1-layer width-32 model, 80 steps (measured: CE 1.95 → 0.02, diffusion loss 0.94 → 0.33; after 50 steps
-    the diffusion loss is still above 0.7× its start, so the check can fail)."""
-    _mixed_sequence_losses_fall(32, 1, 1, steps=80, batch=32)

@@ -31,12 +31,12 @@ def _task(dtype: str):
     c.vae.latent_dim = CHANNELS
     c.head.depth = 1
     c.diffusion.batch_mul = 2
-    return make_generator_task(c, LatentNormalization(1.0, 0.0)), c
+    return make_generator_task(c, LatentNormalization(1.0, 0.0))
 
 
 def _random_params(abstract, seed=0, std=0.1):
     """N(0, std²) everywhere (the zero-initialised head outputs too: at init the head returns 0 whatever the dtype)."""
-    rng = np.random.default_rng(seed)  # host arrays: the train step donates (deletes) the device copies
+    rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: rng.normal(0.0, std, s.shape).astype(s.dtype), abstract)
 
 
@@ -48,7 +48,7 @@ def tasks():
 def test_bf16_loss_and_gradients_match_fp32(tasks):
     """The train step's loss, metrics and gradients (the task loss the train loop differentiates, σ-VAE noise and
     class dropout included) under bf16 compute, from the same fp32 parameters, batch and key as fp32."""
-    (task32, _), (task16, _) = tasks["float32"], tasks["bfloat16"]
+    task32, task16 = tasks["float32"], tasks["bfloat16"]
     abstract = nn.unbox(jax.eval_shape(task32.init_params, jax.random.PRNGKey(0)))
     # bf16 compute keeps fp32 parameters: both dtypes declare the same tree of fp32 arrays.
     abstract16 = nn.unbox(jax.eval_shape(task16.init_params, jax.random.PRNGKey(0)))
@@ -78,7 +78,7 @@ def test_bf16_loss_and_gradients_match_fp32(tasks):
 
 def test_bf16_sampler_matches_fp32(tasks):
     """The CFG sampler with the bf16 model (bf16 KV cache, bf16 head, fp32 solver) tracks the fp32 sampler."""
-    (task32, c), (task16, _) = tasks["float32"], tasks["bfloat16"]
+    task32, task16 = tasks["float32"], tasks["bfloat16"]
     params = _random_params(nn.unbox(jax.eval_shape(task32.init_params, jax.random.PRNGKey(0))), seed=1)
     settings = SamplerSettings(num_steps=4, cfg_scale=3.0, prediction_type="v_prediction")
     labels = jnp.arange(4, dtype=jnp.int32)[:, None]

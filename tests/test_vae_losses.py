@@ -292,42 +292,34 @@ def _encode_only_the_first(monkeypatch, count: int) -> None:
     monkeypatch.setattr(experiment, "ordered_images", first)
 
 
-def _train_vae_and_encode(c, workdir, monkeypatch, steps: int, disc_start: int):
-    """train_vae then encode on one device (the recipe, not the sharding, is under test here, and 8 fake devices
-    compile slower); encode reads 200 images a split in batches of 48 (8 devices × 6: a padded last batch in every
-    shard). Checks the GAN's warm-up gate in the logged metrics and the checkpoint layout; returns (summary, mesh)."""
+@pytest.mark.slow
+def test_tiny_imagenet_vae_recipe_trains_in_the_train_loop_and_encodes(tmp_path, monkeypatch):
+    """The recipe as configured: σ-VAE, L1 + LPIPS (random VGG16) + adaptive PatchGAN switched on at step 3 of 6,
+    then encode (200 images a split in batches of 48 = 8 devices × 6: a padded last batch in every shard)."""
+    c = imagenet_vae.get_config("tiny")
     assert c.stages == ("train_vae", "encode")
-    c.vae_train.update(dict(steps=steps, batch_size=8, log_every=1))
-    c.vae_loss.disc_start = disc_start
+    c.vae_train.update(dict(steps=6, batch_size=8, log_every=1))
+    c.vae_loss.disc_start = 3
     c.checkpoint.every = 100
     c.data.encode_batch_size = 48
     _encode_only_the_first(monkeypatch, 200)
+    # One device: the recipe, not the sharding, is under test here (and 8 fake devices compile slower).
     mesh, rules = make_mesh(ml_collections.ConfigDict(dict(shape=(1, 1, 1))), jax.devices()[:1]), logical_rules()
-    experiment.train_vae(c, str(workdir), mesh, rules)
-    summary = experiment.encode(c, str(workdir), mesh, rules)
-    rows = [json.loads(line) for line in (workdir / "vae" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    experiment.train_vae(c, str(tmp_path), mesh, rules)
+    summary = experiment.encode(c, str(tmp_path), mesh, rules)
+    rows = [json.loads(line) for line in (tmp_path / "vae" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
     for r in rows:
-        assert all(np.isfinite(r[k]) for k in ("loss", "l1", "g_loss", "d_loss", "gan_weight"))
-    # Steps 0 … disc_start − 1 gated, the rest on.
-    assert [r["gan_weight"] > 0 for r in rows] == [False] * disc_start + [True] * (steps - disc_start)
+        assert all(np.isfinite(r[k]) for k in ("loss", "l1", "lpips", "g_loss", "d_loss", "gan_weight"))
+        assert r["lpips"] > 0
+    assert [r["gan_weight"] > 0 for r in rows] == [False] * 3 + [True] * 3  # steps 0–2 gated, 3–5 on
+    assert summary["train_latents"] == [200, 49, 4] and summary["test_latents"] == [200, 49, 4]
     # The checkpoint holds the σ-VAE exactly where readers expect it, plus the discriminator.
     state = experiment.load_state(VAETask.from_config(c), optim_config=c.vae_optim, train_config=c.vae_train,
-                                  mesh=mesh, rules=rules, workdir=f"{workdir}/vae")
+                                  mesh=mesh, rules=rules, workdir=f"{tmp_path}/vae")
     assert set(state.params) == {"params", "disc"}
     plain = jax.eval_shape(VAETask.from_config(default.get_config()).init_params, jax.random.key(0))
     assert set(plain) == {"params"}
-    return summary, mesh, rules
-
-
-@pytest.mark.slow
-def test_tiny_imagenet_vae_recipe_trains_in_the_train_loop_and_encodes(tmp_path, monkeypatch):
-    """The recipe as configured: σ-VAE, L1 + LPIPS (random VGG16) + adaptive PatchGAN switched on at step 3 of 6."""
-    c = imagenet_vae.get_config("tiny")
-    summary, _, _ = _train_vae_and_encode(c, tmp_path, monkeypatch, steps=6, disc_start=3)
-    rows = [json.loads(line) for line in (tmp_path / "vae" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["lpips"] > 0 for r in rows)
-    assert summary["train_latents"] == [200, 49, 4] and summary["test_latents"] == [200, 49, 4]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,15 +404,23 @@ def test_kl_divergence_and_kl_vae_posterior():
                    kind="kl")
     x = jnp.asarray(_mnist("test", 2))
 
+    task = VAETask(vae, kl_weight=0.5, image_shape=(28, 28, 1))  # L1 + kl_weight·KL for kind="kl"
+
     @jax.jit
     def run(x):
         variables = vae.init({"params": jax.random.key(0)}, x, rng=jax.random.key(1))
         return (variables, vae.apply(variables, x, rng=jax.random.key(2)),
                 vae.apply(variables, x, method=SigmaVAE.posterior), vae.apply(variables, x, method=SigmaVAE.encode),
-                vae.apply(variables, x, method=SigmaVAE.cache_latents))
+                vae.apply(variables, x, method=SigmaVAE.cache_latents),
+                task.loss(variables, {"image": x}, jax.random.key(2)))
 
-    variables, out, (mu, logvar), mode, cached = run(x)
+    variables, out, (mu, logvar), mode, cached, (loss, metrics) = run(x)
     assert "logvar_head" in variables["params"]["encoder"] and out["logvar"].shape == (2, 49, 4)
+    # The training loss of the KL control: the KL of its own posterior replaces the σ-VAE's μ penalty.
+    kl = 0.5 * np.mean(np.square(out["mu"]) + np.exp(out["logvar"]) - 1 - out["logvar"])
+    np.testing.assert_allclose(metrics["kl"], kl, rtol=1e-5)
+    np.testing.assert_allclose(loss, np.mean(np.abs(out["recon"] - x)) + 0.5 * kl, rtol=1e-5)
+    assert "mu_reg" not in metrics
     np.testing.assert_allclose(mode, mu)  # mode() = μ
     eps = jax.random.normal(jax.random.key(2), mu.shape)
     np.testing.assert_allclose(out["z"], mu + jnp.exp(0.5 * logvar) * eps, rtol=1e-5, atol=1e-6)
