@@ -1,8 +1,8 @@
 """Bad input through the command line: one clear `error:` line on stderr, no traceback, exit status 2.
 
-Four cases run the real `python -m latent_lm.main` (in parallel): the three ways flag parsing fails (an unknown
-`--config.` key, a bad value, an error inside the config file's get_config) and one UserError raised by a stage.
-The other stage errors take the same path (`cli.run` around `experiment.run`), so they run in this process."""
+Two cases run the real `python -m latent_lm.main` (in parallel): a flag parsing error and a UserError raised by a
+stage. The other cases take the same two paths in this process: `cli.parse_absl_flags` on the same `--config` flag
+(on a private FlagValues), and `cli.run` around `experiment.run`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import subprocess
 import cli_runs
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from configs import imagenet
 from data_pipelines.latent_cache import write_latent_cache
@@ -20,9 +22,14 @@ from latent_lm.errors import ConfigError
 
 CLI_CASES = {
     "unknown_key": (["--config.model.bogus=1"], "unknown config key 'bogus' in --config.model.bogus"),
-    "bad_value": (["--config.model.width=abc"], "flag --config.model.width=abc"),
-    "config_file_argument": (["--config=configs/imagenet.py:size=Q"], "unknown model size 'Q'"),
     "missing_cache": ([], "latent cache not found"),
+}
+
+DEFAULT = f"--config={cli_runs.ROOT}/configs/default.py"
+FLAG_CASES = {  # the three ways parsing fails: an unknown key, a bad value, an error inside get_config
+    "unknown_key": ([DEFAULT, "--config.model.bogus=1"], "unknown config key 'bogus' in --config.model.bogus"),
+    "bad_value": ([DEFAULT, "--config.model.width=abc"], "flag --config.model.width=abc"),
+    "config_file_argument": ([f"--config={cli_runs.ROOT}/configs/imagenet.py:size=Q"], "unknown model size 'Q'"),
 }
 
 IN_PROCESS_CASES = {
@@ -39,8 +46,8 @@ def _one_error_line(err: str) -> list[str]:
 
 def test_bad_command_lines_are_one_clear_error(tmp_path):
     procs = {}
-    for name, (flags, _) in CLI_CASES.items():
-        cmd = cli_runs.command(str(tmp_path / name), cli_runs.overrides(2)) + flags
+    for name, (extra, _) in CLI_CASES.items():
+        cmd = cli_runs.command(str(tmp_path / name), cli_runs.overrides(2)) + extra
         procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                        env=cli_runs.env(8), cwd=cli_runs.ROOT)
     for name, proc in procs.items():
@@ -49,6 +56,25 @@ def test_bad_command_lines_are_one_clear_error(tmp_path):
         assert proc.returncode == 2, (name, proc.returncode, err[-2000:])
         assert "Traceback" not in err, (name, err[-2000:])
         assert len(lines) == 1 and lines[0].startswith("error: ") and CLI_CASES[name][1] in lines[0], (name, lines)
+
+
+@pytest.mark.parametrize("name", FLAG_CASES)
+def test_bad_flags_are_one_clear_error(name, monkeypatch, capsys):
+    """`cli.parse_absl_flags` (latent_lm.main's flag parser) on main's `--config` flag, defined on private
+    FlagValues so that this process's global flags stay untouched."""
+    argv, message = ["main", *FLAG_CASES[name][0]], FLAG_CASES[name][1]
+    values = flags.FlagValues()
+    # as latent_lm.main defines it at import (config_flags reads the command line then, for the override flags)
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=values, lock_config=True,
+                                    sys_argv=argv)
+    monkeypatch.setattr(flags, "FLAGS", values)
+    with pytest.raises(SystemExit) as exited:
+        cli.parse_absl_flags(argv)
+    assert exited.value.code == cli.USAGE_ERROR
+    err = capsys.readouterr().err
+    lines = _one_error_line(err)
+    assert "Traceback" not in err and len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and message in lines[0], lines
 
 
 @pytest.mark.parametrize("name", IN_PROCESS_CASES)

@@ -3,6 +3,7 @@ parameters really are split; scan-over-layers keeps the program flat in depth; c
 """
 
 import dataclasses
+import shutil
 
 import flax.linen as nn
 import jax
@@ -17,12 +18,12 @@ from latent_lm.parallel.mesh import DEFAULT_RULES, largest_replicated, shard_bat
 from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
 from latent_lm.training.train_loop import Preempted, build_state_fns, jit_train_step
 
-# Every mesh kind: pure DP, pure FSDP, DP×FSDP×TP, FSDP×TP.
+# Every mesh kind: pure DP, pure FSDP, DP×FSDP×TP, FSDP×TP. (2,2,2) splits the batch over data×fsdp and the model
+# over fsdp×tensor at once: the fast tier trains on it; the others train in the slow tier (their layouts are checked
+# in the fast one, by test_state_layout_follows_the_rules).
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
-# Training on a mesh: (2,2,2) splits the batch over data×fsdp and the model over fsdp×tensor at once (the fast tier's
-# case); pure DP is the slow tier's. The other two meshes train nothing new ((2,2,2) has both their splits); their
-# layouts are checked by test_state_layout_follows_the_rules.
-TRAIN_MESHES = [(2, 2, 2), pytest.param((8, 1, 1), marks=pytest.mark.slow)]
+TRAIN_MESHES = [pytest.param(m, marks=[] if m == (2, 2, 2) else [pytest.mark.slow], id="x".join(map(str, m)))
+                for m in MESHES]
 
 
 def _steps(shape, n=3):
@@ -51,6 +52,7 @@ def single_device():
 
 @pytest.mark.parametrize("shape", TRAIN_MESHES)
 def test_mesh_trains_like_one_device(shape, single_device):
+    """Initialised and trained on `shape`, the toy run matches one device (fp32 tolerance)."""
     ref_losses, ref_params, _, _ = single_device
     losses, params, state, _ = _steps(shape)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
@@ -63,7 +65,7 @@ def test_mesh_trains_like_one_device(shape, single_device):
         assert x.sharding == s
 
 
-@pytest.mark.parametrize("shape", MESHES)
+@pytest.mark.parametrize("shape", MESHES, ids=lambda m: "x".join(map(str, m)))
 def test_state_layout_follows_the_rules(shape):
     """Params, optimizer moments and EMA of the train state on `shape` (abstract: nothing is compiled) are split
     by the logical rules: only small vectors stay whole under any model parallelism; pure DP replicates all."""
@@ -134,22 +136,35 @@ def test_scanned_params_are_stacked_and_remat_is_exact():
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+def _resume_from_step_8(toy_reference, tmp_path):
+    """A copy of the reference run holding only its step-8 checkpoint (written on one device)."""
+    run = tmp_path / "run"
+    shutil.copytree(toy_reference.workdir, run)
+    for step in ("16", str(REF_STEPS)):
+        shutil.rmtree(run / "checkpoints" / step)
+    return run
+
+
 def test_restore_onto_other_meshes_continues_identically(tmp_path, toy_reference):
-    """Preempted (SIGTERM) under (2,2,2), continued on one device: the run ends where the uninterrupted one-device
-    reference does, in params, optimizer state and EMA (to fp32 tolerance: another mesh reduces in another order)."""
+    """A one-device checkpoint continued under (2,2,2), preempted (SIGTERM) there, continued on one device again:
+    the run ends where the uninterrupted reference does, in params, optimizer state and EMA (to fp32 tolerance:
+    another mesh reduces in another order)."""
+    run, logs = _resume_from_step_8(toy_reference, tmp_path), []
     with pytest.raises(Preempted) as preempted:
-        train_toy(tmp_path / "run", Interrupted(toy_data(), at=5), (2, 2, 2))
-    assert preempted.value.step == 5
-    res = train_toy(tmp_path / "run", toy_data(), (1, 1, 1))
-    assert int(res.state.step) == REF_STEPS
+        train_toy(run, Interrupted(toy_data(), at=5), (2, 2, 2), log=logs.append)
+    assert preempted.value.step == 13
+    res = train_toy(run, toy_data(), (1, 1, 1), log=logs.append)
+    resumed = [line for line in logs if line.startswith("resumed")]
+    assert resumed == ["resumed from step 8", "resumed from step 13"] and int(res.state.step) == REF_STEPS
     assert_same_state(res.state, toy_reference.state, exact=False)
 
 
 @pytest.mark.slow
 def test_restore_between_multi_device_meshes_continues_identically(tmp_path, toy_reference):
-    """Preempted under (2,2,2), continued under (8,1,1): the checkpoint resharded between two multi-device layouts
-    (FSDP×TP-split to replicated), ending where the one-device reference does (fp32 tolerance)."""
+    """The same through (2,2,2) → (8,1,1): the preemption checkpoint resharded between two multi-device layouts
+    (FSDP×TP-split to replicated), then 11 steps of pure data parallelism, ending where the reference does."""
+    run = _resume_from_step_8(toy_reference, tmp_path)
     with pytest.raises(Preempted):
-        train_toy(tmp_path / "run", Interrupted(toy_data(), at=5), (2, 2, 2))
-    res = train_toy(tmp_path / "run", toy_data(), (8, 1, 1))
+        train_toy(run, Interrupted(toy_data(), at=5), (2, 2, 2))
+    res = train_toy(run, toy_data(), (8, 1, 1))
     assert_same_state(res.state, toy_reference.state, exact=False)

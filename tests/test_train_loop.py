@@ -25,6 +25,9 @@ from latent_lm.training.metrics_writer import read_metrics
 from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
 from latent_lm.training.train_loop import build_state_fns, jit_train_step, train
 
+# XLA with most optimisations off: these tests are compile-bound (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 MODEL = LatentLMConfig(width=32, depth=2, num_heads=4, latent_dim=2, head_depth=1, num_classes=4, max_len=8)
 
 # Every toy run has this length (the LR schedule depends on it): one train-step program per mesh for the whole suite,
@@ -145,13 +148,21 @@ def train_toy(workdir, data=None, mesh_shape=(1, 1, 1), *, task=None, every=REF_
 def reference_run(workdir) -> types.SimpleNamespace:
     """The uninterrupted toy run on one device: final state on the host, metric rows, and its workdir (checkpoints
     at REF_EVERY, 2·REF_EVERY, REF_STEPS; copy them before resuming from them)."""
-    res = train_toy(workdir)
+    # Built as the tests that compare against it bit for bit run (their modules use conftest's fast_compile),
+    # whichever module's test happens to build it first.
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        res = train_toy(workdir)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
     return types.SimpleNamespace(state=jax.device_get(res.state), rows=read_metrics(str(workdir)),
                                  workdir=str(workdir))
 
 
 def host_copy(tree):
-    """The tree's values on the host, copied (on CPU device_get may alias buffers that a donating step reuses)."""
+    """The tree's values on the host, in arrays of their own (on CPU, device_get returns views of device buffers,
+    and the train step donates the old state's buffers)."""
     return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
 
 
@@ -194,7 +205,7 @@ def test_non_finite_steps_are_skipped():
         step = jit_train_step(ToyTask(), tx, schedule, optim.ema_decay, shardings, mesh)
         skipped = 0
         for i in range(8):
-            before = host_copy(state)  # a copy: the step donates (and may overwrite) the old state's buffers
+            before = host_copy(state)  # not views of the buffers the step is about to donate
             state, metrics = step(state, shard_batch(next(data), mesh))
             after, metrics = host_copy((state, metrics))
             skipped += i in poison
