@@ -70,7 +70,8 @@ OFFICIAL_DIT = {"Base": 130_358_784, "Medium": 454_567_936, "Large": 1_028_668_4
 
 @pytest.mark.parametrize("size", list(OFFICIAL_DIT))
 def test_scaling_configs_have_the_official_parameter_counts(size):
-    """The ImageNet configs build the official model sizes: LatentLM (spec §2.4) and its DiT twin (spec §2.5)."""
+    """The ImageNet configs build the official model sizes: LatentLM (docs/method.md §4.6) and its DiT twin
+    (docs/method.md §9)."""
     latent_lm = _num_params(_task(imagenet.get_config(f"size={size}"))[0])
     assert abs(latent_lm - EXPECTED_PARAMS[size]) / EXPECTED_PARAMS[size] < 0.001
     dit = _num_params(_task(imagenet.get_config(f"size={size},arch=dit"))[0])

@@ -71,8 +71,9 @@ def test_center_crop_matches_adm(size, hw):
     image = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
     got = center_crop_arr(image, size)
     assert got.shape == (size, size, 3) and got.dtype == np.uint8
-    # Exactness (ADM's recipe, spec §6.1): upsampling by pixel repetition ×4 and cropping gives back exactly the crop of
-    # the original, which holds for BOX halving (the mean of equal pixels) and not for a single BICUBIC resize.
+    # Exactness (ADM's recipe, docs/method.md §10.2): upsampling by pixel repetition ×4 and cropping gives back exactly
+    # the crop of the original, which holds for BOX halving (the mean of equal pixels) and not for a single BICUBIC
+    # resize.
     small = rng.integers(0, 256, (size, size + 30, 3), dtype=np.uint8)
     big = small.repeat(4, axis=0).repeat(4, axis=1)
     np.testing.assert_array_equal(center_crop_arr(big, size), small[:, 15:15 + size])

@@ -1,4 +1,4 @@
-"""Diffusion numerics against diffusers as an independent reference (spec §3.4, §5.2; official_code_facts §5)."""
+"""Diffusion numerics against diffusers as an independent reference (docs/method.md §6.1, §8.2)."""
 
 import diffusers.schedulers.scheduling_ddpm as diffusers_ddpm
 import jax

@@ -1,6 +1,6 @@
-"""The DiT twin baseline (spec §2.5): official parameter counts and position table, adaLN-Zero init, bidirectional
-attention, exact FLOPs, learning and class-conditional CFG sampling through the one train loop, sharding, and the
-CLI end to end (train → sample → eval_loss)."""
+"""The DiT twin baseline (docs/method.md §9): official parameter counts and position table, adaLN-Zero init,
+bidirectional attention, exact FLOPs, learning and class-conditional CFG sampling through the one train loop, sharding,
+and the CLI end to end (train → sample → eval_loss)."""
 
 import json
 import os

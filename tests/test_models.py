@@ -1,4 +1,4 @@
-"""Spec §7.1 numerics a port gets wrong, parameter counts, and KV-cache equivalence."""
+"""docs/method.md §11 numerics a port gets wrong, parameter counts, and KV-cache equivalence."""
 
 import functools
 

@@ -1,4 +1,4 @@
-"""Behavioural proof that next-token diffusion is the real method (spec §7.4-2, §7.4-4).
+"""Behavioural proof that next-token diffusion is the real method (docs/method.md §10.4).
 
 * Bimodal toy: x_{i+1} = ±R·x_i + noise with a random sign. Sampling the trained LatentLM reproduces both modes;
   an MSE-regression head on the same backbone collapses to the conditional mean (≈ 0, between the modes).

@@ -1,4 +1,4 @@
-"""σ-VAE (spec §1; official_code_facts §4): shapes, parameter layout, σ sampling, and that it learns."""
+"""σ-VAE (docs/method.md §2): shapes, parameter layout, σ sampling, and that it learns."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Scaling-law fit and tokenizer-variance analysis (issue 5, "Studies"; spec §1.5, §2.4, §2.5, §6.1 Fig. 4/6)."""
+"""Scaling-law fit and tokenizer-variance analysis (issue 5, "Studies"; docs/method.md §2.4, §4.6, §9, §10.2
+Fig. 4/6)."""
 
 import json
 import logging

@@ -1,4 +1,5 @@
-"""σ-VAE losses (spec §1.4: LPIPS, PatchGAN, adaptive weight, one-step GAN training) and the KL-VAE control (§1.5)."""
+"""σ-VAE losses (docs/method.md §2.3: LPIPS, PatchGAN, adaptive weight, one-step GAN training) and the KL-VAE control
+(§2.4)."""
 
 from __future__ import annotations
 
@@ -502,7 +503,7 @@ def _collapse_ratios(kl_steps: int, kl_lr: float, sigma_steps: int, held_out: in
 
 @pytest.mark.slow
 def test_kl_vae_with_a_tiny_weight_collapses_and_the_sigma_vae_does_not():
-    """Spec §1.5 (a): r = mean posterior σ / std(μ) on held-out images; r ≪ 0.05 means collapsed."""
+    """docs/method.md §2.4: r = mean posterior σ / std(μ) on held-out images; r ≪ 0.05 means collapsed."""
     r_kl, r_sigma = _collapse_ratios(kl_steps=250, kl_lr=1e-2, sigma_steps=50, held_out=1000)
     assert r_kl < 0.05 and r_sigma > 0.3, (r_kl, r_sigma)
 
