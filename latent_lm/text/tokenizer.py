@@ -77,11 +77,10 @@ class TextTokenizer:
         if not storage.exists(path):
             raise MissingInputError(f"text tokenizer {path} not found; train one with --mode=train_tokenizer")
         try:
-            return cls(tokenizers.Tokenizer.from_str(storage.read_text(path)))
+            tokenizer = tokenizers.Tokenizer.from_str(storage.read_text(path))
         except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-            if isinstance(e, DataError):
-                raise
             raise DataError(f"{path} is not a tokenizer.json: {e}") from None
+        return cls(tokenizer)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> TextTokenizer:
