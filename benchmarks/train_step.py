@@ -3,6 +3,7 @@
   python benchmarks/train_step.py                      # the embedded default model (configs/default.py)
   python benchmarks/train_step.py --size=B --dtype=bfloat16 --batch=32 --peak=989e12   # GPU MFU
   python benchmarks/train_step.py --width=32 --depth=1 --batch=4 --steps=1 --matmul_n=256   # smoke test (tests)
+  python benchmarks/train_step.py --mllm --latent_fraction=0.2   # multimodal: gathered head vs head everywhere
 FLOPs come from latent_lm.training.flops (the head counted ×batch_mul).
 """
 
@@ -14,18 +15,21 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from benchmarks.common import add_model_flags, apply_model_flags, matmul_peak_flops, time_fn
-from configs import default
+from configs import default, mllm
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.presets import apply_preset
 from latent_lm.parallel.mesh import DEFAULT_RULES, make_mesh, shard_batch
 from latent_lm.training.flops import train_flops_per_step
-from latent_lm.training.tasks import LatentLMTask
+from latent_lm.training.tasks import LatentLMTask, MultimodalTask
 from latent_lm.latents import LatentNormalization
 from latent_lm.training.train_loop import build_state_fns, jit_train_step
 from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
@@ -41,8 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peak", type=float, default=None, help="vendor peak FLOP/s (else a measured matmul peak)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--matmul_n", type=int, default=2048, help="side of the square matmul that measures the peak")
+    p.add_argument("--mllm", action="store_true", help="the multimodal model on packed rows (configs/mllm.py): "
+                   "time the step with the diffusion head gathered onto the latent targets and on every position")
+    p.add_argument("--latent_fraction", type=float, default=0.2, help="--mllm: share of positions with latent targets")
     add_model_flags(p)
     args = p.parse_args(argv)
+    if args.mllm:
+        return gathered_head(args)
 
     c = default.get_config()
     if args.size:
@@ -58,23 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     batch = args.batch or c.train.batch_size
     task = LatentLMTask.from_config(c, LatentNormalization(1.0, 0.0))
     cfg: LatentLMConfig = task.model.config
-    tx = make_optimizer(c.optim, 1000)
-    mesh = make_mesh(ml_collections.ConfigDict(dict(shape=(-1, 1, 1))), jax.devices()[:1])
-    init, _, shardings = build_state_fns(task, tx, mesh, DEFAULT_RULES, 0)
-    with jax.set_mesh(mesh):
-        with nn.logical_axis_rules(DEFAULT_RULES):
-            state = init(jax.random.PRNGKey(0))
-            step = jit_train_step(task, tx, learning_rate_schedule(c.optim, 1000), 0.999, shardings, mesh)
-            data = shard_batch({"latents": jax.random.normal(jax.random.PRNGKey(1),
-                                                             (batch, cfg.max_len, cfg.latent_dim)),
-                                "label": jnp.zeros((batch,), jnp.int32)}, mesh)
-            holder = [state]
-
-            def one():
-                holder[0], m = step(holder[0], data)
-                return m["loss"]
-
-            seconds = time_fn(one, repeats=args.steps, warmup=2)
+    data = {"latents": jax.random.normal(jax.random.PRNGKey(1), (batch, cfg.max_len, cfg.latent_dim)),
+            "label": jnp.zeros((batch,), jnp.int32)}
+    seconds = _time_steps(task, c, data, args.steps)
     flops = train_flops_per_step(cfg, batch, cfg.max_len, c.diffusion.batch_mul)
     peak = args.peak or matmul_peak_flops(args.matmul_n, dtype=jnp.dtype(args.dtype))
     achieved = flops["total"] / seconds
@@ -84,6 +79,60 @@ def main(argv: list[str] | None = None) -> None:
           f"(backbone {flops['backbone'] / 1e9:.2f} G, head {flops['head'] / 1e9:.2f} G)")
     print(f"achieved {achieved / 1e9:.1f} GFLOP/s   peak {'(given)' if args.peak else '(measured matmul)'} "
           f"{peak / 1e9:.1f} GFLOP/s   ratio (MFU) {achieved / peak:.3f}")
+
+
+def _time_steps(task, c, batch: dict, steps: int) -> float:
+    tx = make_optimizer(c.optim, 1000)
+    mesh = make_mesh(ml_collections.ConfigDict(dict(shape=(-1, 1, 1))), jax.devices()[:1])
+    init, _, shardings = build_state_fns(task, tx, mesh, DEFAULT_RULES, 0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        holder = [init(jax.random.PRNGKey(0))]
+        step = jit_train_step(task, tx, learning_rate_schedule(c.optim, 1000), 0.999, shardings, mesh)
+        data = shard_batch(batch, mesh)
+
+        def one():
+            holder[0], m = step(holder[0], data)
+            return m["loss"]
+
+        return time_fn(one, repeats=steps, warmup=2)
+
+
+def gathered_head(args) -> None:
+    """The multimodal train step on text-heavy packed rows (docs/method.md §7.3), side by side in one run: the head on
+    the gathered latent targets (`model.head_capacity` = the targets a row holds) against the head on every
+    position (capacity = the row length, what an ungathered head costs)."""
+    c = mllm.get_config()
+    apply_model_flags(c, args)
+    c.model.dtype = args.dtype
+    batch_size, t = args.batch or c.train.batch_size, c.model.max_len
+    k = max(1, int(round(args.latent_fraction * t)))
+    rng = np.random.default_rng(0)
+    is_latent = np.zeros((batch_size, t), bool)
+    is_latent[:, 1:k + 1] = True  # one image span per row; position 0 (<boi>) and z_1..z_{k-1} have latent targets
+    batch = dict(tokens=np.where(is_latent, 0, rng.integers(8, c.model.text_vocab_size, (batch_size, t))).astype(
+                     np.int32),
+                 is_latent=is_latent,
+                 latents=np.where(is_latent[..., None], rng.normal(size=(batch_size, t, c.model.latent_dim)),
+                                  0).astype(np.float32),
+                 segment_ids=np.ones((batch_size, t), np.int32),
+                 positions=np.broadcast_to(np.arange(t, dtype=np.int32), (batch_size, t)).copy())
+    batch = {key: jnp.asarray(v) for key, v in batch.items()}
+    base = MultimodalTask.from_config(c, LatentNormalization(1.0, 0.0))
+    results = {}
+    for name, capacity in (("gathered", k), ("every position", t)):
+        task = dataclasses.replace(base, head_capacity=capacity)
+        seconds = _time_steps(task, c, batch, args.steps)
+        results[name] = (seconds, train_flops_per_step(task.model.config, batch_size, t, c.diffusion.batch_mul,
+                                                       capacity))
+    cfg = base.model.config
+    print(f"device: {jax.devices()[0].device_kind}  model: width {cfg.width} depth {cfg.depth} head {cfg.head_depth}"
+          f"  batch {batch_size} × {t} positions, {k} latent targets per row  head ×{c.diffusion.batch_mul}")
+    for name, (seconds, flops) in results.items():
+        print(f"head on {name:<15} step {seconds * 1e3:8.1f} ms   FLOPs/step {flops['total'] / 1e9:7.2f} G "
+              f"(head {flops['head'] / 1e9:.2f} G)")
+    ratio = results["every position"][0] / results["gathered"][0]
+    print(f"gathered head: {ratio:.2f}× faster step (FLOPs ratio "
+          f"{results['every position'][1]['total'] / results['gathered'][1]['total']:.2f}×)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from latent_lm.experiment import STAGES
+from latent_lm.experiment import IMAGE_STAGES
 from latent_lm.errors import ConfigError
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -60,5 +60,5 @@ def shrink_to_embedded(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     c.mesh.shape = (-1, 1, 1)
     c.mesh.dcn_shape = (1, 1, 1)
     if not c.data.tokenizer_workdir:  # standalone: train its own tokenizer first
-        c.stages = STAGES
+        c.stages = IMAGE_STAGES
     return c

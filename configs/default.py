@@ -8,7 +8,7 @@ cache paths) are computed here.
 import ml_collections
 
 from configs import args
-from latent_lm.experiment import STAGES
+from latent_lm.experiment import IMAGE_STAGES
 
 DATASETS = {"mnist": 10, "animal_mnist": 10}
 
@@ -21,8 +21,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    # What `--mode=all` runs, in order (latent_lm.experiment.STAGES: every runner); done.json marks a finished run.
-    c.stages = STAGES
+    # What `--mode=all` runs, in order (latent_lm.experiment.IMAGE_STAGES); done.json marks a finished run.
+    c.stages = IMAGE_STAGES
 
     # tfds datasets (ImageNet): `data_dir` of the prepared ArrayRecord files ("" = tfds default), σ-VAE training
     # `mixture` of (tfds name, weight) pairs, ADM `random_flip`; latent caches have `cache_shards` shard files.
@@ -34,11 +34,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # σ-VAE (docs/method.md §2): ViT encoder/decoder, patch 4 → a 7×7 grid of latent vectors. `kind="kl"` is the
     # learned-variance KL-VAE control (docs/method.md §2.4): `std` is then unused and `kl_weight` weighs the true KL
     # instead of the μ penalty; LDM KL-16's weight in this mean-reduced loss is 1e-6·(latent values / pixel values),
-    # 2.5e-7 here (`sigma_vae.ldm_equivalent_kl_weight`), which collapses the posterior (r ≪ 0.05). `dtype`: compute
-    # dtype.
+    # 2.5e-7 here (`sigma_vae.ldm_equivalent_kl_weight`), which collapses the posterior (r ≪ 0.05). `kind="fsq"` is
+    # the discrete tokenizer of the VQ baseline (docs/method.md §2.5): `fsq_levels` per channel, latent_dim =
+    # len(fsq_levels). `dtype`: compute dtype.
     c.vae = ml_collections.ConfigDict(dict(
         patch_size=4, width=96, depth=2, num_heads=4, mlp_ratio=4.0, latent_dim=4, std=0.5, kl_weight=0.01,
-        kind="sigma", dtype="float32"))
+        kind="sigma", fsq_levels=(8, 5, 5, 5), dtype="float32"))
     # σ-VAE loss terms beyond L1 + kl_weight·(μ penalty | KL) (docs/method.md §2.3 recipe; training.tasks.VAETask):
     # l1/l2 pixel weights; LPIPS(VGG16) with `perceptual_weights` = comma-separated weight files (torchvision VGG16
     # + LPIPS v0.1 lin layers; `perceptual_random_init` is for tests only); PatchGAN hinge loss on when

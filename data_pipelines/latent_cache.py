@@ -351,3 +351,14 @@ def make_latent_dataset(path: str, batch_size: int, seed: int, shuffle: bool = T
         ds = ds.repeat()
     ds = ds.map(_Decode(shape)).batch(local, drop_remainder=drop_remainder)
     return sharding.with_workers(ds.to_iter_dataset(), num_workers)
+
+
+def make_split_dataset(path: str, split: str, batch_size: int, seed: int, expected_shape: Sequence[int],
+                       num_workers: int = 0) -> grain.IterDataset:
+    """The cache under `path`/`split` as a generator task reads it: "train" shuffled and repeated with `seed`,
+    "test" once in order (full batches only: the held-out loss)."""
+    if split == "train":
+        return make_latent_dataset(f"{path}/train", batch_size, seed=seed, expected_shape=expected_shape,
+                                   num_workers=num_workers)
+    return make_latent_dataset(f"{path}/{split}", batch_size, seed=seed, shuffle=False, repeat=False,
+                               drop_remainder=True, expected_shape=expected_shape)

@@ -14,12 +14,9 @@ def validate(config, stages: Collection[str]) -> None:
     """Raises one `ConfigError` naming the first bad value; `stages` are the stage names a config may list
     (`experiment.RUNNERS`)."""
     d, v, m, diff = config.data, config.vae, config.model, config.diffusion
-    num_tokens = (d.image_size // v.patch_size) ** 2
     checks = [
         (d.image_size % v.patch_size == 0,
          f"data.image_size={d.image_size} is not divisible by vae.patch_size={v.patch_size}"),
-        (m.max_len == num_tokens,
-         f"model.max_len={m.max_len} must equal the number of latent tokens {num_tokens} (image_size/patch_size)²"),
         (m.latent_dim == v.latent_dim, f"model.latent_dim={m.latent_dim} must equal vae.latent_dim={v.latent_dim}"),
         (m.width % m.num_heads == 0 and (m.width // m.num_heads) % 2 == 0,
          f"model.width={m.width} must split into num_heads={m.num_heads} heads of even size (RoPE pairs)"),
@@ -41,6 +38,8 @@ def validate(config, stages: Collection[str]) -> None:
         (config.eval.loss_batch >= 1 and config.eval.loss_repeats >= 1, "eval.loss_batch and eval.loss_repeats "
          "must be ≥ 1"),
     ]
+    if m.arch in GENERATOR_TASKS:  # the kind's own rules (e.g. what a sequence holds)
+        checks += list(GENERATOR_TASKS[m.arch].config_checks(config))
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"invalid config: {message}")

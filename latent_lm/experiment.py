@@ -1,16 +1,20 @@
 """The stages of an experiment, each a function of (config, workdir): train_vae → encode → train → sample → eval
-(+ eval_loss). `--mode=all` runs `config.stages` in order and then writes `done.json`.
+(+ eval_loss); multimodal runs start with train_tokenizer. `--mode=all` runs `config.stages` in order and then
+writes `done.json`.
 
 Layout of a workdir:
   vae/          σ-VAE checkpoints and metrics        latents/{train,test}/  cached σ-VAE means (ArrayRecord)
+  text/tokenizer.json   the text tokenizer (multimodal runs)
   lm/           generator (LatentLM or DiT) checkpoints and metrics
   samples/final.{npz,png}   eval/final.json   eval/loss.json   config.json   done.json (all stages finished)
-`data.tokenizer_workdir`, when set, is where vae/ and latents/ live instead (one tokenizer shared by many runs: the
+`data.tokenizer_workdir`, when set, is where vae/, latents/ and text/ live instead (one tokenizer shared by many runs: the
 scaling and tokenizer-variance sweeps).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import posixpath
 import time
@@ -24,22 +28,27 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines.embedded import dataset_names, load_embedded
 from data_pipelines.image_pipeline import make_training_images, ordered_images
-from data_pipelines.latent_cache import encode_to_latent_cache, make_latent_dataset, read_latent_cache_meta
+from data_pipelines.latent_cache import encode_to_latent_cache, read_latent_cache_meta
+from data_pipelines import mllm_documents
+from data_pipelines.mllm_documents import tokenizer_training_texts
 from latent_lm import storage
 from latent_lm.config_validation import validate
 from latent_lm.errors import ConfigError, DataError, MissingInputError
 from latent_lm.evaluation import classifier as clf
-from latent_lm.evaluation import imagenet_fid, inception
+from latent_lm.evaluation import imagenet_fid, inception, text_metrics
+from latent_lm.evaluation import multimodal as mm
 from latent_lm.evaluation.frechet import feature_stats, frechet_distance
-from latent_lm.evaluation.grids import save_image_grid
+from latent_lm.evaluation.grids import save_captioned_grid, save_image_grid
 from latent_lm.evaluation.image_metrics import psnr, variance_collapse_ratio
-from latent_lm.latents import SIGMA_DIVISOR, LatentNormalization, LatentPosterior, cache_shape
+from latent_lm.latents import SIGMA_DIVISOR, LatentNormalization, LatentPosterior
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.device_prefetch import DevicePrefetcher
 from latent_lm.parallel.mesh import data_parallel_size, logical_rules, make_mesh
 from latent_lm.pixels import to_signed, to_uint8
 from latent_lm.sampling import SamplerSettings
-from latent_lm.training.tasks import VAETask, make_generator_task
+from latent_lm.text import captions
+from latent_lm.text.tokenizer import TOKENIZER_FILE, TextTokenizer, train_tokenizer
+from latent_lm.training.tasks import DataPaths, VAETask, make_generator_task
 from latent_lm.training.train_loop import load_state, train
 from latent_lm.training.train_loop import log_process0 as _log
 
@@ -78,6 +87,28 @@ def _latent_norm(config, workdir: str) -> LatentNormalization:
     return LatentNormalization(**meta["metadata"]["latent_norm"])
 
 
+def train_text_tokenizer(config, workdir, mesh, rules):
+    """Trains the byte-level BPE text tokenizer on the run's training text (docs/method.md §7.3) into
+    `<tokenizer dir>/text/tokenizer.json`; a tokenizer already there is kept, since every later stage reads it.
+
+    Training is deterministic, so every process trains the same one and process 0 writes it."""
+    path = data_paths(config, workdir).text_tokenizer
+    if storage.exists(storage.join(path, TOKENIZER_FILE)):
+        tok = TextTokenizer.load(path)
+    else:
+        tok = train_tokenizer(tokenizer_training_texts(config.data.dataset), config.text.vocab_size,
+                              config.text.min_frequency)
+        if jax.process_index() == 0:
+            tok.save(path)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("train_tokenizer")
+    if tok.vocab_size > config.model.text_vocab_size:
+        raise ConfigError(f"the text tokenizer at {path} has {tok.vocab_size} tokens but model.text_vocab_size="
+                          f"{config.model.text_vocab_size}")
+    _log(f"text tokenizer: {tok.vocab_size} tokens in {path}")
+    return {"text_vocab_size": tok.vocab_size}
+
+
 def train_vae(config, workdir, mesh, rules):
     task = VAETask.from_config(config)
     # Each process reads its own slice and yields its rows (batch_size / process_count) of every global batch.
@@ -96,7 +127,8 @@ def encode(config, workdir, mesh, rules):
     closed form over the whole train split: E z = E μ and Var z = Var μ + E σ_b², σ_b ~ N(0, (C_σ/0.8)²); the official
     code estimates it from one sampled batch. A KL-VAE (`vae.kind="kl"`, docs/method.md §2.4) caches its posterior as
     the sigma points (μ + σ, μ − σ) [T, 2C], whose moments are those of z = μ + σ·ε: Var z = Var μ + E σ²
-    (`sigma_vae.LatentPosterior.latent_variance`).
+    (`sigma_vae.LatentPosterior.latent_variance`). An FSQ tokenizer (`vae.kind="fsq"`, §2.5) caches its quantized
+    grid vectors [T, C]: exact codes, and Var z = Var(cache).
     """
     task = VAETask.from_config(config)
     posterior = LatentPosterior.from_vae_config(config.vae)
@@ -120,6 +152,9 @@ def encode(config, workdir, mesh, rules):
 
     def latent_norm(moments: dict) -> dict:
         var = posterior.latent_variance(moments["std"])
+        if var <= 0:  # e.g. an FSQ tokenizer that gives every token of every image one code (§2.5)
+            raise DataError(f"the encoded train split has zero latent variance (every value is {moments['mean']:g}): "
+                            f"the tokenizer in {tok}/vae maps every image to one latent; train it (longer)")
         norm = LatentNormalization(scale=float(var ** -0.5), bias=-float(moments["mean"]))
         return {"latent_norm": norm.to_dict()}
 
@@ -144,13 +179,16 @@ def _lm_task(config, workdir):
     return make_generator_task(config, _latent_norm(config, workdir))
 
 
+def data_paths(config, workdir: str) -> DataPaths:
+    tok = tokenizer_dir(config, workdir)
+    return DataPaths(latents=f"{tok}/latents", text_tokenizer=f"{tok}/text")
+
+
 def train_lm(config, workdir, mesh, rules):
     task = _lm_task(config, workdir)
-    # `batch_size` is global: each process reads its slice of the cache and yields batch_size / process_count rows.
-    it = iter(make_latent_dataset(f"{tokenizer_dir(config, workdir)}/latents/train", config.train.batch_size,
-                                  seed=config.train.seed,
-                                  expected_shape=cache_shape(config),
-                                  num_workers=config.data.get("num_workers", 0)))
+    # `batch_size` is global: each process reads its slice of the data and yields batch_size / process_count rows.
+    it = iter(task.make_dataset(data_paths(config, workdir), "train", config.train.batch_size, config.train.seed,
+                                num_workers=config.data.get("num_workers", 0)))
     res = train(task, it, optim_config=config.optim, train_config=config.train, mesh=mesh, rules=rules,
                 workdir=f"{workdir}/lm", meta={"config": config.to_json(), "latent_norm": task.norm.to_dict()},
                 checkpoint_config=config.checkpoint, log=_log)
@@ -175,9 +213,7 @@ def eval_loss(config, workdir, mesh, rules):
     if e.loss_batch % data_parallel_size(mesh):
         raise ConfigError(f"eval.loss_batch={e.loss_batch} is not divisible by the data-parallel size "
                           f"{data_parallel_size(mesh)} (mesh data×fsdp)")
-    path = f"{tokenizer_dir(config, workdir)}/latents/test"
-    it = make_latent_dataset(path, e.loss_batch, seed=0, shuffle=False, repeat=False, drop_remainder=True,
-                             expected_shape=cache_shape(config))
+    it = task.make_dataset(data_paths(config, workdir), "test", e.loss_batch, seed=0)
     loss_fn = jax.jit(lambda p, b, r: task.loss(p, b, r, train=False)[0])
     total, count = 0.0, 0
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -186,7 +222,8 @@ def eval_loss(config, workdir, mesh, rules):
                 total += float(loss_fn(params, batch, jax.random.PRNGKey(e.seed * 1_000_003 + i * 1009 + r)))
                 count += 1
     if not count:
-        raise DataError(f"the test latents at {path} hold fewer than eval.loss_batch={e.loss_batch} examples")
+        raise DataError(f"the test split under {tokenizer_dir(config, workdir)} holds fewer than "
+                        f"eval.loss_batch={e.loss_batch} examples")
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     per_step = task.train_flops_per_example() * config.train.batch_size
     result = {"eval_loss": total / count, "family": config.model.get("arch", "latent_lm"), "params": num_params,
@@ -249,8 +286,20 @@ def evaluate_fid(config, workdir):
     return {k: result[k] for k in ("fid", "inception_score", "num_samples")}
 
 
+def _classifier(config, workdir, train_x, train_y):
+    """The embedded-data classifier, trained once and cached in `eval.classifier_dir` (docs/method.md §10.1)."""
+    cpath = f"{_relative_to(workdir, config.eval.get('classifier_dir') or 'eval')}/classifier.msgpack"
+    if storage.exists(cpath):
+        return clf.load_classifier(cpath)
+    cparams = clf.train_classifier(train_x, train_y, config.data.num_classes, steps=config.eval.classifier_steps,
+                                   seed=0)
+    clf.save_classifier(cparams, cpath)
+    return cparams
+
+
 def evaluate(config, workdir, mesh, rules):
-    """Classifier accuracy and Fréchet distance of the samples; σ-VAE PSNR and variance-collapse ratio.
+    """Classifier accuracy and Fréchet distance of the samples; σ-VAE PSNR and variance-collapse ratio (no ratio for
+    an FSQ tokenizer, which has no posterior noise: docs/method.md §2.5).
 
     Embedded datasets only (a classifier trained here scores the samples); other datasets go to `evaluate_fid`.
     """
@@ -259,12 +308,7 @@ def evaluate(config, workdir, mesh, rules):
     name, k = config.data.dataset, config.data.num_classes
     train_x, train_y = load_embedded(name, "train")
     test_x, test_y = load_embedded(name, "test")
-    cpath = f"{_relative_to(workdir, config.eval.get('classifier_dir') or 'eval')}/classifier.msgpack"
-    if storage.exists(cpath):
-        cparams = clf.load_classifier(cpath)
-    else:
-        cparams = clf.train_classifier(train_x, train_y, k, steps=config.eval.classifier_steps, seed=0)
-        clf.save_classifier(cparams, cpath)
+    cparams = _classifier(config, workdir, train_x, train_y)
     test_logits, test_feats = clf.classify(cparams, test_x, k)
     ref_mu, ref_sigma = feature_stats(test_feats)
 
@@ -292,9 +336,10 @@ def evaluate(config, workdir, mesh, rules):
                                                                -1)), x, 500)
         mu, logvar = np.split(moments, 2, axis=-1)
         mean_abs_sigma = float(np.mean(np.exp(0.5 * logvar.astype(np.float64))))
-    else:
+    else:  # FSQ: `encode` gives the grid vector, and with no posterior noise there is no ratio (§2.5)
         mu = _batched(jax.jit(lambda xx: vae.apply(vparams, xx, method=SigmaVAE.encode)), x, 500)
-        mean_abs_sigma = config.vae.std / SIGMA_DIVISOR * np.sqrt(2 / np.pi)  # E|σ| for σ ~ N(0, (std/0.8)²)
+        mean_abs_sigma = (None if vae.kind == "fsq"
+                          else config.vae.std / SIGMA_DIVISOR * np.sqrt(2 / np.pi))  # E|σ| for σ ~ N(0, (std/0.8)²)
     rec = _batched(jax.jit(lambda z: vae.apply(vparams, z, method=SigmaVAE.decode)), mu, 500)
     result = {
         "dataset": name,
@@ -304,7 +349,8 @@ def evaluate(config, workdir, mesh, rules):
         "random_latent_fd": float(fd_random),
         "vae_psnr_db": float(psnr(rec, x)),
         "vae_psnr_clipped_db": float(psnr(np.clip(rec, -1, 1), x)),
-        "variance_collapse_ratio": float(variance_collapse_ratio(mean_abs_sigma, mu)),
+        **({} if mean_abs_sigma is None else
+           {"variance_collapse_ratio": float(variance_collapse_ratio(mean_abs_sigma, mu))}),
         "num_samples": int(len(data["images"])),
         "cfg_scale": float(config.diffusion.cfg_scale),
         "sampling_steps": int(config.diffusion.num_sampling_steps),
@@ -313,9 +359,105 @@ def evaluate(config, workdir, mesh, rules):
     return result
 
 
-RUNNERS = {"train_vae": train_vae, "encode": encode, "train": train_lm, "sample": sample, "eval": evaluate,
-           "eval_loss": eval_loss}
+def _multimodal(config, workdir, mesh, rules) -> tuple[mm.Generator, mllm_documents.MultimodalSplit]:
+    task, params, _ = _generator_params(config, workdir, mesh, rules)
+    decode = _decode_fn(config, _vae_params(config, workdir, mesh, rules))
+    d, e = config.diffusion, config.eval
+    gen = mm.Generator(task=task, params=params, decode=lambda z: to_uint8(np.asarray(decode(task.norm.denormalize(z)))),
+                       num_steps=d.num_sampling_steps, cfg_scale=d.cfg_scale, x0_clip=d.x0_clip, batch=e.sample_batch)
+    paths = data_paths(config, workdir)
+    split = mllm_documents.load_split(config.data.dataset, "test", f"{paths.latents}/test",
+                                      TextTokenizer.load(paths.text_tokenizer), task.seq_len)
+    return gen, split
+
+
+def generate(config, workdir, mesh, rules):
+    """Multimodal generation on held-out prompts (docs/method.md §10.5): samples/t2i.{npz,png} (images from the
+    captions of `eval.samples_per_class` test images per class), samples/i2t.{json,png} (captions of
+    `eval.caption_images` test images), samples/interleaved.{npz,png} (`eval.interleaved_samples` free documents)."""
+    gen, split = _multimodal(config, workdir, mesh, rules)
+    e = config.eval
+    t0 = time.time()
+    t2i = mm.text_to_image(gen, split, e.samples_per_class, e.seed)
+    t2i_seconds = time.time() - t0
+    storage.write_npz_atomic(f"{workdir}/samples/t2i.npz", images=t2i["images"], labels=t2i["labels"],
+                             captions=t2i["captions"], eoi_after_image=t2i["eoi_after_image"],
+                             attributes=np.asarray([list(a) for a in t2i["attributes"]]),
+                             source_images=t2i["source_images"])
+    per = min(e.samples_per_class, 10)
+    save_captioned_grid(t2i["images"][::max(1, e.samples_per_class // per)][:100],
+                        list(t2i["captions"][::max(1, e.samples_per_class // per)][:100]),
+                        f"{workdir}/samples/t2i.png")
+    i2t = mm.image_to_text(gen, split, e.caption_images, e.seed)
+    storage.write_json_atomic(f"{workdir}/samples/i2t.json", [
+        dict(image=int(i), label=int(y), caption=c, similarity=s)
+        for i, y, c, s in zip(i2t["source_images"], i2t["labels"], i2t["captions"], i2t["similarity"])], indent=1)
+    save_captioned_grid(split.images[i2t["source_images"][:40]], i2t["captions"][:40], f"{workdir}/samples/i2t.png")
+    free = mm.interleaved(gen, split, e.interleaved_samples, e.seed)
+    storage.write_npz_atomic(f"{workdir}/samples/interleaved.npz", **{k: np.asarray(v) for k, v in free.items()})
+    if "first" in free:
+        pairs = np.stack([free["first"][:20], free["second"][:20]], 1).reshape(-1, *free["first"].shape[1:])
+        save_image_grid(pairs, f"{workdir}/samples/interleaved.png", ncols=10)
+    _log(f"generated {len(t2i['images'])} images in {t2i_seconds:.1f}s, {len(i2t['captions'])} captions, "
+         f"{len(free['two_images'])} interleaved documents")
+    return {"t2i_images_per_sec": len(t2i["images"]) / t2i_seconds}
+
+
+def evaluate_multimodal(config, workdir, mesh, rules):
+    """Scores of samples/ and the held-out text perplexity → eval/mllm.json (docs/method.md §10.5)."""
+    gen, split = _multimodal(config, workdir, mesh, rules)
+    name = config.data.dataset
+    train_x, train_y = load_embedded(name, "train")
+    cparams = _classifier(config, workdir, train_x, train_y)
+    k = config.data.num_classes
+    _, ref_feats = clf.classify(cparams, split.images, k)
+    with storage.open_file(f"{workdir}/samples/t2i.npz") as f, np.load(f) as npz:
+        t2i = {key: npz[key] for key in npz.files}
+    logits, feats = clf.classify(cparams, t2i["images"], k)
+    wanted = [captions.Attributes(*a) for a in t2i["attributes"]]
+    measured = captions.image_attributes(t2i["images"], name)
+    result = {"t2i_class_accuracy": float((logits.argmax(-1) == t2i["labels"]).mean()),
+              "t2i_fd": float(frechet_distance(*feature_stats(feats), *feature_stats(ref_feats))),
+              "t2i_eoi_rate": float(t2i["eoi_after_image"].mean()),
+              **{f"t2i_{a}_accuracy": v for a, v in mm.attribute_accuracy(wanted, measured).items()}}
+    captions_out = json.loads(storage.read_text(f"{workdir}/samples/i2t.json"))
+    parsed = [captions.parse_caption(c["caption"], name) for c in captions_out]
+    truth = {int(i): (int(split.labels[i]), split.attributes[i]) for i in (c["image"] for c in captions_out)}
+    result.update(
+        i2t_parse_rate=mm.mean([float(p is not None) for p in parsed]),
+        i2t_class_accuracy=mm.mean([float(p is not None and p[0] == truth[c["image"]][0])
+                                    for p, c in zip(parsed, captions_out)]),
+        i2t_similarity=mm.mean([c["similarity"] for c in captions_out]),
+        **{f"i2t_{a}_accuracy": mm.mean([float(p is not None and getattr(p[1], a) == getattr(truth[c["image"]][1], a))
+                                         for p, c in zip(parsed, captions_out)]) for a in captions.Attributes._fields})
+    with storage.open_file(f"{workdir}/samples/interleaved.npz") as f, np.load(f) as npz:
+        free = {key: npz[key] for key in npz.files}
+    result["interleaved_eoi_rate"] = float(free["eoi_hits"] / max(1, free["eoi_total"]))
+    result["interleaved_two_images"] = float(free["two_images"].mean())
+    if "first" in free:
+        a = clf.classify(cparams, free["first"], k)[0].argmax(-1)
+        b = clf.classify(cparams, free["second"], k)[0].argmax(-1)
+        result["interleaved_successor_accuracy"] = float(((a + 1) % k == b).mean())
+    result["text_perplexity"] = _text_perplexity(gen, split, config.eval.loss_batch)
+    _atomic_write_json(f"{workdir}/eval/mllm.json", result)
+    return result
+
+
+def _text_perplexity(gen: mm.Generator, split: mllm_documents.MultimodalSplit, batch: int) -> float:
+    """exp(mean NLL per token) over every chunk of the held-out Python-docs paragraphs, one per row."""
+    fn = jax.jit(lambda p, b: mm.text_nll(gen.task, p, b))
+    total, count = 0.0, 0.0
+    for rows in mm.paragraph_rows(split, batch):
+        nll, n = fn(gen.params, rows)
+        total, count = total + float(nll), count + float(n)
+    return text_metrics.perplexity(total, int(count))
+
+
+RUNNERS = {"train_tokenizer": train_text_tokenizer, "train_vae": train_vae, "encode": encode, "train": train_lm,
+           "sample": sample, "eval": evaluate, "eval_loss": eval_loss, "generate": generate,
+           "eval_mllm": evaluate_multimodal}
 STAGES = tuple(RUNNERS)  # the stage names a config's `stages` may list, in pipeline order
+IMAGE_STAGES = ("train_vae", "encode", "train", "sample", "eval", "eval_loss")  # a class-conditional image run
 
 
 def run(config, workdir: str, mode: str) -> dict:

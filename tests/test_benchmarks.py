@@ -55,6 +55,17 @@ def test_train_step_prints_time_flops_and_fraction_of_peak():
     assert peak > 0 and achieved >= 0 and mfu >= 0
 
 
+def test_train_step_times_the_gathered_head_against_the_head_everywhere():
+    """docs/benchmarks.md §2: the multimodal step with the head on the latent targets only and on every position, side
+    by side; the FLOPs ratio follows from the shapes (row 128, 13 latent targets at fraction 0.1)."""
+    text = _run("train_step.py", "--mllm", "--latent_fraction=0.1", *TINY_MODEL, "--batch=2", "--steps=1")
+    assert "batch 2 × 128 positions, 13 latent targets per row" in text, text
+    (gathered_ms,) = _figures(rf"^head on gathered +step +{NUM} ms", text)
+    (everywhere_ms,) = _figures(rf"^head on every position +step +{NUM} ms", text)
+    speed, flops = _figures(rf"^gathered head: {NUM}× faster step \(FLOPs ratio {NUM}×\)$", text)
+    assert gathered_ms > 0 and everywhere_ms > 0 and speed > 0 and flops > 1.5
+
+
 def test_sampling_prints_both_samplers_and_the_speed_up():
     """docs/benchmarks.md §1: images/s of the compiled KV-cache sampler and of the no-cache reference, their ratio."""
     text = _run("sampling.py", *TINY_MODEL, "--tokens=2", "--batch=2", "--steps=2")

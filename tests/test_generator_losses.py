@@ -82,23 +82,31 @@ def _loss_fn(model, **kw):
     return _cached_loss_fn(model, tuple(sorted(kw.items())))
 
 
-def _by_hand(model, params, batch, rng, *, batch_mul, prediction_type, diffusion_weight=0.7, tokens=None):
+def _by_hand(model, params, batch, rng, *, batch_mul, prediction_type, diffusion_weight=0.7, tokens=None,
+             capacity=None):
     """The LatentLM loss written out from the spec with the loss's own draws: split(rng, 3) = (drop, t, ε); row r of
-    the repeated batch is example r // batch_mul (adjacent copies), each row has its own t and ε per position."""
+    the repeated batch is example r // batch_mul (adjacent copies), each row has its own t and ε per position.
+    `capacity`: the head sees each row's first `capacity` latent targets in order (then unmasked slots), gathered."""
     _, rng_t, rng_eps = jax.random.split(rng, 3)
     tokens = batch["tokens"] if tokens is None else tokens
     cond, hidden = _forward(params, tokens, batch["latents"], batch["is_latent"])
+    full_mask = np.asarray(batch["latent_mask"])
+    idx = np.broadcast_to(np.arange(T), (B, T))
+    if capacity is not None:
+        idx = np.stack([np.concatenate([np.flatnonzero(m), np.flatnonzero(~m)])[:capacity] for m in full_mask])
+    n = idx.shape[1]
     rows = B * batch_mul
-    t = np.asarray(jax.random.randint(rng_t, (rows, T), 0, 1000))
-    eps = np.asarray(jax.random.normal(rng_eps, (rows, T, C), jnp.float32))
+    t = np.asarray(jax.random.randint(rng_t, (rows, n), 0, 1000))
+    eps = np.asarray(jax.random.normal(rng_eps, (rows, n, C), jnp.float32))
     example = np.arange(rows) // batch_mul
-    x0 = np.asarray(batch["latent_targets"])[example]
+    x0 = np.take_along_axis(np.asarray(batch["latent_targets"]), idx[..., None], 1)[example]
     ab = np.asarray(SCHEDULE.alphas_cumprod)[t][..., None]
     x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * eps
     target = eps if prediction_type == "epsilon" else np.sqrt(ab) * eps - np.sqrt(1 - ab) * x0
-    out = np.asarray(_diffuse(params, jnp.asarray(x_t, jnp.float32), jnp.asarray(t), jnp.asarray(cond)[example]))
+    cond = np.take_along_axis(np.asarray(cond), idx[..., None], 1)[example]
+    out = np.asarray(_diffuse(params, jnp.asarray(x_t, jnp.float32), jnp.asarray(t), jnp.asarray(cond)))
     err = np.mean((out - target) ** 2, axis=-1)
-    mask = np.asarray(batch["latent_mask"])[example]
+    mask = np.take_along_axis(full_mask, idx, 1)[example]
     diffusion = err[mask].mean()  # over the latent targets only (every copy counts once)
     logp = np.asarray(jax.nn.log_softmax(_logits(params, hidden)))
     tmask = np.asarray(batch["text_mask"])
@@ -123,6 +131,20 @@ def test_latent_lm_loss_equals_the_loss_written_out(lm):
     logits = _logits(params, _forward(params, batch["tokens"], batch["latents"], batch["is_latent"])[1])
     hits = np.asarray(jnp.argmax(logits, -1) == batch["text_targets"])[np.asarray(batch["text_mask"])]
     np.testing.assert_allclose(m["text_accuracy"], hits.mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("capacity", [4, 3])
+def test_gathered_head_equals_the_loss_written_out(lm, capacity):
+    """`head_capacity`: the head runs on each row's first `capacity` latent targets, gathered in order, with draws of
+    shape [B·m, capacity]; rows with more targets lose the rest, counted as `head_overflow` (rows hold 3, 4 and 2)."""
+    model, params = lm
+    batch, rng = _batch(), jax.random.PRNGKey(5)
+    loss, m = _loss_fn(model, head_capacity=capacity)(params, batch, rng)
+    diffusion, ce, total = _by_hand(model, params, batch, rng, batch_mul=3, prediction_type="v_prediction",
+                                    capacity=capacity)
+    np.testing.assert_allclose(m["diffusion_loss"], diffusion, rtol=2e-5)
+    np.testing.assert_allclose(loss, total, rtol=2e-5)
+    assert int(m["head_overflow"]) == (1 if capacity == 3 else 0)
 
 
 def test_batch_mul_copies_are_adjacent(lm):

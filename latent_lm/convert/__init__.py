@@ -1,6 +1,7 @@
 """PyTorch export/import of LatentLM and σ-VAE checkpoints, and PyTorch twins of the models (issue #6).
 
-  to_torch.py         orbax checkpoint → `model.safetensors`, `model.pt`, `config.json` (+ `other_state.pth`, `vae/`)
+  to_torch.py         orbax checkpoint → `model.safetensors`, `model.pt`, `config.json` (+ `other_state.pth`, `vae/`,
+                      a multimodal run's `tokenizer.json`)
   from_torch.py       those files (or an official state_dict + config.json) → an orbax checkpoint `train` resumes
   param_mapping.py    the JAX ↔ PyTorch key/layout tables, one per architecture
   torch_modules.py    PyTorch LatentLM `Transformer` with the official keys and forward signatures

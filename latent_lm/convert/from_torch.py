@@ -5,10 +5,12 @@
 
 Reads an export directory (ours, or an official state dict with a config.json holding `architecture` and the
 constructor `kwargs`), checks it against the experiment config, and writes `<workdir>/lm/checkpoints/<step>` (and
-`<workdir>/vae/checkpoints/<step>`) through the train loop's own `build_state_fns` + `Checkpointer.save`, so
-`--mode=train` resumes from it. The weights become both `params` and `ema_params`; the optimizer state is fresh
-(zero Adam moments, bias correction from the start) with the learning-rate schedule positioned at `step`. The
-experiment config defaults to the one embedded in the export's config.json.
+`<tokenizer dir>/vae/checkpoints/<step>`) through the train loop's own `build_state_fns` + `Checkpointer.save`, so
+`--mode=train` resumes from it. A multimodal export's `tokenizer.json` goes to `<tokenizer dir>/text/`. The tokenizer
+dir is where training reads vae/ and text/: `data.tokenizer_workdir` (relative to the workdir) or the workdir
+(`experiment.tokenizer_dir`, docs/pytorch.md §2.1). The weights become both `params` and `ema_params`; the optimizer
+state is fresh (zero Adam moments, bias correction from the start) with the learning-rate schedule positioned at
+`step`. The experiment config defaults to the one embedded in the export's config.json.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import optax
 import torch
 from flax import traverse_util
 
-from latent_lm import cli
+from latent_lm import cli, storage
 from latent_lm.checkpoint import Checkpointer
 from latent_lm.convert import param_mapping
 from latent_lm.convert.torch_files import (
+    TOKENIZER,
     VAE_DIR,
     ConversionError,
     check_state_dict,
@@ -37,11 +40,14 @@ from latent_lm.convert.torch_files import (
     read_config,
     read_state_dict,
 )
+from latent_lm.errors import MissingInputError
+from latent_lm.experiment import data_paths, tokenizer_dir
 from latent_lm.models.dit import DiTConfig
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.mesh import logical_rules, make_mesh
 from latent_lm.latents import LatentNormalization
+from latent_lm.text.tokenizer import TOKENIZER_FILE, TextTokenizer
 from latent_lm.training.optimizer import make_optimizer
 from latent_lm.training.tasks import VAETask, make_generator_task
 from latent_lm.training.train_loop import build_state_fns
@@ -232,9 +238,30 @@ def load_experiment_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg or None)
 
 
+def _tokenizer_to_import(torch_dir: str, config, workdir: str) -> tuple[bytes, str] | None:
+    """(bytes of the export's tokenizer.json, where training reads it) for a multimodal config, None when the
+    destination already holds the same file. A missing file or a different tokenizer there is one clear error."""
+    src = os.path.join(torch_dir, TOKENIZER)
+    if not os.path.exists(src):
+        raise MissingInputError(f"{src} not found: a multimodal run (model.arch='mllm') needs the text tokenizer "
+                                f"its export ships beside the weights")
+    TextTokenizer.load(src)  # one of ours: the special tokens are there
+    with open(src, "rb") as f:
+        data = f.read()
+    dest = storage.join(data_paths(config, workdir).text_tokenizer, TOKENIZER_FILE)
+    if storage.exists(dest):
+        if storage.read_bytes(dest) != data:
+            raise ConversionError(f"{dest} already holds another text tokenizer than {src}: import into a fresh "
+                                  f"workdir (or one whose data.tokenizer_workdir holds this tokenizer)")
+        return None
+    return data, dest
+
+
 def import_workdir(torch_dir: str, workdir: str, *, config: ml_collections.ConfigDict | None = None,
                    what: str = "all", step: int = 0, mesh=None) -> dict:
-    """Writes `<workdir>/lm` (from `torch_dir`) and `<workdir>/vae` (from `torch_dir/vae`) checkpoints.
+    """Writes `<workdir>/lm` (from `torch_dir`) and `<tokenizer dir>/vae` (from `torch_dir/vae`) checkpoints, and for
+    a multimodal run `<tokenizer dir>/text/tokenizer.json` (a byte copy of the export's); tokenizer dir =
+    `experiment.tokenizer_dir(config, workdir)`, where training reads them.
 
     `mesh` defaults to the config's. `--mode=train` then starts the data afresh (the checkpoints hold no iterator
     state); a generator (LatentLM or DiT) import still needs `--mode=encode` (or copied latents) before training.
@@ -246,6 +273,10 @@ def import_workdir(torch_dir: str, workdir: str, *, config: ml_collections.Confi
         if embedded is None:
             raise ConversionError(f"{torch_dir}/config.json holds no experiment config: pass --config")
         config = ml_collections.ConfigDict(embedded)
+    arch = config.model.get("arch", "latent_lm")
+    if what in ("all", "lm") and arch not in ("latent_lm", "mllm", "dit"):
+        raise ConversionError(f"model.arch={arch!r} has no PyTorch twin to import from")
+    tokenizer = _tokenizer_to_import(torch_dir, config, workdir) if what in ("all", "lm") and arch == "mllm" else None
     mesh, rules = mesh or make_mesh(config.mesh), logical_rules(config.mesh)
     written = {}
     if what in ("all", "vae"):
@@ -253,11 +284,10 @@ def import_workdir(torch_dir: str, workdir: str, *, config: ml_collections.Confi
         params, _ = read_torch_params(os.path.join(torch_dir, VAE_DIR), task.model)
         params = task.add_discriminator(params, jax.random.PRNGKey(0))  # a fresh discriminator when the GAN is on
         written["vae"] = write_checkpoint(params, task, optim_config=config.vae_optim, train_config=config.vae_train,
-                                          mesh=mesh, rules=rules, train_dir=f"{workdir}/vae", step=step,
-                                          meta={"config": config.to_json(), "imported_from": torch_dir})
+                                          mesh=mesh, rules=rules, train_dir=f"{tokenizer_dir(config, workdir)}/vae",
+                                          step=step, meta={"config": config.to_json(), "imported_from": torch_dir})
     if what in ("all", "lm"):
-        is_dit = config.model.get("arch", "latent_lm") == "dit"
-        lm_cfg = DiTConfig.from_config(config) if is_dit else LatentLMConfig.from_config(config)
+        lm_cfg = DiTConfig.from_config(config) if arch == "dit" else LatentLMConfig.from_config(config)
         params, tconfig = read_torch_params(torch_dir, lm_cfg)
         norm = LatentNormalization(**tconfig.get("latent_norm", {"scale": 1.0, "bias": 0.0}))
         task = make_generator_task(config, norm)
@@ -265,6 +295,12 @@ def import_workdir(torch_dir: str, workdir: str, *, config: ml_collections.Confi
                                          mesh=mesh, rules=rules, train_dir=f"{workdir}/lm", step=step,
                                          meta={"config": config.to_json(), "latent_norm": norm.to_dict(),
                                                "imported_from": torch_dir})
+        if tokenizer is not None:
+            data, dest = tokenizer
+            if jax.process_index() == 0:
+                storage.makedirs(storage.dirname(dest))
+                storage.write_bytes_atomic(dest, data)
+            written["tokenizer"] = dest
     return written
 
 

@@ -4,8 +4,12 @@
       [--params=ema|raw] [--dtype=float32|bfloat16] [--what=all|lm|vae] [--step=N]
 
 The generator goes to `<out>/` (official `Transformer` keys, or official `DiT` keys for a `model.arch="dit"` run,
-plus `other_state.pth` with the latent normalisation in the official format) and the σ-VAE to `<out>/vae/`. The
-experiment config is read from the checkpoint's own metadata, so only the workdir is needed. Parameters are gathered
+plus `other_state.pth` with the latent normalisation in the official format) and the σ-VAE to `<out>/vae/`. A
+multimodal run (`model.arch="mllm"`, docs/pytorch.md §2.1) also gets its text tokenizer, `tokenizer.json`, copied
+byte for byte beside the weights, and a "multimodal" entry in config.json. The σ-VAE and the tokenizer are read where
+training reads them: under `data.tokenizer_workdir` when the run shares its tokenizer, else under the workdir
+(`experiment.tokenizer_dir`, `experiment.data_paths`). The experiment config is read from the checkpoint's own
+metadata, so only the workdir is needed. Parameters are gathered
 to host one tensor at a time, and the scanned blocks one layer at a time (`x[i]` of the stacked arrays): devices
 hold their training shards plus one gathered tensor, never the whole model. Multi-host arrays are assembled with
 `process_allgather`; process 0 writes the files.
@@ -22,6 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import tokenizers
 import torch
 from flax import traverse_util
 from jax.experimental import multihost_utils
@@ -29,23 +34,30 @@ from jax.experimental import multihost_utils
 from latent_lm import cli, storage
 from latent_lm.checkpoint import Checkpointer
 from latent_lm.convert import param_mapping
-from latent_lm.convert.torch_files import DTYPES, VAE_DIR, ConversionError, write_export
-from latent_lm.errors import MissingInputError
+from latent_lm.convert.torch_files import DTYPES, TOKENIZER, VAE_DIR, ConversionError, write_export
+from latent_lm.errors import DataError, MissingInputError
+from latent_lm.experiment import data_paths, tokenizer_dir
 from latent_lm.models.dit import DiTConfig
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.mesh import logical_rules, make_mesh
 from latent_lm.latents import LatentNormalization
 from latent_lm.training.optimizer import make_optimizer
+from latent_lm.text.tokenizer import TOKENIZER_FILE, TextTokenizer
 from latent_lm.training.tasks import DiTTask, VAETask, make_generator_task
+from latent_lm.training.tasks.registry import latent_grid_tokens
 from latent_lm.training.train_loop import build_state_fns
 
 DEFAULT_CLASS_DROPOUT = 0.1  # official default; only sets whether the PyTorch class table has the null row
+EXPORTABLE_ARCHS = ("latent_lm", "mllm", "dit")  # model.arch values with a PyTorch twin
 
 
-def lm_torch_kwargs(cfg: LatentLMConfig, class_dropout: float) -> dict:
-    """Constructor arguments of the PyTorch `Transformer` (official names; extensions only when needed)."""
-    side = math.isqrt(cfg.max_len)
+def lm_torch_kwargs(cfg: LatentLMConfig, class_dropout: float, input_size: int | None = None) -> dict:
+    """Constructor arguments of the PyTorch `Transformer` (official names; extensions only when needed).
+
+    `input_size`: the latent grid side of one image when the sequence is not one image (a multimodal run); by default
+    √max_len. `max_len` is written whenever it is not `input_size²`."""
+    side = input_size or math.isqrt(cfg.max_len)
     kwargs = dict(input_size=side, patch_size=1, flatten_input=False, in_channels=cfg.latent_dim,
                   hidden_size=cfg.width, depth=cfg.depth, diffusion_depth=cfg.head_depth, num_heads=cfg.num_heads,
                   num_kv_heads=cfg.num_kv_heads, mlp_ratio=cfg.mlp_ratio,
@@ -118,15 +130,51 @@ def params_to_state_dict(params, table: list[param_mapping.Rule], dtype: str = "
     return state_dict
 
 
+def multimodal_metadata(tokenizer: TextTokenizer, cfg: LatentLMConfig, latents_per_image: int,
+                        where: str = "export") -> dict:
+    """config.json's "multimodal" entry (docs/pytorch.md §2.1): the tokenizer file, the text vocabulary (text id i is
+    `text_embedder` row i and `lm_head` output i; the tokenizer uses the first `tokenizer_vocab_size` of them), the
+    special tokens' ids, and the latents per image (a square grid)."""
+    if tokenizer.vocab_size > cfg.text_vocab_size:
+        raise ConversionError(f"{where}: the text tokenizer has {tokenizer.vocab_size} tokens but the model's text "
+                              f"vocabulary has {cfg.text_vocab_size} (model.text_vocab_size)")
+    return dict(arch="mllm", tokenizer=TOKENIZER, text_vocab_size=cfg.text_vocab_size,
+                tokenizer_vocab_size=tokenizer.vocab_size, text_token_offset=cfg.text_offset,
+                special_tokens=dict(tokenizer.special), latents_per_image=latents_per_image,
+                latent_grid_size=math.isqrt(latents_per_image))
+
+
 def export_latent_lm(params, cfg: LatentLMConfig, out_dir: str, *, dtype: str = "float32",
                      class_dropout: float = DEFAULT_CLASS_DROPOUT, latent_norm: dict | None = None,
                      diffusion: dict | None = None, source: dict | None = None,
-                     experiment_config: dict | None = None) -> dict:
-    """Writes the LatentLM files; returns config.json's content (`experiment_config` is kept for re-import)."""
+                     experiment_config: dict | None = None, tokenizer_json: bytes | None = None,
+                     latents_per_image: int | None = None) -> dict:
+    """Writes the LatentLM files; returns config.json's content (`experiment_config` is kept for re-import).
+
+    A multimodal model (docs/pytorch.md §2.1) passes its `tokenizer.json` as `tokenizer_json` (written beside the
+    weights byte for byte, with config.json's "multimodal" entry) and its `latents_per_image` (the PyTorch
+    `input_size` becomes the image's latent grid side)."""
+    if tokenizer_json is not None and not latents_per_image:
+        raise ValueError("a multimodal export (tokenizer_json) needs latents_per_image")
     state_dict = params_to_state_dict(params, param_mapping.latent_lm_table(cfg), dtype, f"LatentLM → {out_dir}")
-    return _write_generator(state_dict, "Transformer", lm_torch_kwargs(cfg, class_dropout), out_dir, dtype=dtype,
-                            latent_norm=latent_norm, diffusion=diffusion, source=source,
-                            experiment_config=experiment_config)
+    extra, files, side = {}, {}, None
+    if tokenizer_json is not None:
+        tokenizer = parse_tokenizer(tokenizer_json, out_dir)
+        extra["multimodal"] = multimodal_metadata(tokenizer, cfg, latents_per_image, out_dir)
+        files[TOKENIZER] = tokenizer_json
+        side = math.isqrt(latents_per_image)
+    return _write_generator(state_dict, "Transformer", lm_torch_kwargs(cfg, class_dropout, side), out_dir,
+                            dtype=dtype, latent_norm=latent_norm, diffusion=diffusion, source=source,
+                            experiment_config=experiment_config, extra=extra, files=files)
+
+
+def parse_tokenizer(tokenizer_json: bytes, where: str) -> TextTokenizer:
+    """A `tokenizer.json`'s bytes → TextTokenizer (one DataError line for a file that is not one of ours)."""
+    try:
+        tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise DataError(f"{where}: the text tokenizer is not a tokenizer.json: {e}") from None
+    return TextTokenizer(tokenizer)
 
 
 def export_dit(params, cfg: DiTConfig, out_dir: str, *, dtype: str = "float32",
@@ -142,16 +190,17 @@ def export_dit(params, cfg: DiTConfig, out_dir: str, *, dtype: str = "float32",
 
 def _write_generator(state_dict, architecture: str, kwargs: dict, out_dir: str, *, dtype: str,
                      latent_norm: dict | None, diffusion: dict | None, source: dict | None,
-                     experiment_config: dict | None) -> dict:
+                     experiment_config: dict | None, extra: dict | None = None,
+                     files: dict[str, bytes] | None = None) -> dict:
     norm = latent_norm or {"scale": 1.0, "bias": 0.0}
     config = dict(architecture=architecture, kwargs=kwargs, latent_norm=norm, diffusion=diffusion or {},
-                  source=dict(source or {}, dtype=dtype))
+                  **(extra or {}), source=dict(source or {}, dtype=dtype))
     if experiment_config is not None:
         config["experiment_config"] = experiment_config
     other = {"scaling_factor": norm["scale"], "bias_factor": norm["bias"],
              "steps": int((source or {}).get("step", 0)), "ema": None}
     if jax.process_index() == 0:
-        write_export(out_dir, state_dict, config, other)
+        write_export(out_dir, state_dict, config, other, files)
     return config
 
 
@@ -213,55 +262,111 @@ def restore_state(task, optim_config, train_config, train_dir: str, step: int, m
     return restored[0]
 
 
+def run_config(workdir: str) -> ml_collections.ConfigDict | None:
+    """The run's experiment config, to find its tokenizer dir: the latest generator checkpoint's, else the workdir's
+    config.json (what `latent_lm.main` writes), else None (a workdir that holds only vae/)."""
+    if storage.exists(f"{workdir}/lm/checkpoints"):
+        try:
+            return config_from_meta(read_meta(f"{workdir}/lm")[1], f"{workdir}/lm")
+        except MissingInputError:  # an empty checkpoints folder
+            pass
+    if storage.exists(f"{workdir}/config.json"):
+        return ml_collections.ConfigDict(json.loads(storage.read_text(f"{workdir}/config.json")))
+    return None
+
+
+def _shared_hint(config) -> str:
+    shared = config is not None and config.data.get("tokenizer_workdir")
+    return f" (the run's data.tokenizer_workdir={shared!r}, relative to the workdir)" if shared else ""
+
+
+def read_text_tokenizer(config, workdir: str) -> bytes:
+    """The bytes of a multimodal run's `tokenizer.json`, from where training reads it: `<tokenizer dir>/text/`
+    (`experiment.data_paths`); one MissingInputError line naming the path when it is not there."""
+    path = storage.join(data_paths(config, workdir).text_tokenizer, TOKENIZER_FILE)
+    if not storage.exists(path):
+        raise MissingInputError(f"text tokenizer {path} not found{_shared_hint(config)}: a multimodal export ships "
+                                f"the run's tokenizer.json beside the weights")
+    data = storage.read_bytes(path)
+    parse_tokenizer(data, path)  # one of ours: the special tokens are there
+    return data
+
+
 def export_workdir(workdir: str, out_dir: str, *, params: str = "ema", dtype: str = "float32", what: str = "all",
                    step: int | None = None, vae_params: str = "raw", mesh=None) -> dict:
-    """Exports `<workdir>/lm` to `out_dir` and `<workdir>/vae` to `out_dir/vae` (see the module docstring).
+    """Exports `<workdir>/lm` to `out_dir` and the σ-VAE to `out_dir/vae` (see the module docstring).
 
-    Arrays are restored onto `mesh` (default: the run's mesh if this machine can build it, else all local devices).
+    The σ-VAE and a multimodal run's text tokenizer are read from `<tokenizer dir>/vae` and
+    `<tokenizer dir>/text/tokenizer.json`, tokenizer dir = `data.tokenizer_workdir` (relative to the workdir) or the
+    workdir, as training reads them (`experiment.tokenizer_dir`, `experiment.data_paths`); for `what="vae"` the run's
+    config comes from `run_config`. Every input is found before anything is restored or written. Arrays are restored
+    onto `mesh` (default: the run's mesh if this machine can build it, else all local devices).
     """
     for name, value in (("params", params), ("vae_params", vae_params)):
         if value not in ("ema", "raw"):
             raise ValueError(f"{name}={value!r} must be 'ema' or 'raw'")
     if what not in ("all", "lm", "vae"):
         raise ValueError(f"what={what!r} must be 'all', 'lm' or 'vae'")
+    # 1. Find every input (one clear error before any work).
+    lm_dir = f"{workdir}/lm"
+    if what in ("all", "lm"):
+        lm_step, lm_meta = read_meta(lm_dir, step)
+        config = config_from_meta(lm_meta, lm_dir)
+        if "latent_norm" not in lm_meta:
+            raise ConversionError(f"{lm_dir}: checkpoint metadata has no latent_norm: not a generator checkpoint")
+        arch = config.model.get("arch", "latent_lm")
+        if arch not in EXPORTABLE_ARCHS:
+            raise ConversionError(f"{lm_dir}: model.arch={arch!r} has no PyTorch twin; exportable: "
+                                  f"{list(EXPORTABLE_ARCHS)}")
+        tokenizer_json = read_text_tokenizer(config, workdir) if arch == "mllm" else None
+    else:
+        config = run_config(workdir)
+    if what in ("all", "vae"):
+        vae_dir = f"{tokenizer_dir(config, workdir) if config is not None else workdir}/vae"
+        if not storage.exists(f"{vae_dir}/checkpoints"):
+            raise MissingInputError(f"no σ-VAE checkpoint under {vae_dir}/checkpoints{_shared_hint(config)}")
+        vae_step, vae_meta = read_meta(vae_dir)
+        vae_config = config_from_meta(vae_meta, vae_dir)
+        if vae_config.vae.get("kind", "sigma") != "sigma":
+            raise ConversionError(f"{vae_dir}: only σ-VAEs have an official PyTorch format; vae.kind="
+                                  f"{vae_config.vae.kind!r} is not exported")
+    # 2. Restore and write.
     written = {}
     if what in ("all", "lm"):
-        lm_dir = f"{workdir}/lm"
-        s, meta = read_meta(lm_dir, step)
-        config = config_from_meta(meta, lm_dir)
-        if "latent_norm" not in meta:
-            raise ConversionError(f"{lm_dir}: checkpoint metadata has no latent_norm: not a generator checkpoint")
-        task = make_generator_task(config, LatentNormalization(**meta["latent_norm"]))
-        state = restore_state(task, config.optim, config.train, lm_dir, s, *restore_mesh(config, mesh))
+        task = make_generator_task(config, LatentNormalization(**lm_meta["latent_norm"]))
+        state = restore_state(task, config.optim, config.train, lm_dir, lm_step, *restore_mesh(config, mesh))
         d = config.diffusion
         diffusion = dict(prediction_type=d.prediction_type, schedule=d.schedule, num_train_steps=d.num_train_steps,
                          num_sampling_steps=d.num_sampling_steps, cfg_scale=d.cfg_scale, x0_clip=d.x0_clip)
-        export = export_dit if isinstance(task, DiTTask) else export_latent_lm
-        export(state.ema_params if params == "ema" else state.params, task.model.config, out_dir,
-               dtype=dtype, class_dropout=config.model.class_dropout, latent_norm=meta["latent_norm"],
-               diffusion=diffusion, source=dict(checkpoint=os.path.abspath(lm_dir), step=s, params=params),
-               experiment_config=json.loads(config.to_json()))
+        common = dict(dtype=dtype, class_dropout=config.model.class_dropout, latent_norm=lm_meta["latent_norm"],
+                      diffusion=diffusion, source=dict(checkpoint=os.path.abspath(lm_dir), step=lm_step, params=params),
+                      experiment_config=json.loads(config.to_json()))
+        weights = state.ema_params if params == "ema" else state.params
+        if isinstance(task, DiTTask):
+            export_dit(weights, task.model.config, out_dir, **common)
+        else:
+            export_latent_lm(weights, task.model.config, out_dir, tokenizer_json=tokenizer_json,
+                             latents_per_image=latent_grid_tokens(config) if tokenizer_json else None, **common)
         written["lm"] = out_dir
+        if tokenizer_json is not None:
+            written["tokenizer"] = os.path.join(out_dir, TOKENIZER)
+        del state
     if what in ("all", "vae"):
-        vae_dir = f"{workdir}/vae"
-        s, meta = read_meta(vae_dir)
-        config = config_from_meta(meta, vae_dir)
-        if config.vae.get("kind", "sigma") != "sigma":
-            raise ConversionError(f"{vae_dir}: only σ-VAEs have an official PyTorch format; vae.kind="
-                                  f"{config.vae.kind!r} (the KL-VAE control) is not exported")
-        task = VAETask.from_config(config)
-        state = restore_state(task, config.vae_optim, config.vae_train, vae_dir, s, *restore_mesh(config, mesh))
+        task = VAETask.from_config(vae_config)
+        state = restore_state(task, vae_config.vae_optim, vae_config.vae_train, vae_dir, vae_step,
+                              *restore_mesh(vae_config, mesh))
         export_sigma_vae(state.ema_params if vae_params == "ema" else state.params, task.model,
-                         os.path.join(out_dir, VAE_DIR), dtype=dtype, kl_weight=config.vae.kl_weight,
-                         source=dict(checkpoint=os.path.abspath(vae_dir), step=s, params=vae_params),
-                         experiment_config=json.loads(config.to_json()))
+                         os.path.join(out_dir, VAE_DIR), dtype=dtype, kl_weight=vae_config.vae.kl_weight,
+                         source=dict(checkpoint=os.path.abspath(vae_dir), step=vae_step, params=vae_params),
+                         experiment_config=json.loads(vae_config.to_json()))
         written["vae"] = os.path.join(out_dir, VAE_DIR)
     return written
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True, help="experiment workdir holding lm/ and vae/ checkpoints")
+    p.add_argument("--workdir", required=True,
+                   help="experiment workdir holding lm/ (and vae/, text/ unless data.tokenizer_workdir shares them)")
     p.add_argument("--out", default=None, help="output directory (default <workdir>/export)")
     p.add_argument("--params", choices=["ema", "raw"], default="ema", help="generator (LatentLM or DiT) weights")
     p.add_argument("--vae_params", choices=["ema", "raw"], default="raw",

@@ -4,9 +4,11 @@
   <dir>/model.pt            the same state dict, `torch.save` format
   <dir>/config.json         {"format", "architecture", "kwargs": constructor arguments, …metadata}
   <dir>/other_state.pth     LatentLM and DiT: the official `{"scaling_factor", "bias_factor", "steps", "ema"}`
+  <dir>/tokenizer.json      multimodal runs: the text tokenizer, byte-identical to the run's (config.json "multimodal")
   <dir>/vae/                the σ-VAE, same three files (no other_state.pth)
 
-`load_model(dir)` rebuilds the PyTorch module from config.json and loads the weights with `strict=True`.
+`load_model(dir)` rebuilds the PyTorch module from config.json and loads the weights with `strict=True`;
+`load_tokenizer(dir)` loads the text tokenizer as training encodes with it (docs/pytorch.md §2.1).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from latent_lm.errors import UserError
 FORMAT = "latent_lm.convert/1"
 SAFETENSORS, TORCH_PT, CONFIG, OTHER_STATE, VAE_DIR = "model.safetensors", "model.pt", "config.json", \
     "other_state.pth", "vae"
+TOKENIZER = "tokenizer.json"  # latent_lm.text.tokenizer.TOKENIZER_FILE (not imported: this module needs no JAX)
 MODEL_CLASSES = {"Transformer": Transformer, "DiT": DiT, "SigmaVAE": SigmaVAE}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -64,8 +67,9 @@ def check_state_dict(state_dict: dict[str, Any], expected: dict[str, tuple[int, 
 
 
 def write_export(out_dir: str, state_dict: dict[str, torch.Tensor], config: dict[str, Any],
-                 other_state: dict[str, Any] | None = None) -> None:
-    """Writes the files of one model; the state dict is checked against config.json first."""
+                 other_state: dict[str, Any] | None = None, files: dict[str, bytes] | None = None) -> None:
+    """Writes the files of one model (and `files`, name → bytes, verbatim); the state dict is checked against
+    config.json first, and config.json is written last."""
     expected = expected_shapes(config)
     check_state_dict(state_dict, expected, f"export to {out_dir}")
     os.makedirs(out_dir, exist_ok=True)
@@ -74,6 +78,8 @@ def write_export(out_dir: str, state_dict: dict[str, torch.Tensor], config: dict
     _atomic(os.path.join(out_dir, TORCH_PT), lambda p: torch.save(ordered, p))
     if other_state is not None:
         _atomic(os.path.join(out_dir, OTHER_STATE), lambda p: torch.save(other_state, p))
+    for name, data in (files or {}).items():
+        _atomic(os.path.join(out_dir, name), lambda p, data=data: _write_bytes(p, data))
     config = dict(config, format=FORMAT)
 
     def dump(p):
@@ -81,6 +87,11 @@ def write_export(out_dir: str, state_dict: dict[str, torch.Tensor], config: dict
             json.dump(config, f, indent=2)
 
     _atomic(os.path.join(out_dir, CONFIG), dump)
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _atomic(path: str, write) -> None:
@@ -130,3 +141,18 @@ def load_model(model_dir: str, device: str = "cpu", dtype: torch.dtype | None = 
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), config
+
+
+def load_tokenizer(model_dir: str):
+    """The text tokenizer of a multimodal export (`tokenizers.Tokenizer`), set to encode as training does: a special
+    token's spelling inside text stays text (`encode_special_tokens = True`; `tokenizer.json` does not store it).
+    Encode with `add_special_tokens=False`; config.json's "multimodal" entry has the special tokens' ids."""
+    import tokenizers  # noqa: PLC0415  (only multimodal exports need it)
+
+    path = os.path.join(model_dir, TOKENIZER)
+    if not os.path.exists(path):
+        raise ConversionError(f"{path} not found: only an export of a multimodal run (model.arch='mllm') holds the "
+                              f"text tokenizer")
+    tok = tokenizers.Tokenizer.from_file(path)
+    tok.encode_special_tokens = True
+    return tok

@@ -9,7 +9,8 @@ Extensions (off by default, so the defaults reproduce the official class exactly
   diffusion_mlp_ratio  SwiGLU ratio of the diffusion head when it differs from the backbone's (JAX `head.mlp_ratio`)
   text_vocab_size      adds `text_embedder.weight [V, D]` and `lm_head.weight [V, D]` (multimodal/text models)
   max_len              sequence length (RoPE table, KV cache) when it is not `input_size²`
-The general interleaved-sequence pass is `forward_tokens` (the JAX `LatentLM.__call__` contract) plus `lm_logits`.
+The general interleaved-sequence pass is `forward_tokens` (the JAX `LatentLM.__call__` contract, packed rows with
+`positions` and `segment_ids` included) plus `lm_logits` and the per-token head `diffuse_tokens` (docs/pytorch.md §2.1).
 
 Only the configuration the JAX model implements is supported: patch_size 1 with `flatten_input=False` (per-token
 latents through a 1×1 conv with bias) and no norm layer in the patch embedding. The same holds for `DiT`
@@ -130,9 +131,12 @@ def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved (GPT-J) RoPE on x (B, N, H, hd) with tables (N, hd/2) in x's dtype (docs/method.md §4.3)."""
-    cos = cos.repeat_interleave(2, dim=-1)[None, :, None, :]
-    sin = sin.repeat_interleave(2, dim=-1)[None, :, None, :]
+    """Interleaved (GPT-J) RoPE on x (B, N, H, hd) with tables (N, hd/2), or per row (B, N, hd/2), in x's dtype
+    (docs/method.md §4.3)."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos = cos.repeat_interleave(2, dim=-1)[:, :, None, :]
+    sin = sin.repeat_interleave(2, dim=-1)[:, :, None, :]
     return x * cos + rotate_every_two(x) * sin
 
 
@@ -156,12 +160,14 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, start_pos: int, rel_pos: tuple[torch.Tensor, torch.Tensor],
-                incremental_state: dict | None = None) -> torch.Tensor:
+                incremental_state: dict | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` (B, 1, N, N) bool, optional and only without a cache, replaces the causal mask (packed rows)."""
+        if mask is not None and incremental_state is not None:
+            raise ValueError("an attention mask is supported without a KV cache only")
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = torch.split(qkv, [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
         q, k = apply_rotary_emb(q, *rel_pos), apply_rotary_emb(k, *rel_pos)
-        mask = None
         if incremental_state is not None:
             incremental_state["key"][:b, start_pos:start_pos + n] = k
             incremental_state["value"][:b, start_pos:start_pos + n] = v
@@ -173,7 +179,8 @@ class Attention(nn.Module):
         q = q.transpose(1, 2)
         k = repeat_kv(k.transpose(1, 2), self.n_rep)
         v = repeat_kv(v.transpose(1, 2), self.n_rep)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=incremental_state is None,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             is_causal=incremental_state is None and mask is None,
                                              dropout_p=self.attn_drop.p if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
@@ -190,8 +197,8 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(hidden_size)
         self.mlp = SwiGLU(hidden_size, swiglu_hidden(hidden_size, mlp_ratio), drop=proj_drop)
 
-    def forward(self, x, start_pos, rel_pos, incremental_state=None):
-        x = x + self.attn(self.norm1(x), start_pos, rel_pos, incremental_state)
+    def forward(self, x, start_pos, rel_pos, incremental_state=None, mask=None):
+        x = x + self.attn(self.norm1(x), start_pos, rel_pos, incremental_state, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -319,11 +326,19 @@ class Transformer(nn.Module):
         """(B, T, p²·C) → (B, C, H, W), T = h·w row-major."""
         return unpatchify(x, self.out_channels, self.patch_size)
 
-    def build_rel_pos(self, x: torch.Tensor, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) tables for positions start_pos … start_pos+N−1, angles 1/(10⁴·s)^linspace(0, 1, hd/2)."""
+    def _rope_angles(self, device: torch.device) -> torch.Tensor:
+        return 1.0 / ((10000 * self.posi_scale) ** torch.linspace(0, 1, self.head_dim // 2, dtype=torch.float,
+                                                                  device=device))
+
+    def build_rel_pos(self, x: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) tables for positions start_pos … start_pos+N−1, angles 1/(10⁴·s)^linspace(0, 1, hd/2); with
+        `positions` (B, N) integer, per-row tables (B, N, hd/2) at those positions (packed documents restart at 0)."""
+        if positions is not None:
+            freqs = positions.to(x.device, torch.float)[..., None] * self._rope_angles(x.device)
+            return torch.cos(freqs).to(x.dtype), torch.sin(freqs).to(x.dtype)
         if self._precomputed_freqs_cis is None or self._precomputed_freqs_cis.device != x.device:
-            angle = 1.0 / ((10000 * self.posi_scale) ** torch.linspace(0, 1, self.head_dim // 2, dtype=torch.float,
-                                                                       device=x.device))
+            angle = self._rope_angles(x.device)
             index = torch.arange(self.flatten_input_size, device=x.device).to(angle)
             self._precomputed_freqs_cis = index[:, None] * angle
         if start_pos + x.size(1) > self.flatten_input_size:
@@ -338,8 +353,9 @@ class Transformer(nn.Module):
         condition = self.forward_parallel(x_start, y).repeat_interleave(batch_mul, dim=0)
         return self.forward_diffusion(x_noise, t, condition)
 
-    def _run_blocks(self, x: torch.Tensor, start_pos: int = 0, incremental_state: dict | None = None):
-        rel_pos = self.build_rel_pos(x, start_pos)
+    def _run_blocks(self, x: torch.Tensor, start_pos: int = 0, incremental_state: dict | None = None,
+                    positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        rel_pos = self.build_rel_pos(x, start_pos, positions)
         for idx, block in enumerate(self.blocks):
             cache = None
             if incremental_state is not None:
@@ -348,7 +364,7 @@ class Transformer(nn.Module):
                     incremental_state[idx] = {"key": torch.zeros(shape, device=x.device, dtype=x.dtype),
                                               "value": torch.zeros(shape, device=x.device, dtype=x.dtype)}
                 cache = incremental_state[idx]
-            x = block(x, start_pos, rel_pos, cache)
+            x = block(x, start_pos, rel_pos, cache, mask)
         return x
 
     def forward_parallel(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -423,13 +439,32 @@ class Transformer(nn.Module):
         return out
 
     def forward_tokens(self, tokens: torch.Tensor, latents: torch.Tensor, is_latent: torch.Tensor,
-                       start_pos: int = 0, incremental_state: dict | None = None
+                       start_pos: int = 0, incremental_state: dict | None = None,
+                       positions: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(conditions, hidden), each (B, T, D), for tokens (B, T), latents (B, T, C), is_latent (B, T)."""
+        """(conditions, hidden), each (B, T, D), for tokens (B, T), latents (B, T, C), is_latent (B, T).
+
+        A packed row (docs/method.md §4.1): `segment_ids` (B, T) keeps attention inside each document and
+        `positions` (B, T) are the RoPE positions, restarting at 0 in each document (no KV cache then)."""
         lat = self.x_embedder.proj(latents.permute(0, 2, 1)[..., None]).flatten(2).transpose(1, 2)
         h = torch.where(is_latent[..., None], lat, self.embed_tokens(tokens))
-        hidden = self._run_blocks(h, start_pos, incremental_state)
+        mask = None
+        if segment_ids is not None:
+            t = segment_ids.shape[1]
+            causal = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
+            mask = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
+        hidden = self._run_blocks(h, start_pos, incremental_state, positions, mask)
         return self.condition_layer(hidden), hidden
+
+    def diffuse_tokens(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """The diffusion head per token, in the JAX layout (`LatentLM.diffuse`): x_t (B, T, C) at t (B, T) given
+        conditions (B, T, D) → (B, T, C), any T (`forward_diffusion` takes a square image grid)."""
+        bsz, seq_len = t.shape
+        c = condition + self.t_embedder(t.reshape(-1)).view(bsz, seq_len, -1)
+        x = self.noisy_x_embedder.proj(x_t.permute(0, 2, 1)[..., None]).flatten(2).transpose(1, 2)
+        for block in self.diffusion_blocks:
+            x = block(x, c)
+        return self.final_layer(x, c)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Text logits: RMSNorm (no gain) → lm_head, in fp32."""

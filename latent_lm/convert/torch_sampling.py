@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from latent_lm import cli, storage
-from latent_lm.convert.torch_files import VAE_DIR, load_model
+from latent_lm.convert.torch_files import VAE_DIR, ConversionError, load_model
 from latent_lm.pixels import to_uint8
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -107,6 +107,7 @@ def generate_images(export_dir: str, labels: np.ndarray, *, batch: int = 500, se
     """uint8 images [N, H, W, C] from an export directory (LatentLM + vae/); CFG and steps default to config.json.
     `noise` [N_tokens, len(labels), C] fixes every initial x_T (for comparisons with the JAX sampler)."""
     model, cfg = load_model(export_dir)
+    _check_class_conditional(cfg, export_dir)
     vae, _ = load_model(os.path.join(export_dir, VAE_DIR))
     d, norm = cfg["diffusion"], cfg["latent_norm"]
     gen = torch.Generator().manual_seed(seed)
@@ -126,6 +127,13 @@ def generate_images(export_dir: str, labels: np.ndarray, *, batch: int = 500, se
     return np.concatenate(images)
 
 
+def _check_class_conditional(cfg: dict, export_dir: str) -> None:
+    if not cfg["kwargs"].get("num_classes", 1000):
+        raise ConversionError(f"{export_dir} holds a model without classes (a multimodal run): this sampler draws "
+                              f"class-conditional images; use Transformer.forward_tokens, lm_logits and "
+                              f"diffuse_tokens with the exported tokenizer.json (docs/pytorch.md §2.1)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--export_dir", required=True)
@@ -140,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     _, cfg = load_model(args.export_dir)
+    _check_class_conditional(cfg, args.export_dir)
     labels = np.repeat(np.arange(cfg["kwargs"]["num_classes"]), args.per_class)
     images = generate_images(args.export_dir, labels, seed=args.seed, cfg_scale=args.cfg_scale,
                              num_steps=args.num_steps)

@@ -30,3 +30,26 @@ def save_image_grid(images_uint8: np.ndarray, path: str, ncols: int = 10, pad: i
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     with storage.atomic_open(path, "wb") as f:
         image.save(f, format="PNG")
+
+
+def save_captioned_grid(images_uint8: np.ndarray, captions: list[str], path: str, ncols: int = 5) -> None:
+    """Images with a caption under each (text-to-image prompts, image-to-text outputs) as a PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    images = np.asarray(images_uint8)
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 2.0 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, im, text in zip(axes.flat, images, captions):
+        ax.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray", vmin=0, vmax=255)
+        ax.set_title("".join(ch if ch.isprintable() else "?" for ch in text), fontsize=6, wrap=True)
+    fig.tight_layout()
+    with storage.atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)

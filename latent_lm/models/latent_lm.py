@@ -94,9 +94,13 @@ class LatentLM(nn.Module):
         return nn.with_logical_constraint(jnp.where(is_latent[..., None], lat, tok), ("batch", "length", "embed"))
 
     def backbone_forward(self, h: jax.Array, positions: jax.Array, caches: KVCache | None = None,
-                         mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, KVCache | None]:
-        """Runs the causal stack; returns (conditions, hidden, caches). Conditions feed the diffusion head."""
-        hidden, caches = self.backbone(h, positions, caches, mask)
+                         mask: jax.Array | None = None,
+                         cache_index: jax.Array | None = None) -> tuple[jax.Array, jax.Array, KVCache | None]:
+        """Runs the causal stack; returns (conditions, hidden, caches). Conditions feed the diffusion head.
+
+        With `caches`, `cache_index` and `mask` [B, 1, T, S] (optional) pick the write slot and the visible cache
+        slots per row (`layers.Attention`; the multimodal generator, docs/method.md §8.5)."""
+        hidden, caches = self.backbone(h, positions, caches, mask, cache_index)
         return self.condition_layer(hidden), hidden, caches
 
     def lm_logits(self, hidden: jax.Array) -> jax.Array:

@@ -157,7 +157,9 @@ class Attention(nn.Module):
     whose index ≤ its own position, which is exactly causal attention over the filled prefix.
     `causal=False, rope=False` is the DiT twin's attention (docs/method.md §9): bidirectional, positions unused, no
     cache. Without a cache, `mask` ([B, 1, T, T] bool, `attention_mask`) replaces the plain causal mask: packed
-    documents, bidirectional spans.
+    documents, bidirectional spans. With a cache, `cache_index` (a scalar slot shared by all rows) and `mask`
+    ([B, 1, T, S] bool over the S cache slots) replace "write at positions[0, 0]" and "slot ≤ position": the
+    multimodal generator's left-padded rows, whose RoPE positions differ from their slots (docs/method.md §8.5).
     """
 
     num_heads: int
@@ -169,9 +171,12 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array | None, cache: KVCache | None = None,
-                 mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
-        if cache is not None and (not self.causal or mask is not None):
-            raise ValueError("a KV cache needs plain causal attention (no mask)")
+                 mask: jax.Array | None = None,
+                 cache_index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        if cache is not None and not self.causal:
+            raise ValueError("a KV cache needs causal attention")
+        if cache is None and cache_index is not None:
+            raise ValueError("cache_index needs a KV cache")
         width = x.shape[-1]
         head_dim = width // self.num_heads
         q = Dense((self.num_heads, head_dim), ("embed", "heads", "kv"), dtype=self.dtype, name="query")(x)
@@ -185,13 +190,16 @@ class Attention(nn.Module):
         elif cache is None:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
         else:
-            # Every row of the batch writes at the same offset (positions[0, 0]); the sampler guarantees it.
-            start = positions[0, 0]
+            # Every row of the batch writes at the same offset: `cache_index`, else positions[0, 0] (the
+            # class-conditional sampler's rows are aligned, so slot = position).
+            start = positions[0, 0] if cache_index is None else cache_index
             key = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), start, axis=1)
             value = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), start, axis=1)
             cache = KVCache(key=key, value=value)
-            slots = jnp.arange(key.shape[1])
-            mask = slots[None, None, None, :] <= positions[:, None, :, None]  # [B,1,T,S]
+            if mask is None:
+                slots = jnp.arange(key.shape[1])
+                mask = slots[None, None, None, :] <= positions[:, None, :, None]  # [B,1,T,S]
+            chex.assert_shape(mask, (x.shape[0], 1, x.shape[1], key.shape[1]))
             out = jax.nn.dot_product_attention(q, key.astype(self.dtype), value.astype(self.dtype), mask=mask)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         out = Dense(width, ("heads", "kv", "embed"), contract=2, dtype=self.dtype, name="proj")(out)

@@ -6,7 +6,9 @@ Images are NHWC in [-1, 1]; latents are token sequences [B, T, C] in raster orde
 `kind="kl"` turns the model into the learned-variance KL-VAE control of docs/method.md §2.4 (paper Fig. 6 "stars"): the
 encoder also predicts log σ² per latent value, z = μ + σ ⊙ ε, and the loss carries the true KL to N(0, I). The
 extra head is `encoder/logvar_head` (LDM's `quant_conv` emits both moments from one 1×1 conv; two heads are the
-same map). The PyTorch export covers the σ-VAE only.
+same map). `kind="fsq"` is the discrete tokenizer of docs/method.md §2.5 (the VQ-MLLM baseline): the same ViT, its
+encoder output finite-scalar-quantized (`models/fsq.py`) to a grid vector z that the decoder reads, no noise. The
+PyTorch export covers the σ-VAE only.
 
 The module only maps images ↔ latents; its losses (docs/method.md §2.3: L1/MSE, μ penalty or KL, LPIPS, PatchGAN with
 the adaptive weight) are in `latent_lm/training/vae_losses.py`, and the posterior sampling in `latent_lm/latents.py`.
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from latent_lm.latents import VAE_KINDS, sample_latent, sigma_points
+from latent_lm.models import fsq
 from latent_lm.models.layers import Dense, torch_default_init
 
 Dtype = Any
@@ -208,6 +211,8 @@ class SigmaVAE(nn.Module):
     """σ-VAE (docs/method.md §2): encode → μ [B,T,C]; z = μ + σ_b·ε (σ_b per example, `std` = C_σ); decode → image.
 
     `kind="kl"`: the KL-VAE control (docs/method.md §2.4), z = μ + σ ⊙ ε with the learned σ; `std` is then unused.
+    `kind="fsq"`: the discrete tokenizer (docs/method.md §2.5), z = FSQ(μ) on the grid of `fsq_levels` (one level
+    count per latent channel), no noise; `encode` and `cache_latents` return that grid vector.
     Use `model.apply(params, x, method=SigmaVAE.encode)` / `method=SigmaVAE.decode` for the two halves;
     `method=SigmaVAE.posterior` gives (μ, log σ²) of a KL-VAE, `method=SigmaVAE.cache_latents` the cache rows.
     """
@@ -224,10 +229,13 @@ class SigmaVAE(nn.Module):
     use_cls: bool = True
     dtype: Dtype = jnp.float32
     kind: str = "sigma"
+    fsq_levels: tuple[int, ...] = ()  # kind "fsq" only: L_i per latent channel, e.g. (8, 5, 5, 5) → 1000 codes
 
     def setup(self) -> None:
         if self.kind not in VAE_KINDS:
             raise ValueError(f"vae.kind={self.kind!r} must be one of {list(VAE_KINDS)}")
+        if self.kind == "fsq" and (problem := fsq.levels_problem(self.fsq_levels, self.latent_dim)):
+            raise ValueError(f"vae.kind='fsq': {problem}")
         self.grid = latent_grid(self.image_size, self.patch_size)
         self.encoder = ViTEncoder(self.patch_size, self.width, self.depth, self.num_heads, self.latent_dim,
                                   self.mlp_ratio, self.use_cls, self.dtype, self.kind)
@@ -240,18 +248,28 @@ class SigmaVAE(nn.Module):
         chex.assert_shape(mu, (images.shape[0], self.grid[0] * self.grid[1], self.latent_dim))
         return mu, logvar
 
+    def _quantize(self, mu: jax.Array) -> jax.Array:
+        """FSQ grid vector of the encoder output, float32 [B,T,latent_dim] (docs/method.md §2.5)."""
+        return fsq.quantize(mu, self.fsq_levels)
+
     def encode(self, images: jax.Array) -> jax.Array:
-        """images [B,H,W,C_in] in [-1,1] → μ [B,T,latent_dim] (the official `mode()`, for both kinds)."""
-        return self._moments(images)[0]
+        """images [B,H,W,C_in] in [-1,1] → μ [B,T,latent_dim] (the official `mode()`, σ-VAE and KL-VAE), or the
+        quantized grid vector for FSQ: in every case what `decode` reconstructs the image from, without noise."""
+        mu = self._moments(images)[0]
+        return self._quantize(mu) if self.kind == "fsq" else mu
 
     def posterior(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """KL-VAE only: the posterior moments (μ, log σ²), each [B,T,latent_dim]."""
         if self.kind != "kl":
-            raise ValueError("SigmaVAE.posterior: a σ-VAE has no learned variance (its σ_b is drawn per example)")
+            raise ValueError(f"SigmaVAE.posterior: vae.kind={self.kind!r} has no learned variance (a σ-VAE draws its "
+                             f"σ_b per example, FSQ has no noise)")
         return self._moments(images)
 
     def cache_latents(self, images: jax.Array) -> jax.Array:
-        """What the latent cache stores per image: μ [B,T,C] (σ-VAE) or sigma points [B,T,2C] (KL-VAE)."""
+        """What the latent cache stores per image: μ [B,T,C] (σ-VAE), sigma points [B,T,2C] (KL-VAE), or the FSQ
+        grid vector [B,T,C] in float32 (exact codes: `fsq.codes_from_latents` recovers the indices)."""
+        if self.kind == "fsq":
+            return self.encode(images)
         mu, logvar = self._moments(images)
         return mu if logvar is None else sigma_points(mu, logvar)
 
@@ -263,9 +281,12 @@ class SigmaVAE(nn.Module):
         return images
 
     def __call__(self, images: jax.Array, *, rng: jax.Array) -> dict[str, jax.Array]:
-        """recon, mu, z (and logvar for the KL-VAE), and `head_input`: the decoder's last-layer input."""
+        """recon, mu, z (and logvar for the KL-VAE; for FSQ, mu is the encoder output before quantization, z its
+        grid vector and `codes` int32 [B,T] its code indices), and `head_input`: the decoder's last-layer input."""
         mu, logvar = self._moments(images)
-        if logvar is None:
+        if self.kind == "fsq":
+            z = self._quantize(mu)  # no noise; straight-through gradient to the encoder (§2.5)
+        elif logvar is None:
             z = sample_latent(rng, mu, self.std)
         else:
             eps = jax.random.normal(rng, mu.shape, jnp.float32)
@@ -275,4 +296,6 @@ class SigmaVAE(nn.Module):
         out = {"recon": recon, "mu": mu, "z": z, "head_input": head_input}
         if logvar is not None:
             out["logvar"] = logvar
+        if self.kind == "fsq":
+            out["codes"] = fsq.codes_from_latents(jax.lax.stop_gradient(z), self.fsq_levels)
         return out

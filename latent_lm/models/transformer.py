@@ -37,9 +37,10 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None,
+                 cache_index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         h, cache = Attention(self.num_heads, self.num_kv_heads, self.posi_scale, self.dtype, name="attn")(
-            rms_norm(x), positions, cache, mask)
+            rms_norm(x), positions, cache, mask, cache_index)
         x = x + h
         x = x + SwiGLU(swiglu_hidden(x.shape[-1], self.mlp_ratio), self.dtype, name="mlp")(rms_norm(x))
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
@@ -48,7 +49,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """`depth` causal blocks scanned over a stacked "layers" axis; no final norm (the ConditionLayer and LM head
     normalise). `caches` is one KVCache whose arrays carry a leading [depth] axis (see `init_cache`); `mask`
-    (`layers.attention_mask`, training only) is shared by every layer."""
+    (`layers.attention_mask` in training, a mask over cache slots in generation) and `cache_index` (the cache slot
+    every row writes at; `layers.Attention`) are shared by every layer."""
 
     depth: int
     num_heads: int
@@ -60,17 +62,18 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, caches: KVCache | None = None,
-                 mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 mask: jax.Array | None = None,
+                 cache_index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r} must be one of {list(REMAT_POLICIES)}")
         block_cls = Block
         if self.remat != "none":
             block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, 0), out_axes=0, length=self.depth,
+                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), out_axes=0, length=self.depth,
                         metadata_params={nn.PARTITION_NAME: "layers"})
         return stack(self.num_heads, self.num_kv_heads, self.mlp_ratio, self.posi_scale, self.dtype,
-                     name="blocks")(x, positions, mask, caches)
+                     name="blocks")(x, positions, mask, caches, cache_index)
 
 
 class ConditionLayer(nn.Module):

@@ -49,3 +49,40 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
     first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
     return (idx - first).astype(jnp.int32)
+
+
+def image_span_ids(is_latent: jax.Array) -> jax.Array:
+    """Numbers the contiguous runs of latent positions in each row 1, 2, … (0 elsewhere): one id per image of a
+    packed row, so each image gets its own σ-VAE σ (docs/method.md §7.3). int32 [B, T]."""
+    chex.assert_rank(is_latent, 2)
+    starts = is_latent & ~jnp.pad(is_latent, ((0, 0), (1, 0)))[:, :-1]
+    return jnp.where(is_latent, jnp.cumsum(starts, axis=1), 0).astype(jnp.int32)
+
+
+def document_targets(tokens: jax.Array, is_latent: jax.Array, latents: jax.Array, segment_ids: jax.Array,
+                     ignore_ids: tuple[int, ...]) -> dict[str, jax.Array]:
+    """Next-position targets of packed interleaved documents (docs/method.md §7.3).
+
+    Position i predicts position i+1 of the same document: a latent there is a diffusion target (the hidden state at
+    `<boi>` conditions z_1, at z_k conditions z_{k+1}), a token a CE target (at z_N that is `<eoi>`). Tokens in
+    `ignore_ids` (padding, the null prompt) are never CE targets; the last position of every document and padding
+    (segment 0) predict nothing. Returns the `latent_lm_loss` target arrays, [B, T(, C)].
+    """
+    chex.assert_rank([tokens, is_latent, latents, segment_ids], [2, 2, 3, 2])
+    shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2))
+    same_doc = (segment_ids > 0) & (shift(segment_ids) == segment_ids)
+    next_latent, next_token = shift(is_latent), shift(tokens)
+    ignored = jnp.isin(next_token, jnp.asarray(ignore_ids, jnp.int32))
+    return dict(latent_targets=shift(latents), latent_mask=same_doc & next_latent,
+                text_targets=next_token, text_mask=same_doc & ~next_latent & ~ignored)
+
+
+def gather_positions(mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """The first `capacity` positions of each row where `mask` holds: indices [B, capacity] and whether each is real.
+
+    The diffusion head then runs on [B, capacity] gathered targets instead of every position (docs/method.md §7.3):
+    a text-heavy row does not pay head × batch_mul for its text. Rows with more targets than `capacity` lose the rest
+    (the loss reports how many as `head_overflow`; the packer keeps rows within it)."""
+    chex.assert_rank(mask, 2)
+    order = jnp.argsort(~mask, axis=1, stable=True)[:, :capacity].astype(jnp.int32)
+    return order, jnp.take_along_axis(mask, order, axis=1)

@@ -14,6 +14,7 @@ from latent_lm.models.diffusion_head import FREQ_DIM
 from latent_lm.models.dit import DiTConfig
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.layers import swiglu_hidden
+from latent_lm.models.transfusion import TransfusionConfig
 
 
 def backbone_matmul_params(cfg: LatentLMConfig) -> int:
@@ -32,10 +33,12 @@ def head_matmul_params(cfg: LatentLMConfig) -> int:
             + 2 * d * d + d * cfg.latent_dim)
 
 
-def train_flops_per_step(cfg: LatentLMConfig, batch: int, seq_len: int, batch_mul: int) -> dict[str, float]:
+def train_flops_per_step(cfg: LatentLMConfig, batch: int, seq_len: int, batch_mul: int,
+                         head_tokens: int | None = None) -> dict[str, float]:
+    """`head_tokens`: positions per row the head runs on when gathered (docs/method.md §7.3); default all."""
     tokens = batch * seq_len
     backbone = 6 * backbone_matmul_params(cfg) * tokens + 12 * cfg.depth * cfg.width * seq_len * tokens
-    head = 6 * head_matmul_params(cfg) * tokens * batch_mul
+    head = 6 * head_matmul_params(cfg) * batch * (seq_len if head_tokens is None else head_tokens) * batch_mul
     return {"backbone": float(backbone), "head": float(head), "total": float(backbone + head)}
 
 
@@ -56,3 +59,41 @@ def dit_train_flops_per_step(cfg: DiTConfig, batch: int) -> dict[str, float]:
     matmuls = 6 * (w["token"] * n + w["image"]) * batch
     attention = 12 * cfg.depth * cfg.width * n * n * batch
     return {"matmuls": float(matmuls), "attention": float(attention), "total": float(matmuls + attention)}
+
+
+def transfusion_matmul_params(cfg: TransfusionConfig) -> dict[str, int]:
+    """Transfusion (docs/method.md §9.3): weights touched once per position
+    ("layers": the backbone; "in": the latent in-projection, which the model applies at every position before
+    selecting; "out": the RMSNorm → Linear(D→C) out-projection; "lm": the LM head) and once per image ("image": the
+    timestep MLP, which runs on one t per image slot)."""
+    d, hd = cfg.width, cfg.width // cfg.num_heads
+    f = swiglu_hidden(d, cfg.mlp_ratio)
+    per_layer = d * (cfg.num_heads * hd + 2 * cfg.kv_heads * hd) + cfg.num_heads * hd * d + 3 * d * f
+    return {"layers": cfg.depth * per_layer, "in": cfg.latent_dim * d, "out": d * cfg.latent_dim,
+            "lm": d * cfg.text_vocab_size, "image": FREQ_DIM * d + d * d}
+
+
+def transfusion_train_flops_per_step(cfg: TransfusionConfig, batch: int, seq_len: int,
+                                     images_per_row: int) -> dict[str, float]:
+    """Training FLOPs of `batch` packed rows: backbone, in/out projections and LM head on every position, the timestep
+    MLP on `images_per_row` slots, attention over the full T×T square (this module's convention)."""
+    w = transfusion_matmul_params(cfg)
+    per_position = w["layers"] + w["in"] + w["out"] + w["lm"]
+    matmuls = 6 * (per_position * seq_len + w["image"] * images_per_row) * batch
+    attention = 12 * cfg.depth * cfg.width * seq_len * seq_len * batch
+    return {"matmuls": float(matmuls), "attention": float(attention), "total": float(matmuls + attention)}
+
+
+def transfusion_sample_flops_per_image(cfg: TransfusionConfig, prefix_len: int, num_latents: int, num_steps: int,
+                                       guidance: bool = True) -> dict[str, float]:
+    """Forward FLOPs of one text-to-image sample as `transfusion_sampling.sample_image` runs it: the P-position prefix
+    once into the KV cache, then `num_steps` backbone passes over the N image positions, each attending to all
+    P + N cache slots (the static cache is P + N long, so the prefill's P queries also score P + N slots); doubled
+    with classifier-free guidance. The LM head is never evaluated."""
+    w = transfusion_matmul_params(cfg)
+    p, n, slots = prefix_len, num_latents, prefix_len + num_latents
+    prefill = 2 * ((w["layers"] + w["in"]) * p + w["image"]) + 4 * cfg.depth * cfg.width * p * slots
+    step = 2 * ((w["layers"] + w["in"] + w["out"]) * n + w["image"]) + 4 * cfg.depth * cfg.width * n * slots
+    rows = 2 if guidance else 1
+    return {"prefill": float(rows * prefill), "denoise": float(rows * num_steps * step),
+            "total": float(rows * (prefill + num_steps * step))}

@@ -11,34 +11,45 @@ import jax.numpy as jnp
 from latent_lm.diffusion import NoiseSchedule, add_noise, training_target
 from latent_lm.models.dit import DiT
 from latent_lm.models.latent_lm import LatentLM
-from latent_lm.training.batches import drop_class_tokens, drop_labels
+from latent_lm.training.batches import drop_class_tokens, drop_labels, gather_positions
 
 
 def latent_lm_loss(model: LatentLM, params, batch: dict[str, jax.Array], rng: jax.Array, *,
                    schedule: NoiseSchedule, prediction_type: str, batch_mul: int, class_dropout: float,
-                   diffusion_weight: float = 1.0, train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   diffusion_weight: float = 1.0, train: bool = True, head_capacity: int | None = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """L = CE (over text targets) + λ·MSE (over latent targets), each averaged over its own targets
     (docs/method.md §6.3).
 
     The backbone runs once; conditions are repeated `batch_mul`× (adjacent copies, repeat_interleave) and every
     copy of every target token gets its own uniform t and ε (docs/method.md §6.1–6.2). The MSE is in fp32.
+    `head_capacity`: the head runs only on the first that many latent targets of each row, gathered
+    (`batches.gather_positions`, docs/method.md §7.3), instead of on every position. Packed rows
+    (`segment_ids`, `positions` in the batch) keep attention inside each document.
     """
     cfg = model.config
     rng_drop, rng_t, rng_eps = jax.random.split(rng, 3)
     tokens = batch["tokens"]
     if train:
         tokens = drop_class_tokens(rng_drop, cfg, tokens, batch["is_latent"], class_dropout)
-    cond, hidden = model.apply(params, tokens, batch["latents"], batch["is_latent"])
+    cond, hidden = model.apply(params, tokens, batch["latents"], batch["is_latent"], batch.get("positions"),
+                               batch.get("segment_ids"))
     metrics = {}
     loss = jnp.zeros((), jnp.float32)
 
-    b, t_len = tokens.shape
+    targets, latent_mask = batch["latent_targets"], batch["latent_mask"]
+    if head_capacity is not None:
+        idx, valid = gather_positions(latent_mask, head_capacity)
+        metrics["head_overflow"] = jnp.sum(latent_mask) - jnp.sum(valid)
+        cond = jnp.take_along_axis(cond, idx[..., None], axis=1)
+        targets, latent_mask = jnp.take_along_axis(targets, idx[..., None], axis=1), valid
+    b, t_len = latent_mask.shape
     # Every [B·mul, T, ...] tensor is pinned to the batch sharding: left alone, GSPMD builds t and ε whole on every
     # device and the head then runs on all rows of an fsdp group (measured: 2.4× the temporaries at fsdp 8).
     rows = lambda x, *names: nn.with_logical_constraint(x, ("batch", "length", *names))
-    x0 = rows(jnp.repeat(batch["latent_targets"].astype(jnp.float32), batch_mul, axis=0), "latent")
+    x0 = rows(jnp.repeat(targets.astype(jnp.float32), batch_mul, axis=0), "latent")
     cond_rep = rows(jnp.repeat(cond, batch_mul, axis=0), "embed")
-    mask = jnp.repeat(batch["latent_mask"], batch_mul, axis=0).astype(jnp.float32)
+    mask = jnp.repeat(latent_mask, batch_mul, axis=0).astype(jnp.float32)
     t = rows(jax.random.randint(rng_t, (b * batch_mul, t_len), 0, schedule.num_train_steps))
     noise = rows(jax.random.normal(rng_eps, x0.shape, jnp.float32), "latent")
     x_t = add_noise(schedule, x0, noise, t)

@@ -7,13 +7,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from data_pipelines.latent_cache import make_split_dataset
 from latent_lm.diffusion import NoiseSchedule, make_schedule
 from latent_lm.latents import LatentNormalization, LatentPosterior, training_latents
 from latent_lm.models.dit import DiT, DiTConfig
 from latent_lm.sampling import SamplerSettings, make_dit_sampler
 from latent_lm.training.flops import dit_train_flops_per_step
 from latent_lm.training.generator_losses import dit_loss
-from latent_lm.training.tasks.registry import register_generator
+from latent_lm.training.tasks.registry import DataPaths, one_image_sequence_checks, register_generator
 
 
 @register_generator("dit")
@@ -43,6 +44,13 @@ class DiTTask:
     @property
     def num_tokens(self) -> int:
         return self.model.config.max_len
+
+    config_checks = staticmethod(one_image_sequence_checks)
+
+    def make_dataset(self, paths: DataPaths, split: str, batch_size: int, seed: int, num_workers: int = 0):
+        """{"latents": cached μ [b, N, C], "label": [b]} batches of the σ-VAE latent cache."""
+        shape = (self.num_tokens, self.posterior.cache_dim(self.model.config.latent_dim))
+        return make_split_dataset(paths.latents, split, batch_size, seed, shape, num_workers)
 
     def init_params(self, rng):
         cfg = self.model.config

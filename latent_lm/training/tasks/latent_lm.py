@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from data_pipelines.latent_cache import make_split_dataset
 from latent_lm.diffusion import NoiseSchedule, make_schedule
 from latent_lm.latents import LatentNormalization, LatentPosterior, training_latents
 from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
@@ -14,7 +15,7 @@ from latent_lm.sampling import SamplerSettings, make_sampler
 from latent_lm.training.batches import class_conditional_batch
 from latent_lm.training.flops import train_flops_per_step
 from latent_lm.training.generator_losses import latent_lm_loss
-from latent_lm.training.tasks.registry import register_generator
+from latent_lm.training.tasks.registry import DataPaths, one_image_sequence_checks, register_generator
 
 
 @register_generator("latent_lm")
@@ -45,6 +46,13 @@ class LatentLMTask:
                    diffusion_weight=d.diffusion_weight, posterior=LatentPosterior.from_vae_config(config.vae),
                    norm=norm,
                    num_tokens=config.model.max_len)
+
+    config_checks = staticmethod(one_image_sequence_checks)
+
+    def make_dataset(self, paths: DataPaths, split: str, batch_size: int, seed: int, num_workers: int = 0):
+        """{"latents": cached μ [b, N, C], "label": [b]} batches of the σ-VAE latent cache."""
+        shape = (self.num_tokens, self.posterior.cache_dim(self.model.config.latent_dim))
+        return make_split_dataset(paths.latents, split, batch_size, seed, shape, num_workers)
 
     def init_params(self, rng):
         n, c = self.num_tokens, self.model.config.latent_dim

@@ -7,7 +7,8 @@ branches on the kind.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, runtime_checkable
+import dataclasses
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import jax
 
@@ -29,9 +30,18 @@ class Task(Protocol):
         """Scalar loss and metrics of one batch as the data pipeline yields it."""
 
 
+@dataclasses.dataclass(frozen=True)
+class DataPaths:
+    """Where a generator's inputs live: the σ-VAE latent caches (`<dir>/train`, `<dir>/test`) and the text
+    tokenizer (`tokenizer.json` in `text_tokenizer`)."""
+
+    latents: str
+    text_tokenizer: str
+
+
 @runtime_checkable
 class GeneratorTask(Task, Protocol):
-    """A latent generator trained on a latent cache: LatentLM, its DiT twin, and what comes next."""
+    """A generator trained on σ-VAE latents: LatentLM, its DiT twin, the multimodal LatentLM, and what comes next."""
 
     model: Any  # the Flax module; `model.config` is its dataclass config
     norm: LatentNormalization  # cached latents → LM space
@@ -40,18 +50,43 @@ class GeneratorTask(Task, Protocol):
     def from_config(cls, config, norm: LatentNormalization) -> "GeneratorTask":
         """The task that `config` describes, for latents normalised by `norm`."""
 
+    @classmethod
+    def config_checks(cls, config) -> Iterable[tuple[bool, str]]:
+        """(ok, message) pairs `config_validation.validate` adds for this kind (e.g. sequence length rules)."""
+
+    def make_dataset(self, paths: DataPaths, split: str, batch_size: int, seed: int, num_workers: int = 0) -> Any:
+        """This process's batches of `split` as `loss` takes them: "train" shuffled and repeated, a checkpointable
+        grain iterator; "test" once in order."""
+
     def loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array,
              train: bool = True) -> tuple[jax.Array, Metrics]:
         """`train=False`: the held-out loss (no condition dropout), as the eval_loss stage measures it."""
-
-    def make_sampler(self, settings: SamplerSettings) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-        """Jitted `sample(params, labels [B], rng) -> normalised latents [B, N, C]`."""
 
     def train_flops_per_example(self) -> float:
         """Exact training FLOPs of one example (the scaling-law x axis)."""
 
 
+@runtime_checkable
+class ClassConditionalTask(GeneratorTask, Protocol):
+    """A generator of images from class labels (the sample and eval stages)."""
+
+    def make_sampler(self, settings: SamplerSettings) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+        """Jitted `sample(params, labels [B], rng) -> normalised latents [B, N, C]`."""
+
+
 GENERATOR_TASKS: dict[str, type] = {}
+
+
+def latent_grid_tokens(config) -> int:
+    """Latent vectors per image: the σ-VAE's patch grid, (image_size / patch_size)²."""
+    return (config.data.image_size // config.vae.patch_size) ** 2
+
+
+def one_image_sequence_checks(config) -> list[tuple[bool, str]]:
+    """The class-conditional kinds read one image's latent grid per sequence (docs/method.md §7.1)."""
+    n, m = latent_grid_tokens(config), config.model
+    return [(m.max_len == n, f"model.max_len={m.max_len} must equal the number of latent tokens {n} "
+                             f"(image_size/patch_size)²")]
 
 
 def register_generator(name: str) -> Callable[[type], type]:

@@ -1,5 +1,5 @@
-"""The σ-VAE tokenizer's training task (docs/method.md §2.3–2.4): the one σ-VAE loss, with the optional LPIPS and
-PatchGAN terms."""
+"""The σ-VAE tokenizer's training task (docs/method.md §2.3–2.5): the one σ-VAE loss, with the optional LPIPS and
+PatchGAN terms; the same task trains the KL-VAE control and the FSQ tokenizer."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from latent_lm.errors import ConfigError
 from latent_lm.latents import VAE_KINDS
+from latent_lm.models import fsq
 from latent_lm.models.discriminator import PatchDiscriminator
 from latent_lm.models.perceptual import LPIPS, init_lpips_params, load_lpips_params
 from latent_lm.models.sigma_vae import SigmaVAE
@@ -21,18 +22,28 @@ from latent_lm.training.vae_losses import (adaptive_gan_weight, decoder_last_lay
 def make_vae(config) -> SigmaVAE:
     v = config.vae
     # `.get`: configs saved before `kind`/`dtype` existed (checkpoint metadata, exports) mean a float32 σ-VAE.
+    kind = v.get("kind", "sigma")
     return SigmaVAE(image_size=config.data.image_size, in_channels=config.data.channels, patch_size=v.patch_size,
                     width=v.width, depth=v.depth, num_heads=v.num_heads, mlp_ratio=v.mlp_ratio,
-                    latent_dim=v.latent_dim, std=v.std, kind=v.get("kind", "sigma"),
-                    dtype=jnp.dtype(v.get("dtype", "float32")))
+                    latent_dim=v.latent_dim, std=v.std, kind=kind, dtype=jnp.dtype(v.get("dtype", "float32")),
+                    fsq_levels=fsq_levels(config) if kind == "fsq" else ())
+
+
+def fsq_levels(config) -> tuple[int, ...]:
+    """`vae.fsq_levels` as a tuple of ints (a JSON round trip makes it a list; absent: no levels); a fractional
+    value stays as it is, for `fsq.levels_problem` to reject."""
+    return tuple(int(n) if float(n).is_integer() else n for n in (config.vae.get("fsq_levels") or ()))
 
 
 @dataclasses.dataclass(frozen=True)
 class VAETask:
-    """σ-VAE (or KL-VAE control) training on images in [-1, 1] (docs/method.md §2.3–2.4):
+    """σ-VAE (or KL-VAE control, or FSQ tokenizer) training on images in [-1, 1] (docs/method.md §2.3–2.5):
 
         L = l1·L1 + l2·MSE + w_p·LPIPS + λ·L_G + kl_weight·(mean(μ²) | KL)   for the σ-VAE,
           + L_D                                                              for the discriminator.
+
+    FSQ (`vae.kind="fsq"`, §2.5) has no posterior to regularise: the kl_weight term is dropped (`kl_weight` is
+    unused) and the metrics report the batch's codebook usage and perplexity instead.
 
     Param tree: the σ-VAE's Flax variables {"params": …}, exactly as without the GAN (so `encode`, `sample` and the
     exporters read it unchanged: Flax ignores collections a module does not use); with the GAN on
@@ -74,6 +85,8 @@ class VAETask:
         kind = v.get("kind", "sigma")
         if kind not in VAE_KINDS:
             raise ConfigError(f"vae.kind={kind!r} must be one of {list(VAE_KINDS)}")
+        if kind == "fsq" and (problem := fsq.levels_problem(fsq_levels(config), v.latent_dim)):
+            raise ConfigError(f"vae.kind='fsq': {problem}")
         perceptual_weight, paths = float(get("perceptual_weight", 0.0)), get("perceptual_weights", "")
         random_init = bool(get("perceptual_random_init", False))
         disc_weight = float(get("disc_weight", 0.0))
@@ -132,10 +145,17 @@ class VAETask:
             metrics = dict(metrics, lpips=lpips)
         return rec, dict(metrics, rec_loss=rec)
 
+    def _regularizer(self, out):
+        """(the kl_weight term, its metrics): mean(μ²) or the KL (§2.3–2.4); for FSQ none, and the batch's codebook
+        usage and perplexity (§2.5): a deterministic grid has no posterior to pull towards a prior."""
+        if self.model.kind == "fsq":
+            return jnp.float32(0.0), fsq.codebook_usage(out["codes"], self.model.fsq_levels)
+        return posterior_regularizer(out)
+
     def loss(self, params, batch, rng):
         images = batch["image"]
         out = self.model.apply(self.vae_variables(params), images, rng=rng)
-        reg, reg_metrics = posterior_regularizer(out)
+        reg, reg_metrics = self._regularizer(out)
         if self.disc is None:
             rec, metrics = self._reconstruction(images, out["recon"])
             loss = rec + self.kl_weight * reg

@@ -1,0 +1,114 @@
+"""Multimodal LatentLM: one model over packed documents of text and image latents (docs/method.md §7.3).
+
+Text positions are trained by the LM head (CE), image latents by the diffusion head on gathered latent positions
+(next-token diffusion), L = CE + λ·MSE, each averaged over its own targets (docs/method.md §6.3). The data pipeline
+(`data_pipelines/mllm_documents.py`) packs documents into rows; this task noises each image's cached σ-VAE means with
+its own σ, normalises them, builds the next-position targets and calls the shared loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from data_pipelines.mllm_documents import load_split
+from data_pipelines.packing import make_document_dataset
+from latent_lm.diffusion import NoiseSchedule, make_schedule
+from latent_lm.latents import LatentNormalization, LatentPosterior
+from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
+from latent_lm.text.tokenizer import SPECIAL_TOKENS, TextTokenizer
+from latent_lm.training.batches import document_targets, image_span_ids
+from latent_lm.training.flops import train_flops_per_step
+from latent_lm.training.generator_losses import latent_lm_loss
+from latent_lm.training.tasks.registry import DataPaths, latent_grid_tokens, register_generator
+
+PAD_ID, NULL_ID = SPECIAL_TOKENS.index("<pad>"), SPECIAL_TOKENS.index("<null>")
+BYTE_TOKENS = 256  # byte-level BPE holds every byte as a token
+
+
+@register_generator("mllm")
+@dataclasses.dataclass(frozen=True)
+class MultimodalTask:
+    """Text, text-to-image, image-to-text and interleaved documents in one causal model (docs/method.md §7.3)."""
+
+    model: LatentLM
+    schedule: NoiseSchedule
+    prediction_type: str
+    batch_mul: int
+    diffusion_weight: float
+    posterior: LatentPosterior
+    norm: LatentNormalization
+    seq_len: int
+    head_capacity: int  # latent targets per row the diffusion head runs on (gathered)
+    num_latents: int  # latent vectors per image
+    dataset: str
+    documents: dict  # config.documents: the document mix, null-prompt rate, ...
+
+    @classmethod
+    def from_config(cls, config, norm: LatentNormalization) -> "MultimodalTask":
+        d = config.diffusion
+        return cls(model=LatentLM(LatentLMConfig.from_config(config)),
+                   schedule=make_schedule(d.schedule, d.num_train_steps), prediction_type=d.prediction_type,
+                   batch_mul=d.batch_mul, diffusion_weight=d.diffusion_weight,
+                   posterior=LatentPosterior.from_vae_config(config.vae), norm=norm, seq_len=config.model.max_len,
+                   head_capacity=config.model.head_capacity, num_latents=latent_grid_tokens(config),
+                   dataset=config.data.dataset, documents=config.documents.to_dict())
+
+    @classmethod
+    def config_checks(cls, config) -> list[tuple[bool, str]]:
+        m, n = config.model, latent_grid_tokens(config)
+        return [
+            (m.num_classes == 0, f"model.num_classes={m.num_classes} must be 0: multimodal runs condition on text"),
+            (m.text_vocab_size >= len(SPECIAL_TOKENS) + BYTE_TOKENS,
+             f"model.text_vocab_size={m.text_vocab_size} must hold the {len(SPECIAL_TOKENS)} special tokens and "
+             f"{BYTE_TOKENS} bytes"),
+            (m.max_len >= n + 4, f"model.max_len={m.max_len} cannot hold one image ({n} latents) with <bos> <boi> "
+                                 f"<eoi> <eos>"),
+            (n <= m.get("head_capacity", 0) <= m.max_len,
+             f"model.head_capacity={m.get('head_capacity')} must lie in [{n} (one image), model.max_len={m.max_len}]"),
+        ]
+
+    def init_params(self, rng):
+        t, c = self.seq_len, self.model.config.latent_dim
+        return self.model.init(rng, jnp.zeros((1, t), jnp.int32), jnp.zeros((1, t, c)), jnp.zeros((1, t), bool))
+
+    def make_dataset(self, paths: DataPaths, split: str, batch_size: int, seed: int, num_workers: int = 0):
+        """Packed rows of documents built from the latent cache, the images' captions and English text
+        (data_pipelines/mllm_documents.py, data_pipelines/packing.py); "test" keeps every caption (no CFG drop)."""
+        data = load_split(self.dataset, split, f"{paths.latents}/{split}", TextTokenizer.load(paths.text_tokenizer),
+                          self.seq_len)
+        train = split == "train"
+        return make_document_dataset(data, batch_size, seed, mix=self.documents["mix"],
+                                     latent_capacity=self.head_capacity,
+                                     null_prompt_rate=self.documents["null_prompt_rate"] if train else 0.0,
+                                     shuffle=train, repeat=train, num_workers=num_workers if train else 0)
+
+    def model_latents(self, rng, latents, is_latent):
+        """Cached μ at the latent positions of rows [B, T, C] → the model's latents: z = μ + σ·ε with one σ per image
+        (as training sees them, also for prompts), normalised; 0 elsewhere."""
+        z = self.posterior.sample(rng, latents, example_ids=image_span_ids(is_latent))
+        return jnp.where(is_latent[..., None], self.norm.normalize(z), 0.0)
+
+    def make_batch(self, batch, rng):
+        """Packed rows → model inputs and targets (`model_latents`, `batches.document_targets`)."""
+        is_latent = batch["is_latent"]
+        z = self.model_latents(rng, batch["latents"], is_latent)
+        targets = document_targets(batch["tokens"], is_latent, z, batch["segment_ids"], (PAD_ID, NULL_ID))
+        return dict(tokens=batch["tokens"], latents=z, is_latent=is_latent, positions=batch["positions"],
+                    segment_ids=batch["segment_ids"], **targets)
+
+    def train_flops_per_example(self) -> float:
+        """Exact training FLOPs of one packed row (backbone on every position, head × batch_mul on the gathered
+        capacity, training.flops)."""
+        return train_flops_per_step(self.model.config, 1, self.seq_len, self.batch_mul, self.head_capacity)["total"]
+
+    def loss(self, params, batch, rng, train: bool = True):
+        """Condition dropout is data-side here (captions dropped to `<null>`), so `train` changes nothing."""
+        del train
+        rng_vae, rng_loss = jax.random.split(rng)
+        return latent_lm_loss(self.model, params, self.make_batch(batch, rng_vae), rng_loss,
+                              schedule=self.schedule, prediction_type=self.prediction_type,
+                              batch_mul=self.batch_mul, class_dropout=0.0, diffusion_weight=self.diffusion_weight,
+                              head_capacity=self.head_capacity)

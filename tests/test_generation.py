@@ -1,0 +1,259 @@
+"""The compiled multimodal generator (docs/method.md §8.5) equals a no-cache reference that reruns the teacher-forced
+forward over everything generated so far at every step: mixed prompts of different lengths in one batch, greedy text,
+the switch to latents at <boi> and back after N latents, a prompt ending inside an image, stop at <eos> per element,
+CFG with a null prompt of another width, temperature + top-p sampling; and a prompt generates the same alone as when
+left-padded in a batch of longer prompts."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from latent_lm.diffusion import dpm_solver_sample, make_schedule
+from latent_lm.generation import (BOI_ID, EOS_ID, GenerationSettings, make_generator, make_prompt, sample_tokens,
+                                  step_keys, top_p_filter)
+from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
+from latent_lm.text.tokenizer import SPECIAL_TOKENS
+
+# Small programs: compiling is most of this file's cost (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+CFG = LatentLMConfig(width=32, depth=2, num_heads=4, num_kv_heads=2, latent_dim=3, head_depth=1, text_vocab_size=16,
+                     max_len=64)
+MODEL = LatentLM(CFG)
+SCHEDULE = make_schedule("cosine", 1000)
+C = CFG.latent_dim
+N = 2  # latents per image
+MAX_NEW = 10
+REF_LEN = 16  # the reference's fixed sequence length (≥ prompt width + MAX_NEW): one compile per row count
+BOS, EOI, NULL = (SPECIAL_TOKENS.index(t) for t in ("<bos>", "<eoi>", "<null>"))
+LATENT = "z"  # in a program: "after a latent"
+# The programmed model's greedy continuation of each token (see `_programmed_params`).
+PROGRAM = {BOS: 8, 8: 9, 9: BOI_ID, LATENT: EOI, EOI: 10, 10: EOS_ID, 11: 12, 12: 11, 13: BOI_ID, NULL: BOI_ID,
+           EOS_ID: EOS_ID}
+Z0 = np.array([0.3, -0.2, 0.1], np.float32)  # a latent already in a prompt
+# Widths 1, 2, 3, 5: plain text, text that never stops, a prompt ending with <boi>, one ending inside an image.
+PROMPTS = [[BOS], [BOS, 11], [BOS, 13, BOI_ID], [BOS, 8, 9, BOI_ID, Z0]]
+
+
+def _random_params(seed=0, std=0.1):
+    """N(0, std²) in every leaf, the zero-initialised head outputs included; shapes from eval_shape (no compiled
+    init)."""
+    rng = np.random.default_rng(seed)
+    abstract = nn.unbox(jax.eval_shape(MODEL.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32),
+                                       jnp.zeros((1, 4, C)), jnp.zeros((1, 4), bool)))
+    return jax.tree.map(lambda s: np.asarray(rng.normal(0.0, std, s.shape), np.float32), abstract)
+
+
+def _programmed_params(seed=0):
+    """Random weights plus a greedy program: token k embeds as 10·e_k and a latent as ≈ 10·e_16 (x_embedder bias),
+    so the last item dominates the residual stream, and the LM head maps e_k to PROGRAM[k] with a margin of ≈ 16
+    logits. Attention and the diffusion head keep their random weights: conditions and latents still depend on the
+    history."""
+    params = _random_params(seed)
+    p = params["params"]
+    p["token_embed"]["embedding"] = np.zeros_like(p["token_embed"]["embedding"])
+    p["token_embed"]["embedding"][np.arange(16), np.arange(16)] = 10.0
+    p["x_embedder"]["bias"] = np.zeros_like(p["x_embedder"]["bias"])
+    p["x_embedder"]["bias"][16] = 10.0
+    for src, dst in PROGRAM.items():
+        p["lm_head"]["kernel"][16 if src == LATENT else src, dst] += 3.0
+    return jax.tree.map(jnp.asarray, params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The no-cache reference: Python state per element, the full forward over every sequence at every step.
+
+@jax.jit
+def _forward(params, toks, lats, is_lat):
+    cond, hidden = MODEL.apply(params, toks, lats, is_lat)
+    return cond, MODEL.apply(params, hidden, method=LatentLM.lm_logits)
+
+
+def _solve(params, cond, x_T, settings):
+    def head(x, t, c):
+        return MODEL.apply(params, x, t, c, method=LatentLM.diffuse)
+
+    def guided(x, t):  # written out here: u + s·(c − u) on the [conditional; unconditional] halves
+        if settings.cfg_scale is None:
+            return head(x, t, cond)
+        c, u = (head(x, t, half) for half in jnp.split(cond, 2))
+        return u + settings.cfg_scale * (c - u)
+
+    return dpm_solver_sample(guided, x_T, SCHEDULE, settings.num_steps, settings.prediction_type, settings.x0_clip)
+
+
+_solve_jit = jax.jit(_solve, static_argnums=3)
+
+
+def _is_latent(item) -> bool:
+    return np.ndim(item) > 0
+
+
+def _mode_after(seq) -> tuple[bool, int]:
+    """(latent mode, latents of the current image so far) after a prompt, from its last items."""
+    if not _is_latent(seq[-1]):
+        return seq[-1] == BOI_ID, 0
+    run = 0
+    while run < len(seq) and _is_latent(seq[-1 - run]):
+        run += 1
+    return run < N, run
+
+
+def reference_generate(params, prompts, rng, settings, null_prompts=None):
+    """The generator's contract, recomputed: per step, each row's whole sequence (right-padded to REF_LEN; causal
+    attention ignores what follows) through the teacher-forced forward; the item at the row's last position decides."""
+    b = len(prompts)
+    seqs = [list(p) for p in prompts] + [list(p) for p in (null_prompts or [])]
+    state = [_mode_after(p) for p in prompts]
+    mode, n_lat = [s[0] for s in state], [s[1] for s in state]
+    done = [False] * b
+    tokens = np.zeros((b, settings.max_new), np.int32)
+    latents = np.zeros((b, settings.max_new, C), np.float32)
+    is_lat = np.zeros((b, settings.max_new), bool)
+    count = np.zeros(b, np.int32)
+    for i in range(settings.max_new):
+        if all(done):
+            break
+        rows = len(seqs)
+        t_in, m_in = np.zeros((rows, REF_LEN), np.int32), np.zeros((rows, REF_LEN), bool)
+        l_in = np.zeros((rows, REF_LEN, C), np.float32)
+        for r, seq in enumerate(seqs):
+            for j, item in enumerate(seq):
+                if _is_latent(item):
+                    l_in[r, j], m_in[r, j] = item, True
+                else:
+                    t_in[r, j] = item
+        cond, logits = _forward(params, t_in, l_in, m_in)
+        last = np.array([len(s) - 1 for s in seqs])
+        cond, logits = cond[np.arange(rows), last], logits[np.arange(b), last[:b]]
+        k_tok, k_noise = step_keys(rng, i, b)
+        tok = np.asarray(sample_tokens(logits, k_tok, settings.temperature, settings.top_p))
+        x_T = jnp.stack([jax.random.normal(k, (C,)) for k in k_noise])
+        x0 = np.asarray(_solve_jit(params, cond, x_T, settings))
+        for e in range(b):
+            if done[e]:
+                continue
+            count[e] += 1
+            if mode[e]:
+                item = x0[e]
+                latents[e, i], is_lat[e, i] = item, True
+                n_lat[e] += 1
+                mode[e] = n_lat[e] < N
+            else:
+                item = int(tok[e])
+                tokens[e, i] = item
+                mode[e], n_lat[e] = (True, 0) if item == BOI_ID else (False, n_lat[e])
+                done[e] = item in settings.stop_ids
+            seqs[e].append(item)
+            if null_prompts:
+                seqs[b + e].append(item)
+    return tokens, latents, is_lat, count
+
+
+def _check_against_reference(out, ref):
+    tokens, latents, is_lat, count = ref
+    np.testing.assert_array_equal(out.num_generated, count)
+    np.testing.assert_array_equal(out.is_latent, is_lat)
+    np.testing.assert_array_equal(out.tokens, tokens)
+    np.testing.assert_allclose(out.latents, latents, atol=1e-4, rtol=1e-4)
+
+
+def _pattern(out, e) -> list:
+    """Element e's generated items, latents as LATENT."""
+    return [LATENT if out.is_latent[e, j] else int(out.tokens[e, j]) for j in range(int(out.num_generated[e]))]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+GREEDY = GenerationSettings(max_new=MAX_NEW, num_latents=N, num_steps=2, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="module")
+def programmed(fast_compile):
+    params = _programmed_params()
+    out = make_generator(MODEL, SCHEDULE, GREEDY)(params, make_prompt(PROMPTS, C), jax.random.PRNGKey(1))
+    return params, jax.device_get(out)
+
+
+def test_greedy_mixed_batch_switches_modality_and_matches_reference(programmed):
+    params, out = programmed
+    z = LATENT
+    # The model's own tokens: <boi> switches to latents, after N latents it emits <eoi> (not forced), <eos> stops.
+    assert _pattern(out, 0) == [8, 9, BOI_ID, z, z, EOI, 10, EOS_ID]
+    assert _pattern(out, 1) == [12, 11] * (MAX_NEW // 2)  # never stops: max_new
+    assert _pattern(out, 2) == [z, z, EOI, 10, EOS_ID]  # the prompt ended with <boi>
+    assert _pattern(out, 3) == [z, EOI, 10, EOS_ID]  # the prompt held 1 of the N latents
+    assert np.all(out.tokens[0, 8:] == 0) and not out.is_latent[0, 8:].any()  # <pad> after the stop
+    assert np.abs(out.latents[out.is_latent]).min() > 0 and np.all(np.isfinite(out.latents))
+    _check_against_reference(out, reference_generate(params, PROMPTS, jax.random.PRNGKey(1), GREEDY))
+
+
+def test_prompt_alone_equals_prompt_left_padded_in_batch(programmed):
+    """Element 0 (width 1) was left-padded by 4 slots in the batch; alone it has no padding."""
+    params, batched = programmed
+    alone = make_generator(MODEL, SCHEDULE, GREEDY)(params, make_prompt(PROMPTS[:1], C), jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(alone.tokens[0], batched.tokens[0])
+    np.testing.assert_array_equal(alone.is_latent[0], batched.is_latent[0])
+    np.testing.assert_allclose(alone.latents[0], batched.latents[0], atol=1e-5, rtol=1e-5)
+    assert int(alone.num_generated[0]) == int(batched.num_generated[0]) == 8
+
+
+def test_cfg_with_null_prompt_of_another_width(programmed):
+    params, unguided = programmed
+    settings = GenerationSettings(max_new=MAX_NEW, num_latents=N, num_steps=2, prediction_type="v_prediction",
+                                  cfg_scale=3.0)
+    # Text-to-image prompts (width 5) against "<bos><null><boi>" (width 3); element 3 is plain text (its text comes
+    # from the conditional rows alone), element 1 continues an image in both halves.
+    prompts = [[BOS, 8, 9, BOI_ID], [BOS, 8, 9, BOI_ID, Z0], PROMPTS[2], [BOS, 11]]
+    nulls = [[BOS, NULL, BOI_ID], [BOS, NULL, BOI_ID, Z0], [BOS, NULL, BOI_ID], [BOS, NULL]]
+    rng = jax.random.PRNGKey(1)
+    out = jax.device_get(make_generator(MODEL, SCHEDULE, settings)(params, make_prompt(prompts, C), rng,
+                                                                    make_prompt(nulls, C)))
+    z = LATENT
+    assert [_pattern(out, e) for e in range(3)] == [[z, z, EOI, 10, EOS_ID], [z, EOI, 10, EOS_ID],
+                                                    [z, z, EOI, 10, EOS_ID]]
+    assert _pattern(out, 3) == [12, 11] * (MAX_NEW // 2)
+    _check_against_reference(out, reference_generate(params, prompts, rng, settings, nulls))
+    # Guidance is on: element 2 (same prompt, same slot, same keys as in the unguided batch) samples other latents.
+    assert np.abs(out.latents[2, :2] - unguided.latents[2, :2]).max() > 1e-3
+
+
+def test_top_p_sampling_matches_reference():
+    """Random weights (near-uniform logits over 16 ids), temperature 1.5, top-p 0.9: the draws, the switches they
+    cause and the stops all match the reference."""
+    params = jax.tree.map(jnp.asarray, _random_params(3, std=0.3))
+    settings = GenerationSettings(max_new=MAX_NEW, num_latents=N, num_steps=2, prediction_type="v_prediction",
+                                  temperature=1.5, top_p=0.9, stop_ids=(EOS_ID, 15))
+    prompts = [[BOS, 5, 6], [BOS], PROMPTS[2], [BOS, 12, 9, 4, 3, 7]]
+    rng = jax.random.PRNGKey(4)
+    out = jax.device_get(make_generator(MODEL, SCHEDULE, settings)(params, make_prompt(prompts, C), rng))
+    _check_against_reference(out, reference_generate(params, prompts, rng, settings))
+    made = np.arange(MAX_NEW)[None] < out.num_generated[:, None]
+    assert out.is_latent.any() and len(set(out.tokens[made & ~out.is_latent].tolist())) > 4  # both modes, varied text
+
+
+def test_top_p_filter():
+    probs = np.array([0.05, 0.5, 0.15, 0.3])  # sorted: 0.5, 0.3, 0.15, 0.05
+    logits = jnp.asarray(np.log(probs))[None].repeat(4, 0)
+    kept = np.isfinite(np.asarray(jax.vmap(top_p_filter)(logits, jnp.array([0.3, 0.75, 0.85, 1.0]))))
+    np.testing.assert_array_equal(kept, [[0, 1, 0, 0], [0, 1, 0, 1], [0, 1, 1, 1], [1, 1, 1, 1]])
+    # Draws come from the kept set only, in proportion to the renormalised probabilities.
+    keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+    draws = np.asarray(sample_tokens(logits[:1].repeat(4000, 0), keys, 1.0, 0.75))
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(freq, [0, 0.5 / 0.8, 0, 0.3 / 0.8], atol=0.03)
+
+
+def test_settings_and_guidance_checks():
+    with pytest.raises(ValueError):
+        GenerationSettings(max_new=0, num_latents=N)
+    with pytest.raises(ValueError):
+        GenerationSettings(max_new=4, num_latents=N, top_p=0.0)
+    gen = make_generator(MODEL, SCHEDULE, GREEDY)  # no cfg_scale: a null prompt is an error, not silently ignored
+    prompt = make_prompt([[BOS]], C)
+    with pytest.raises(ValueError, match="null prompt"):
+        gen(_random_params(), prompt, jax.random.PRNGKey(0), prompt)
