@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 WORKDIR ?= runs/default
 
-.PHONY: venv venv-test run test test-all scaling tokenizer-variance clean distclean
+.PHONY: venv venv-test run test test-all scaling tokenizer-variance mllm clean distclean
 
 venv: $(STAMP)
 venv-test: $(TEST_STAMP)
@@ -37,6 +37,11 @@ tokenizer-variance: venv
 	$(VENV)/bin/python -m latent_lm.sweep --config=configs/tokenizer_variance.py:scale=embedded \
 		--root=runs/tokenizer_variance
 	$(VENV)/bin/python -m latent_lm.studies.tokenizer_variance --root=runs/tokenizer_variance
+
+# The multimodal study (docs/experiments.md §10): LatentLM, Transfusion and VQ-MLLM on the same data, then the table.
+mllm: venv
+	$(VENV)/bin/python -m latent_lm.sweep --config=configs/mllm.py --root=runs/mllm
+	$(VENV)/bin/python -m latent_lm.studies.mllm --root=runs/mllm
 
 # pytest's exit status passes through: 5 ("no tests collected") fails the target. The suite runs in TEST_WORKERS
 # pytest-xdist processes, a whole file per worker (module fixtures are built once); each has 8 fake CPU devices.

@@ -363,8 +363,9 @@ def _multimodal(config, workdir, mesh, rules) -> tuple[mm.Generator, mllm_docume
     task, params, _ = _generator_params(config, workdir, mesh, rules)
     decode = _decode_fn(config, _vae_params(config, workdir, mesh, rules))
     d, e = config.diffusion, config.eval
-    gen = mm.Generator(task=task, params=params, decode=lambda z: to_uint8(np.asarray(decode(task.norm.denormalize(z)))),
-                       num_steps=d.num_sampling_steps, cfg_scale=d.cfg_scale, x0_clip=d.x0_clip, batch=e.sample_batch)
+    arm = mm.GENERATORS[config.model.arch]
+    gen = arm(task=task, params=params, decode=lambda z: to_uint8(np.asarray(decode(task.norm.denormalize(z)))),
+              num_steps=d.num_sampling_steps, cfg_scale=d.cfg_scale, x0_clip=d.x0_clip, batch=e.sample_batch)
     paths = data_paths(config, workdir)
     split = mllm_documents.load_split(config.data.dataset, "test", f"{paths.latents}/test",
                                       TextTokenizer.load(paths.text_tokenizer), task.seq_len)
@@ -381,9 +382,9 @@ def generate(config, workdir, mesh, rules):
     t2i = mm.text_to_image(gen, split, e.samples_per_class, e.seed)
     t2i_seconds = time.time() - t0
     storage.write_npz_atomic(f"{workdir}/samples/t2i.npz", images=t2i["images"], labels=t2i["labels"],
-                             captions=t2i["captions"], eoi_after_image=t2i["eoi_after_image"],
-                             attributes=np.asarray([list(a) for a in t2i["attributes"]]),
-                             source_images=t2i["source_images"])
+                             captions=t2i["captions"], attributes=np.asarray([list(a) for a in t2i["attributes"]]),
+                             source_images=t2i["source_images"],
+                             **{k: t2i[k] for k in ("eoi_after_image",) if k in t2i})
     per = min(e.samples_per_class, 10)
     save_captioned_grid(t2i["images"][::max(1, e.samples_per_class // per)][:100],
                         list(t2i["captions"][::max(1, e.samples_per_class // per)][:100]),
@@ -393,13 +394,14 @@ def generate(config, workdir, mesh, rules):
         dict(image=int(i), label=int(y), caption=c, similarity=s)
         for i, y, c, s in zip(i2t["source_images"], i2t["labels"], i2t["captions"], i2t["similarity"])], indent=1)
     save_captioned_grid(split.images[i2t["source_images"][:40]], i2t["captions"][:40], f"{workdir}/samples/i2t.png")
-    free = mm.interleaved(gen, split, e.interleaved_samples, e.seed)
-    storage.write_npz_atomic(f"{workdir}/samples/interleaved.npz", **{k: np.asarray(v) for k, v in free.items()})
-    if "first" in free:
+    free = mm.interleaved(gen, split, e.interleaved_samples, e.seed)  # None: the arm has no interleaved loop
+    if free is not None:
+        storage.write_npz_atomic(f"{workdir}/samples/interleaved.npz", **{k: np.asarray(v) for k, v in free.items()})
+    if free is not None and "first" in free:
         pairs = np.stack([free["first"][:20], free["second"][:20]], 1).reshape(-1, *free["first"].shape[1:])
         save_image_grid(pairs, f"{workdir}/samples/interleaved.png", ncols=10)
     _log(f"generated {len(t2i['images'])} images in {t2i_seconds:.1f}s, {len(i2t['captions'])} captions, "
-         f"{len(free['two_images'])} interleaved documents")
+         f"{0 if free is None else len(free['two_images'])} interleaved documents")
     return {"t2i_images_per_sec": len(t2i["images"]) / t2i_seconds}
 
 
@@ -418,8 +420,9 @@ def evaluate_multimodal(config, workdir, mesh, rules):
     measured = captions.image_attributes(t2i["images"], name)
     result = {"t2i_class_accuracy": float((logits.argmax(-1) == t2i["labels"]).mean()),
               "t2i_fd": float(frechet_distance(*feature_stats(feats), *feature_stats(ref_feats))),
-              "t2i_eoi_rate": float(t2i["eoi_after_image"].mean()),
               **{f"t2i_{a}_accuracy": v for a, v in mm.attribute_accuracy(wanted, measured).items()}}
+    if "eoi_after_image" in t2i:  # arms that place <eoi> themselves
+        result["t2i_eoi_rate"] = float(t2i["eoi_after_image"].mean())
     captions_out = json.loads(storage.read_text(f"{workdir}/samples/i2t.json"))
     parsed = [captions.parse_caption(c["caption"], name) for c in captions_out]
     truth = {int(i): (int(split.labels[i]), split.attributes[i]) for i in (c["image"] for c in captions_out)}
@@ -428,12 +431,15 @@ def evaluate_multimodal(config, workdir, mesh, rules):
         i2t_class_accuracy=mm.mean([float(p is not None and p[0] == truth[c["image"]][0])
                                     for p, c in zip(parsed, captions_out)]),
         i2t_similarity=mm.mean([c["similarity"] for c in captions_out]),
-        **{f"i2t_{a}_accuracy": mm.mean([float(p is not None and getattr(p[1], a) == getattr(truth[c["image"]][1], a))
-                                         for p, c in zip(parsed, captions_out)]) for a in captions.Attributes._fields})
-    with storage.open_file(f"{workdir}/samples/interleaved.npz") as f, np.load(f) as npz:
-        free = {key: npz[key] for key in npz.files}
-    result["interleaved_eoi_rate"] = float(free["eoi_hits"] / max(1, free["eoi_total"]))
-    result["interleaved_two_images"] = float(free["two_images"].mean())
+        **{f"i2t_{a}_accuracy": mm.mean([float(p is not None and getattr(p[1], a) == getattr(t[1], a))
+                                         for p, t in zip(parsed, (truth[c["image"]] for c in captions_out))])
+           for a in captions.Attributes._fields})
+    free = {}
+    if storage.exists(f"{workdir}/samples/interleaved.npz"):
+        with storage.open_file(f"{workdir}/samples/interleaved.npz") as f, np.load(f) as npz:
+            free = {key: npz[key] for key in npz.files}
+        result["interleaved_eoi_rate"] = float(free["eoi_hits"] / max(1, free["eoi_total"]))
+        result["interleaved_two_images"] = float(free["two_images"].mean())
     if "first" in free:
         a = clf.classify(cparams, free["first"], k)[0].argmax(-1)
         b = clf.classify(cparams, free["second"], k)[0].argmax(-1)
@@ -445,7 +451,7 @@ def evaluate_multimodal(config, workdir, mesh, rules):
 
 def _text_perplexity(gen: mm.Generator, split: mllm_documents.MultimodalSplit, batch: int) -> float:
     """exp(mean NLL per token) over every chunk of the held-out Python-docs paragraphs, one per row."""
-    fn = jax.jit(lambda p, b: mm.text_nll(gen.task, p, b))
+    fn = jax.jit(lambda p, b: mm.text_nll(gen, p, b))
     total, count = 0.0, 0.0
     for rows in mm.paragraph_rows(split, batch):
         nll, n = fn(gen.params, rows)

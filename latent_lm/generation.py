@@ -14,6 +14,12 @@ CFG doubles the batch [conditional prompts; null prompts]; an element's tokens c
 its latents from the guided head u + s·(c − u), and whatever it emits is fed to both of its rows.
 Element e draws its token and its x_T at step i from fold_in(fold_in(rng, i), e) (`step_keys`), so a no-cache
 reference replays it (tests/test_generation.py), and an element generates the same alone or in a batch.
+
+Code mode (`settings.image_codes=(offset, count)`, the VQ-MLLM baseline, docs/method.md §9.4): image positions are
+discrete code tokens offset … offset+count−1 of the LM head's vocabulary. Latent mode then draws the next code from the
+LM logits restricted to that range, guided on logits (u + s·(c − u)), with the text temperature and top-p, and feeds
+it back as a token; text mode never emits a code (the range is masked out). The model is read through its token
+embedding and backbone alone (no latent projection, ConditionLayer or diffusion head: their parameters may be absent).
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ PAD_ID, EOS_ID, BOI_ID = (SPECIAL_TOKENS.index(t) for t in ("<pad>", "<eos>", "<
 @flax.struct.dataclass
 class Prompt:
     """A batch of prompts, each left-aligned: item j < lengths[b] of row b is tokens[b, j], or latents[b, j] where
-    is_latent[b, j]. Latents are in the model's normalised latent space. Every length must be ≥ 1 (e.g. `<bos>`)."""
+    is_latent[b, j]. Latents are in the model's normalised latent space. Every length must be ≥ 1 (e.g. `<bos>`).
+    In code mode (`GenerationSettings.image_codes`) images are code tokens and `latents`/`is_latent` are ignored."""
 
     tokens: jax.Array     # int32 [B, P] (embedding rows; text id k is row k in multimodal configs)
     latents: jax.Array    # float32 [B, P, C]
@@ -50,7 +57,8 @@ class Prompt:
 @flax.struct.dataclass
 class Generation:
     """What `generate` returns: item j < num_generated[b] of element b is tokens[b, j] (text), or latents[b, j] where
-    is_latent[b, j]; the rest is `<pad>` / zeros. A stop token is included in the count."""
+    is_latent[b, j]; the rest is `<pad>` / zeros. A stop token is included in the count. In code mode an image item
+    is the code token tokens[b, j] (offset + code), is_latent[b, j] still marks it, and latents stay zero."""
 
     tokens: jax.Array         # int32 [B, max_new]
     latents: jax.Array        # float32 [B, max_new, C]
@@ -62,7 +70,9 @@ class Generation:
 class GenerationSettings:
     """Static settings of the compiled loop (docs/method.md §8.5). `temperature=0` is greedy; `top_p < 1` keeps the
     smallest set of tokens whose probability reaches top_p. `cfg_scale` must be set exactly when a null prompt is
-    given. The solver settings are those of `sampling.SamplerSettings` (§8.2)."""
+    given. The solver settings are those of `sampling.SamplerSettings` (§8.2). `image_codes=(offset, count)` turns on
+    code mode (module docstring): image items are the code tokens offset … offset+count−1, sampled from the LM head
+    (the solver settings are then unused)."""
 
     max_new: int
     num_latents: int
@@ -75,6 +85,7 @@ class GenerationSettings:
     stop_ids: tuple[int, ...] = (EOS_ID,)
     boi_id: int = BOI_ID
     pad_id: int = PAD_ID
+    image_codes: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.max_new < 1 or self.num_latents < 1 or self.num_steps < 1:
@@ -83,6 +94,20 @@ class GenerationSettings:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1: {self}")
         check_prediction_type(self.prediction_type)
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        if self.image_codes is not None:
+            offset, count = (int(i) for i in self.image_codes)
+            object.__setattr__(self, "image_codes", (offset, count))
+            if offset < 0 or count < 1:
+                raise ValueError(f"image_codes=(offset, count) needs offset >= 0 and count >= 1: {self}")
+            if any(offset <= i < offset + count for i in (self.boi_id, self.pad_id, *self.stop_ids)):
+                raise ValueError(f"boi_id, pad_id and stop_ids must lie outside the code range: {self}")
+
+    def is_code(self, tokens: jax.Array) -> jax.Array:
+        """Where `tokens` are image code tokens (all False outside code mode)."""
+        if self.image_codes is None:
+            return jnp.zeros(jnp.shape(tokens), bool)
+        offset, count = self.image_codes
+        return (tokens >= offset) & (tokens < offset + count)
 
 
 def make_prompt(sequences: Sequence[Sequence[int | np.ndarray]], latent_dim: int, width: int | None = None) -> Prompt:
@@ -137,14 +162,16 @@ def step_keys(rng: jax.Array, step: jax.Array | int, batch: int) -> tuple[jax.Ar
 
 def prompt_state(prompt: Prompt, settings: GenerationSettings) -> tuple[jax.Array, jax.Array]:
     """(latent mode [B] bool, latents of the current image so far [B]) after each prompt: latent mode when it ends
-    with `<boi>`, or with k < num_latents latents (an image to continue, k already there)."""
+    with `<boi>`, or with k < num_latents latents (an image to continue, k already there); in code mode the image
+    items are the code tokens."""
     b, p = prompt.tokens.shape
+    image = prompt.is_latent if settings.image_codes is None else settings.is_code(prompt.tokens)
     last = prompt.lengths - 1
     last_tok = jnp.take_along_axis(prompt.tokens, last[:, None], 1)[:, 0]
-    last_lat = jnp.take_along_axis(prompt.is_latent, last[:, None], 1)[:, 0]
+    last_lat = jnp.take_along_axis(image, last[:, None], 1)[:, 0]
     idx = jnp.arange(p)[None]
     # Trailing run of latents: from the last non-latent item (or the start) to the end of the prompt.
-    last_text = jnp.max(jnp.where((idx < prompt.lengths[:, None]) & ~prompt.is_latent, idx, -1), axis=1)
+    last_text = jnp.max(jnp.where((idx < prompt.lengths[:, None]) & ~image, idx, -1), axis=1)
     run = jnp.where(last_lat, last - last_text, 0)
     mode = jnp.where(last_lat, run < settings.num_latents, last_tok == settings.boi_id)
     return mode, run.astype(jnp.int32)
@@ -166,6 +193,37 @@ def _left_pad(prompt: Prompt, width: int) -> tuple[Prompt, jax.Array]:
                   prompt.lengths), pad
 
 
+def _token_embed(module: LatentLM, tokens: jax.Array) -> jax.Array:
+    """Code mode's input: the token embedding alone (every item is a token)."""
+    return module.token_embed(tokens)
+
+
+def _backbone_only(module: LatentLM, h, positions, caches, mask, cache_index):
+    """Code mode's `LatentLM.backbone_forward` without the ConditionLayer: (hidden as the unused condition, hidden,
+    caches)."""
+    hidden, caches = module.backbone(h, positions, caches, mask, cache_index)
+    return hidden, hidden, caches
+
+
+def mask_codes(logits: jax.Array, settings: GenerationSettings) -> jax.Array:
+    """Text mode's logits [..., V] with the code range at −inf (unchanged outside code mode)."""
+    if settings.image_codes is None:
+        return logits
+    return jnp.where(settings.is_code(jnp.arange(logits.shape[-1])), -jnp.inf, logits)
+
+
+def guided_code_logits(logits: jax.Array, settings: GenerationSettings, batch: int) -> jax.Array:
+    """Code mode's logits [B, count] from the LM logits of all rows [rows, V]: the code range of the conditional rows,
+    or with CFG (rows = 2B) u + s·(c − u) of the conditional (c) and null (u) rows. Guiding logits equals guiding
+    log-probabilities: log-softmax subtracts one constant per row, which softmax, argmax and top-p ignore."""
+    offset, count = settings.image_codes
+    code = logits[:, offset:offset + count]
+    if settings.cfg_scale is None:
+        return code[:batch]
+    c, u = code[:batch], code[batch:]
+    return u + settings.cfg_scale * (c - u)
+
+
 def generate(model: LatentLM, params, prompt: Prompt, rng: jax.Array, schedule: NoiseSchedule,
              settings: GenerationSettings, null_prompt: Prompt | None = None) -> Generation:
     """Generates up to `max_new` interleaved tokens and latents after each prompt (docs/method.md §8.5).
@@ -177,6 +235,9 @@ def generate(model: LatentLM, params, prompt: Prompt, rng: jax.Array, schedule: 
     cfg = model.config
     if not cfg.text_vocab_size or cfg.text_offset:
         raise ValueError("generation needs a text vocabulary whose ids are embedding rows (num_classes=0)")
+    codes = settings.image_codes
+    if codes is not None and sum(codes) > cfg.text_vocab_size:
+        raise ValueError(f"image_codes={codes} reach past the LM head's {cfg.text_vocab_size} ids")
     if (null_prompt is None) != (settings.cfg_scale is None):
         raise ValueError("classifier-free guidance needs both a null prompt and settings.cfg_scale (or neither)")
     b, p_cond = prompt.tokens.shape
@@ -212,19 +273,27 @@ def generate(model: LatentLM, params, prompt: Prompt, rng: jax.Array, schedule: 
         sees = (slots[None, None] <= q_slots[None, :, None]) & key_valid[:, None]
         mask = (sees | (slots[None, None] == q_slots[None, :, None]))[:, None]  # [rows, 1, T, S]
         cond, hidden, caches = model.apply(params, h, positions, caches, mask, start,
-                                           method=LatentLM.backbone_forward)
+                                           method=LatentLM.backbone_forward if codes is None else _backbone_only)
         return cond[:, -1], hidden[:, -1], caches
+
+    def embed(tokens, latents, is_latent):
+        if codes is not None:
+            return model.apply(params, tokens, method=_token_embed)
+        return model.apply(params, tokens, latents.astype(jnp.float32), is_latent, method=LatentLM.embed)
 
     key_valid = (slots[None] >= pad[:, None]) & (slots[None] < width)
     caches = init_cache(cfg, rows, num_slots, jnp.dtype(cfg.dtype))
-    h = model.apply(params, padded.tokens, padded.latents.astype(jnp.float32), padded.is_latent,
-                    method=LatentLM.embed)
+    h = embed(padded.tokens, padded.latents, padded.is_latent)
     cond, hidden, caches = forward(h, 0, key_valid, caches)
     latent_mode, n_lat = prompt_state(prompt, settings)
 
     def text_step(hidden, keys):
         logits = model.apply(params, hidden[:b], method=LatentLM.lm_logits)  # the conditional rows
-        return sample_tokens(logits, keys, settings.temperature, settings.top_p)
+        return sample_tokens(mask_codes(logits, settings), keys, settings.temperature, settings.top_p)
+
+    def code_step(hidden, keys):  # all rows: the null rows' logits guide
+        logits = guided_code_logits(model.apply(params, hidden, method=LatentLM.lm_logits), settings, b)
+        return sample_tokens(logits, keys, settings.temperature, settings.top_p) + codes[0]
 
     def latent_step(cond, keys):
         x_T = jax.vmap(lambda k: jax.random.normal(k, (c,), jnp.float32))(keys)
@@ -237,9 +306,15 @@ def generate(model: LatentLM, params, prompt: Prompt, rng: jax.Array, schedule: 
         want_text, want_lat = ~done & ~latent_mode, ~done & latent_mode
         # Each head runs only when some element needs it: the K solver steps are the expensive half.
         tok = jax.lax.cond(jnp.any(want_text), text_step, lambda *_: jnp.zeros((b,), jnp.int32), hidden, k_tok)
-        x0 = jax.lax.cond(jnp.any(want_lat), latent_step, lambda *_: jnp.zeros((b, c), jnp.float32), cond, k_noise)
-        tok = jnp.where(want_text, tok, settings.pad_id)
-        x0 = jnp.where(want_lat[:, None], x0, 0.0)
+        if codes is None:
+            x0 = jax.lax.cond(jnp.any(want_lat), latent_step, lambda *_: jnp.zeros((b, c), jnp.float32), cond,
+                              k_noise)
+            tok = jnp.where(want_text, tok, settings.pad_id)
+            x0 = jnp.where(want_lat[:, None], x0, 0.0)
+        else:  # an image item is a code token, drawn with the element's token key
+            code = jax.lax.cond(jnp.any(want_lat), code_step, lambda *_: jnp.zeros((b,), jnp.int32), hidden, k_tok)
+            tok = jnp.where(want_text, tok, jnp.where(want_lat, code, settings.pad_id))
+            x0 = jnp.zeros((b, c), jnp.float32)
         out = Generation(out.tokens.at[:, i].set(tok), out.latents.at[:, i].set(x0),
                          out.is_latent.at[:, i].set(want_lat), out.num_generated)
         switch = want_text & (tok == settings.boi_id)
@@ -250,7 +325,7 @@ def generate(model: LatentLM, params, prompt: Prompt, rng: jax.Array, schedule: 
         # Feed the emitted item at slot width + i. All rows write there; a finished element's rows mark it
         # invisible and keep their state.
         start = width + i
-        h = model.apply(params, dup(tok)[:, None], dup(x0)[:, None], dup(want_lat)[:, None], method=LatentLM.embed)
+        h = embed(dup(tok)[:, None], dup(x0)[:, None], dup(want_lat)[:, None])
         key_valid = key_valid.at[:, start].set(dup(active))
         new_cond, new_hidden, caches = forward(h, start, key_valid, caches)
         keep = dup(active)[:, None]

@@ -26,7 +26,9 @@ TINY = {"model.width": 32, "model.depth": 2, "model.num_heads": 4, "head.depth":
 
 
 def overrides(steps: int, **extra) -> dict:
-    return {**TINY, "train.steps": steps, **extra}
+    """TINY for `steps` steps; the warm-up the optimizer used to clamp a longer one to (steps − 1), now that config
+    validation rejects a warm-up ≥ the run."""
+    return {**TINY, "train.steps": steps, "optim.warmup_steps": steps - 1, **extra}
 
 
 def make_config(over: dict):

@@ -369,6 +369,7 @@ def test_cli_trains_and_samples_the_dit_twin(tmp_path):
     _synthetic_cache(workdir)
     over = {"model.arch": "dit", "model.width": 32, "model.depth": 2, "model.num_heads": 4, "train.steps": 4,
             "train.batch_size": 16, "train.log_every": 2, "vae.width": 32, "vae.depth": 1, "vae_train.steps": 2,
+            "optim.warmup_steps": 3, "vae_optim.warmup_steps": 1,  # what the clamp gave: a warm-up < the run
             "vae_train.batch_size": 16, "diffusion.num_sampling_steps": 2, "eval.samples_per_class": 2,
             "eval.sample_batch": 20, "eval.loss_batch": 32, "eval.loss_repeats": 1}
     cmd = cli_runs.command(workdir, over, "--config.stages=('train_vae', 'train', 'sample', 'eval_loss')")

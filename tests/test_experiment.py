@@ -34,6 +34,7 @@ def tiny_config(steps=2):
     c.model.update(dict(width=32, depth=1))
     c.head.depth = 1
     c.train.update(dict(steps=steps, batch_size=16, log_every=2))
+    c.optim.warmup_steps = c.vae_optim.warmup_steps = steps - 1  # what the clamp gave; validation rejects ≥ steps
     c.diffusion.update(dict(num_sampling_steps=2, batch_mul=1))  # eval_loss runs the head batch_mul× per token
     c.eval.update(dict(samples_per_class=1, sample_batch=10, classifier_steps=20, loss_batch=500, loss_repeats=1))
     c.checkpoint.every = 2

@@ -2,9 +2,13 @@
 forward over everything generated so far at every step: mixed prompts of different lengths in one batch, greedy text,
 the switch to latents at <boi> and back after N latents, a prompt ending inside an image, stop at <eos> per element,
 CFG with a null prompt of another width, temperature + top-p sampling; and a prompt generates the same alone as when
-left-padded in a batch of longer prompts."""
+left-padded in a batch of longer prompts. Code mode (the VQ arm's discrete image tokens): the same reference with
+codes as tokens, greedy and sampled, the code-range masks of both modes, CFG on logits with a null prompt, and a
+parameter tree of only the token embedding, backbone and LM head."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -13,8 +17,8 @@ import numpy as np
 import pytest
 
 from latent_lm.diffusion import dpm_solver_sample, make_schedule
-from latent_lm.generation import (BOI_ID, EOS_ID, GenerationSettings, make_generator, make_prompt, sample_tokens,
-                                  step_keys, top_p_filter)
+from latent_lm.generation import (BOI_ID, EOS_ID, GenerationSettings, guided_code_logits, make_generator, make_prompt,
+                                  mask_codes, sample_tokens, step_keys, top_p_filter)
 from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
 from latent_lm.text.tokenizer import SPECIAL_TOKENS
 
@@ -39,11 +43,11 @@ Z0 = np.array([0.3, -0.2, 0.1], np.float32)  # a latent already in a prompt
 PROMPTS = [[BOS], [BOS, 11], [BOS, 13, BOI_ID], [BOS, 8, 9, BOI_ID, Z0]]
 
 
-def _random_params(seed=0, std=0.1):
+def _random_params(seed=0, std=0.1, model=MODEL):
     """N(0, std²) in every leaf, the zero-initialised head outputs included; shapes from eval_shape (no compiled
     init)."""
     rng = np.random.default_rng(seed)
-    abstract = nn.unbox(jax.eval_shape(MODEL.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32),
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32),
                                        jnp.zeros((1, 4, C)), jnp.zeros((1, 4), bool)))
     return jax.tree.map(lambda s: np.asarray(rng.normal(0.0, std, s.shape), np.float32), abstract)
 
@@ -93,12 +97,12 @@ def _is_latent(item) -> bool:
     return np.ndim(item) > 0
 
 
-def _mode_after(seq) -> tuple[bool, int]:
+def _mode_after(seq, is_image=_is_latent) -> tuple[bool, int]:
     """(latent mode, latents of the current image so far) after a prompt, from its last items."""
-    if not _is_latent(seq[-1]):
+    if not is_image(seq[-1]):
         return seq[-1] == BOI_ID, 0
     run = 0
-    while run < len(seq) and _is_latent(seq[-1 - run]):
+    while run < len(seq) and is_image(seq[-1 - run]):
         run += 1
     return run < N, run
 
@@ -106,6 +110,8 @@ def _mode_after(seq) -> tuple[bool, int]:
 def reference_generate(params, prompts, rng, settings, null_prompts=None):
     """The generator's contract, recomputed: per step, each row's whole sequence (right-padded to REF_LEN; causal
     attention ignores what follows) through the teacher-forced forward; the item at the row's last position decides."""
+    if settings.image_codes is not None:
+        return reference_generate_codes(params, prompts, rng, settings, null_prompts)
     b = len(prompts)
     seqs = [list(p) for p in prompts] + [list(p) for p in (null_prompts or [])]
     state = [_mode_after(p) for p in prompts]
@@ -154,6 +160,55 @@ def reference_generate(params, prompts, rng, settings, null_prompts=None):
     return tokens, latents, is_lat, count
 
 
+def reference_generate_codes(params, prompts, rng, settings, null_prompts=None):
+    """Code mode's contract, recomputed with CODE_MODEL's teacher-forced forward over token rows: image items are
+    code tokens; text mode samples from the logits with the code range at −inf, latent mode from the code range
+    alone, guided as u + s·(c − u) on the [conditional; null] rows' logits, each with the element's token key; the
+    emitted item is appended to both of the element's rows."""
+    offset, count = settings.image_codes
+    is_code = lambda item: offset <= item < offset + count
+    b = len(prompts)
+    seqs = [list(p) for p in prompts] + [list(p) for p in (null_prompts or [])]
+    mode, n_lat = map(list, zip(*[_mode_after(p, is_code) for p in prompts]))
+    done = [False] * b
+    tokens = np.zeros((b, settings.max_new), np.int32)
+    is_lat = np.zeros((b, settings.max_new), bool)
+    count_out = np.zeros(b, np.int32)
+    for i in range(settings.max_new):
+        if all(done):
+            break
+        t_in = np.zeros((len(seqs), REF_LEN), np.int32)
+        for r, seq in enumerate(seqs):
+            t_in[r, :len(seq)] = seq
+        logits = np.asarray(_code_forward(params, t_in))[np.arange(len(seqs)), [len(s) - 1 for s in seqs]]
+        text = logits[:b].copy()
+        text[:, offset:offset + count] = -np.inf
+        c = logits[:b, offset:offset + count]
+        code = c if null_prompts is None else (logits[b:, offset:offset + count]
+                                               + settings.cfg_scale * (c - logits[b:, offset:offset + count]))
+        k_tok, _ = step_keys(rng, i, b)
+        tok = np.asarray(sample_tokens(jnp.asarray(text), k_tok, settings.temperature, settings.top_p))
+        code = offset + np.asarray(sample_tokens(jnp.asarray(code), k_tok, settings.temperature, settings.top_p))
+        for e in range(b):
+            if done[e]:
+                continue
+            count_out[e] += 1
+            if mode[e]:
+                item = int(code[e])
+                is_lat[e, i] = True
+                n_lat[e] += 1
+                mode[e] = n_lat[e] < N
+            else:
+                item = int(tok[e])
+                mode[e], n_lat[e] = (True, 0) if item == BOI_ID else (False, n_lat[e])
+                done[e] = item in settings.stop_ids
+            tokens[e, i] = item
+            seqs[e].append(item)
+            if null_prompts:
+                seqs[b + e].append(item)
+    return tokens, np.zeros((b, settings.max_new, C), np.float32), is_lat, count_out
+
+
 def _check_against_reference(out, ref):
     tokens, latents, is_lat, count = ref
     np.testing.assert_array_equal(out.num_generated, count)
@@ -162,9 +217,10 @@ def _check_against_reference(out, ref):
     np.testing.assert_allclose(out.latents, latents, atol=1e-4, rtol=1e-4)
 
 
-def _pattern(out, e) -> list:
-    """Element e's generated items, latents as LATENT."""
-    return [LATENT if out.is_latent[e, j] else int(out.tokens[e, j]) for j in range(int(out.num_generated[e]))]
+def _pattern(out, e, codes=False) -> list:
+    """Element e's generated items, latents as LATENT (with `codes`: image items as their code tokens)."""
+    return [LATENT if out.is_latent[e, j] and not codes else int(out.tokens[e, j])
+            for j in range(int(out.num_generated[e]))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,3 +313,102 @@ def test_settings_and_guidance_checks():
     prompt = make_prompt([[BOS]], C)
     with pytest.raises(ValueError, match="null prompt"):
         gen(_random_params(), prompt, jax.random.PRNGKey(0), prompt)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Code mode (the VQ arm, docs/method.md §8.5, §9.4): image items are the code tokens 16…21 of a 22-id LM head.
+
+CODES = (16, 6)  # (offset, count)
+CODE_MODEL = LatentLM(dataclasses.replace(CFG, text_vocab_size=22))
+# Greedy program: text as PROGRAM; code k → <eoi> first, code k+1 second (what code mode picks); <boi> → code 16 (the
+# first image item); 11 → code 19 first, 12 second, so text mode's code mask is what keeps it text.
+CODE_PROGRAM = {BOS: [8], 8: [9], 9: [BOI_ID], EOI: [10], 10: [EOS_ID], 12: [11], 13: [BOI_ID], NULL: [BOI_ID],
+                EOS_ID: [EOS_ID], BOI_ID: [None, 16], 11: [19, 12],
+                **{k: [EOI, 16 + (k - 15) % 6] for k in range(16, 22)}}
+CODE_PROMPTS = [[BOS], [BOS, 11], [BOS, 13, BOI_ID], [BOS, 8, 9, BOI_ID, 20]]  # the last ends inside an image
+
+
+@jax.jit
+def _code_forward(params, toks):
+    _, hidden = CODE_MODEL.apply(params, toks, jnp.zeros(toks.shape + (C,)), jnp.zeros(toks.shape, bool))
+    return CODE_MODEL.apply(params, hidden, method=LatentLM.lm_logits)
+
+
+def _code_lm_only(params):
+    """The VQ arm's parameter tree: token embedding, backbone and LM head only (no x_embedder, ConditionLayer or
+    diffusion head), so code mode must never touch the others."""
+    return {"params": {k: params["params"][k] for k in ("token_embed", "backbone", "lm_head")}}
+
+
+def _code_programmed_params(seed=0):
+    params = _random_params(seed, model=CODE_MODEL)
+    p = params["params"]
+    p["token_embed"]["embedding"] = np.zeros_like(p["token_embed"]["embedding"])
+    p["token_embed"]["embedding"][np.arange(22), np.arange(22)] = 10.0
+    for src, dsts in CODE_PROGRAM.items():
+        for dst, bump in zip(dsts, (3.0, 2.0)):
+            if dst is not None:
+                p["lm_head"]["kernel"][src, dst] += bump
+    return jax.tree.map(jnp.asarray, params)
+
+
+CODE_GREEDY = dataclasses.replace(GREEDY, image_codes=CODES)
+
+
+def test_code_mode_greedy_emits_codes_as_tokens_and_matches_reference():
+    params = _code_programmed_params()
+    rng = jax.random.PRNGKey(1)
+    out = jax.device_get(make_generator(CODE_MODEL, SCHEDULE, CODE_GREEDY)(_code_lm_only(params),
+                                                                          make_prompt(CODE_PROMPTS, C), rng))
+    pattern = [_pattern(out, e, codes=True) for e in range(4)]
+    # <boi> → N codes drawn from the code range (fed back as tokens) → <eoi> by the model itself → text.
+    assert pattern[0] == [8, 9, BOI_ID, 16, 17, EOI, 10, EOS_ID]
+    assert pattern[1] == [12, 11] * (MAX_NEW // 2)  # 11's top id is code 19: masked out in text mode
+    assert pattern[2] == [16, 17, EOI, 10, EOS_ID]
+    assert pattern[3] == [21, EOI, 10, EOS_ID]  # the prompt held 1 of the N codes
+    np.testing.assert_array_equal(out.is_latent[0, :8], [0, 0, 0, 1, 1, 0, 0, 0])  # image items stay marked
+    assert not out.latents.any()
+    _check_against_reference(out, reference_generate(params, CODE_PROMPTS, rng, CODE_GREEDY))
+
+
+def test_code_mode_sampling_with_cfg_on_logits_matches_reference():
+    """Random weights, temperature 1.5, top-p 0.95: text draws never hit the code range (6 of 22 ids, unmasked they
+    would), image draws always do; with a null prompt of another width the code draws follow u + s·(c − u) of the
+    logits (the reference writes it out) and differ from the unguided ones under the same keys."""
+    params = jax.tree.map(jnp.asarray, _random_params(3, std=0.3, model=CODE_MODEL))
+    settings = dataclasses.replace(GREEDY, image_codes=CODES, temperature=1.5, top_p=0.95, cfg_scale=3.0)
+    prompts = [[BOS, 8, 9, BOI_ID], [BOS, 8, 9, BOI_ID, 20], [BOS, 13, BOI_ID], [BOS, 5, 6]]
+    nulls = [[BOS, NULL, BOI_ID], [BOS, NULL, BOI_ID, 20], [BOS, NULL, BOI_ID], [BOS, NULL]]
+    rng = jax.random.PRNGKey(4)
+    gen = make_generator(CODE_MODEL, SCHEDULE, settings)
+    out = jax.device_get(gen(_code_lm_only(params), make_prompt(prompts, C), rng, make_prompt(nulls, C)))
+    _check_against_reference(out, reference_generate(params, prompts, rng, settings, nulls))
+    made = np.arange(MAX_NEW)[None] < out.num_generated[:, None]
+    code = (out.tokens >= 16) & (out.tokens < 22)
+    np.testing.assert_array_equal(code & made, out.is_latent & made)
+    assert out.is_latent.sum() == 5 and (made & ~out.is_latent).sum() >= 10  # both images, then text
+    unguided = dataclasses.replace(settings, cfg_scale=None)
+    plain = jax.device_get(make_generator(CODE_MODEL, SCHEDULE, unguided)(_code_lm_only(params),
+                                                                          make_prompt(prompts, C), rng))
+    _check_against_reference(plain, reference_generate(params, prompts, rng, unguided))
+    assert (out.tokens[:3, 0] != plain.tokens[:3, 0]).any()  # the first code of each image, same key
+
+
+def test_code_masks_guidance_and_settings():
+    settings = dataclasses.replace(GREEDY, image_codes=CODES, cfg_scale=2.0)
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 22)), jnp.float32)  # rows [c0, c1, u0, u1]
+    masked = np.asarray(mask_codes(logits, settings))
+    assert np.isneginf(masked[:, 16:]).all() and np.array_equal(masked[:, :16], np.asarray(logits)[:, :16])
+    c, u = np.asarray(logits)[:2, 16:], np.asarray(logits)[2:, 16:]
+    np.testing.assert_allclose(guided_code_logits(logits, settings, 2), u + 2.0 * (c - u), rtol=1e-6)
+    # Guiding log-probabilities instead of logits shifts each row by a constant: the same distribution.
+    logp = jax.nn.log_softmax(logits, -1)
+    np.testing.assert_allclose(jax.nn.softmax(guided_code_logits(logp, settings, 2)),
+                               jax.nn.softmax(u + 2.0 * (c - u)), rtol=1e-5)
+    assert np.array_equal(mask_codes(logits, GREEDY), logits)  # no code mode, no mask
+    for bad in [(16, 0), (-1, 4), (0, 8)]:  # empty range, negative offset, a range holding <boi>/<eos>/<pad>
+        with pytest.raises(ValueError):
+            dataclasses.replace(GREEDY, image_codes=bad)
+    gen = make_generator(MODEL, SCHEDULE, dataclasses.replace(GREEDY, image_codes=(16, 6)))  # past 16 LM ids
+    with pytest.raises(ValueError, match="image_codes"):
+        gen(_random_params(), make_prompt([[BOS]], C), jax.random.PRNGKey(0))

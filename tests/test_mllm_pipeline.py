@@ -1,13 +1,15 @@
-"""The multimodal experiment's stages (configs/mllm.py, docs/experiments.md §9): the text tokenizer stage, and the whole
-tiny pipeline tokenizer → σ-VAE → latents → packed-document training → held-out loss → generation → scores."""
+"""The multimodal experiment's stages (configs/mllm.py, docs/experiments.md §10): the text tokenizer stage, and the tiny
+study: tokenizers → latents → each arm's packed-document training → held-out loss → generation → scores → table."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from configs.mllm import get_config
-from latent_lm import experiment
+from latent_lm import experiment, sweep
+from latent_lm.studies import mllm as mllm_study
 from latent_lm.errors import ConfigError
 from latent_lm.text.tokenizer import TextTokenizer, train_tokenizer
 
@@ -33,25 +35,26 @@ def test_train_tokenizer_stage_writes_once_and_checks_the_model_vocabulary(tmp_p
 
 
 @pytest.mark.slow
-def test_tiny_multimodal_run_trains_generates_and_scores(tmp_path):
-    """`--config=configs/mllm.py:tiny=1 --mode=all` end to end: every stage runs, the samples and scores are where
-    docs/experiments.md §9 says, with the shapes and ranges a user reads."""
-    config = get_config("tiny=1")
-    config.train.steps = 30
-    config.text.vocab_size = 300
-    config.model.text_vocab_size = 300
-    workdir = str(tmp_path / "run")
-    summary = experiment.run(config, workdir, "all")
-    assert np.isfinite(summary["eval_loss"]) and summary["text_vocab_size"] <= 300
-    with np.load(f"{workdir}/samples/t2i.npz") as npz:
-        assert npz["images"].shape == (20, 28, 28, 1) and npz["images"].dtype == np.uint8
-        assert npz["labels"].tolist() == sorted(npz["labels"].tolist()) and len(npz["captions"]) == 20
-    captions = json.loads(open(f"{workdir}/samples/i2t.json").read())
-    assert len(captions) == 8 and all(isinstance(c["caption"], str) for c in captions)
-    scores = json.loads(open(f"{workdir}/eval/mllm.json").read())
-    for key in ("t2i_class_accuracy", "t2i_eoi_rate", "i2t_class_accuracy", "i2t_parse_rate",
-                "interleaved_eoi_rate", "t2i_thickness_accuracy"):
-        assert 0.0 <= scores[key] <= 1.0, key
-    assert scores["text_perplexity"] > 1.0 and np.isfinite(scores["t2i_fd"])
-    for png in ("t2i.png", "i2t.png"):
-        assert (tmp_path / "run" / "samples" / png).stat().st_size > 1000
+def test_tiny_study_trains_generates_and_scores_every_arm(tmp_path):
+    """`make mllm` at `tiny=1`: both tokenizer runs, the three arms (LatentLM, Transfusion, VQ-MLLM) through every
+    stage, then the study's table. The samples and scores are where docs/experiments.md §10 says, with the shapes
+    and ranges a user reads."""
+    root = tmp_path / "study"
+    config_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mllm.py")
+    assert sweep.run_sweep(f"{config_file}:tiny=1", str(root)) == 0
+    for arm in ("latentlm", "transfusion", "vq"):
+        workdir = root / arm
+        with np.load(workdir / "samples" / "t2i.npz") as npz:
+            assert npz["images"].shape == (20, 28, 28, 1) and npz["images"].dtype == np.uint8
+            assert npz["labels"].tolist() == sorted(npz["labels"].tolist()) and len(npz["captions"]) == 20
+        captions = json.loads((workdir / "samples" / "i2t.json").read_text())
+        assert len(captions) == 8 and all(isinstance(c["caption"], str) for c in captions)
+        scores = json.loads((workdir / "eval" / "mllm.json").read_text())
+        for key in ("t2i_class_accuracy", "i2t_class_accuracy", "i2t_parse_rate", "t2i_thickness_accuracy"):
+            assert 0.0 <= scores[key] <= 1.0, (arm, key)
+        assert scores["text_perplexity"] > 1.0 and np.isfinite(scores["t2i_fd"])
+        assert ("t2i_eoi_rate" in scores) == (arm != "transfusion")  # Transfusion closes its images by construction
+        assert (workdir / "samples" / "t2i.png").stat().st_size > 1000
+    mllm_study.main(["--root", str(root)])
+    table = (root / "mllm" / "mllm.md").read_text()
+    assert all(name in table for name in ("LatentLM", "Transfusion", "VQ-MLLM"))

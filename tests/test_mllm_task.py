@@ -102,4 +102,4 @@ def test_mllm_config_validates_and_rejects_what_cannot_train():
         with pytest.raises(ConfigError, match=words):
             validate(bad, STAGES)
     with pytest.raises(ConfigError, match="arm"):
-        get_config("arm=vq")
+        get_config("arm=vqgan")

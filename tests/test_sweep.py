@@ -100,7 +100,8 @@ def test_cli_error_is_one_line_and_status_2(tmp_path):
 
 def test_emit_prints_one_launch_line_per_unfinished_run(tmp_path):
     cfg = _config_file(tmp_path, "[{'optim.lr': 1e-3}, {'optim.lr': 3e-4, 'mesh.shape': (1, -1, 1)}, "
-                                 "{'name': 'dit', 'config_arg': 'animal_mnist'}]")
+                                 "{'name': 'dit', 'config_arg': 'animal_mnist'}]",
+                       config_body="    c.optim.warmup_steps = 10\n")  # < the 100 steps of --extra
     root = str(tmp_path / "root")
     out = io.StringIO()
     assert sweep.run_sweep(f"{cfg}:mnist", root, emit="tpu", tpu_name="pod-{index}",
@@ -228,6 +229,7 @@ def test_sweep_runs_skips_and_resumes_with_the_real_cli(tmp_path, monkeypatch):
     write_synthetic_cache(str(tok))  # a latent cache: no σ-VAE training
     body = ("    c.model.update(dict(width=32, depth=2, num_heads=4))\n    c.head.depth = 1\n"
             "    c.train.update(dict(steps=100, batch_size=16, log_every=5))\n    c.checkpoint.every = 20\n"
+            "    c.optim.warmup_steps = 10\n"
             f"    c.stages = ('train',)\n    c.data.tokenizer_workdir = {str(tok)!r}\n")
     cfg = _config_file(tmp_path, "[{'train.seed': 1}]", config_body=body)
     root = tmp_path / "root"

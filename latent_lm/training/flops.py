@@ -97,3 +97,57 @@ def transfusion_sample_flops_per_image(cfg: TransfusionConfig, prefix_len: int, 
     rows = 2 if guidance else 1
     return {"prefill": float(rows * prefill), "denoise": float(rows * num_steps * step),
             "total": float(rows * (prefill + num_steps * step))}
+
+
+def vq_matmul_params(cfg: LatentLMConfig) -> dict[str, int]:
+    """The VQ-MLLM baseline (docs/method.md §9.4): LatentLM's backbone read through its token embedding alone.
+    Weights touched once per position: "layers" the blocks, "lm" the LM head over text and codes
+    (D·model.text_vocab_size). No latent projection, ConditionLayer or diffusion head (the task creates none);
+    the embedding is a lookup, not counted."""
+    d, hd = cfg.width, cfg.width // cfg.num_heads
+    f = swiglu_hidden(d, cfg.mlp_ratio)
+    per_layer = d * (cfg.num_heads * hd + 2 * cfg.kv_heads * hd) + cfg.num_heads * hd * d + 3 * d * f
+    return {"layers": cfg.depth * per_layer, "lm": d * cfg.text_vocab_size}
+
+
+def vq_train_flops_per_step(cfg: LatentLMConfig, batch: int, seq_len: int) -> dict[str, float]:
+    """Training FLOPs of `batch` packed rows of the VQ arm: backbone and LM head at every position, attention over the
+    full T×T square (this module's convention). Nothing else: CE is the only loss."""
+    w = vq_matmul_params(cfg)
+    matmuls = 6 * (w["layers"] + w["lm"]) * seq_len * batch
+    attention = 12 * cfg.depth * cfg.width * seq_len * seq_len * batch
+    return {"matmuls": float(matmuls), "attention": float(attention), "total": float(matmuls + attention)}
+
+
+def vq_sample_flops_per_image(cfg: LatentLMConfig, prefix_len: int, num_latents: int, guidance: bool = True,
+                              cache_slots: int | None = None) -> dict[str, float]:
+    """Forward FLOPs of one text-to-image sample as `generation.generate` runs it in code mode (§8.5) for a
+    `prefix_len`-item prompt ending in `<boi>` and max_new = N = `num_latents`: the prompt once into the KV cache,
+    then N steps, each the LM head on one position (the next code's logits) and the backbone on one position (the
+    code fed back; the N-th one yields the state that scores `<eoi>`). Every query scores all `cache_slots` slots of
+    the static cache (default P + N, the loop's P + max_new). Doubled with classifier-free guidance (the null rows
+    run everything too)."""
+    w = vq_matmul_params(cfg)
+    p, n = prefix_len, num_latents
+    slots = p + n if cache_slots is None else cache_slots
+    prefill = 2 * w["layers"] * p + 4 * cfg.depth * cfg.width * p * slots
+    step = 2 * (w["lm"] + w["layers"]) + 4 * cfg.depth * cfg.width * slots
+    rows = 2 if guidance else 1
+    return {"prefill": float(rows * prefill), "decode": float(rows * n * step),
+            "total": float(rows * (prefill + n * step))}
+
+
+def latent_lm_sample_flops_per_image(cfg: LatentLMConfig, prefix_len: int, num_latents: int, num_steps: int,
+                                     guidance: bool = True, cache_slots: int | None = None) -> dict[str, float]:
+    """The LatentLM arm's counterpart of `vq_sample_flops_per_image`, as `generation.generate` runs it (§8.5): the
+    prompt once into the KV cache (latent projection, backbone and ConditionLayer at every position), then N steps,
+    each `num_steps` diffusion-head passes of the solver and one backbone position for the latent fed back; no LM
+    head while in latent mode. Doubled with classifier-free guidance (the head runs on [x; x] with both conditions)."""
+    per_position = backbone_matmul_params(cfg) - cfg.width * cfg.text_vocab_size  # without the LM head
+    p, n = prefix_len, num_latents
+    slots = p + n if cache_slots is None else cache_slots
+    prefill = 2 * per_position * p + 4 * cfg.depth * cfg.width * p * slots
+    step = 2 * per_position + 4 * cfg.depth * cfg.width * slots + num_steps * 2 * head_matmul_params(cfg)
+    rows = 2 if guidance else 1
+    return {"prefill": float(rows * prefill), "decode": float(rows * n * step),
+            "total": float(rows * (prefill + n * step))}

@@ -8,7 +8,11 @@ import optax
 
 
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
-    """Linear warm-up to `lr`, then cosine decay to `lr·final_lr_ratio` at `total_steps`."""
+    """Linear warm-up to `lr`, then cosine decay to `lr·final_lr_ratio` at `total_steps`.
+
+    A warm-up of `total_steps` or more is clamped to total_steps − 1 steps here (so the last step still decays), but
+    an experiment config that asks for one is rejected before it runs (`config_validation.schedule_checks`): the
+    clamped schedule rises for the whole run, not the schedule the config describes."""
     warmup = min(int(optim_config.warmup_steps), max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=optim_config.lr, warmup_steps=warmup,

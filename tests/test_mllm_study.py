@@ -1,0 +1,38 @@
+"""The multimodal study's analysis (latent_lm/studies/mllm.py): runs of the three arms → one table (seed spread where an
+arm has several runs, "–" for what an arm does not have) and one plot."""
+
+import json
+
+from latent_lm.studies import mllm
+
+
+def _run(root, name, arch, accuracy, with_loop=True):
+    d = root / name
+    (d / "eval").mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"model": {"arch": arch}, "stages": ["train", "eval_mllm"]}))
+    (d / "done.json").write_text("{}")
+    scores = {"text_perplexity": 5.0, "t2i_class_accuracy": accuracy, "t2i_fd": 50.0, "i2t_class_accuracy": 0.9,
+              "i2t_similarity": 0.8, **{f"{s}_{a}_accuracy": 0.5 for s in ("t2i", "i2t") for a in mllm.ATTRIBUTES}}
+    if with_loop:
+        scores.update(t2i_eoi_rate=1.0, interleaved_successor_accuracy=0.7)
+    (d / "eval" / "mllm.json").write_text(json.dumps(scores))
+    (d / "eval" / "loss.json").write_text(json.dumps({"eval_loss": 1.0, "train_flops": 1e12, "params": 1000}))
+
+
+def test_table_and_plot_of_three_arms(tmp_path, capsys):
+    _run(tmp_path, "latentlm_seed0", "mllm", 0.90)
+    _run(tmp_path, "latentlm_seed1", "mllm", 0.94)
+    _run(tmp_path, "transfusion", "transfusion", 0.80, with_loop=False)
+    _run(tmp_path, "vq", "vq", 0.70)
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.json").write_text("{}")
+    mllm.main(["--root", str(tmp_path)])
+    text = (tmp_path / "mllm" / "mllm.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| arm")]
+    assert [r.split("|")[1].strip() for r in rows] == ["LatentLM", "Transfusion", "VQ-MLLM"]
+    assert "92.0% ± 2.0%" in rows[0] and "| 2 |" in rows[0]  # the seed spread of LatentLM's T2I accuracy
+    assert rows[1].count("–") == 2  # Transfusion: no <eoi> placement of its own, no interleaved loop
+    assert (tmp_path / "mllm" / "mllm.png").stat().st_size > 1000
+    summary = json.loads((tmp_path / "mllm" / "mllm.json").read_text())["summary"]
+    assert summary["mllm"]["t2i_class_accuracy"]["runs"] == 2
+    assert "VQ-MLLM" in capsys.readouterr().out
