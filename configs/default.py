@@ -1,6 +1,6 @@
 """Embedded default (`make run`): σ-VAE on MNIST → cached latents → class-conditional LatentLM → CFG samples.
 
-Sized to finish end to end in 12–16 minutes on a 2-core CPU (the README's figures: the time follows the matmul peak).
+Sized to finish end to end in ≤ 15 minutes on a 2-core CPU, install included (the README's figures).
 `get_config("animal_mnist")` runs the same pipeline on the embedded animal silhouettes. Derived values (token count,
 cache paths) are computed here.
 """
