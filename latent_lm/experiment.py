@@ -427,11 +427,11 @@ def evaluate_multimodal(config, workdir, mesh, rules):
     parsed = [captions.parse_caption(c["caption"], name) for c in captions_out]
     truth = {int(i): (int(split.labels[i]), split.attributes[i]) for i in (c["image"] for c in captions_out)}
     result.update(
-        i2t_parse_rate=mm.mean([float(p is not None) for p in parsed]),
-        i2t_class_accuracy=mm.mean([float(p is not None and p[0] == truth[c["image"]][0])
+        i2t_parse_rate=text_metrics.mean([float(p is not None) for p in parsed]),
+        i2t_class_accuracy=text_metrics.mean([float(p is not None and p[0] == truth[c["image"]][0])
                                     for p, c in zip(parsed, captions_out)]),
-        i2t_similarity=mm.mean([c["similarity"] for c in captions_out]),
-        **{f"i2t_{a}_accuracy": mm.mean([float(p is not None and getattr(p[1], a) == getattr(t[1], a))
+        i2t_similarity=text_metrics.mean([c["similarity"] for c in captions_out]),
+        **{f"i2t_{a}_accuracy": text_metrics.mean([float(p is not None and getattr(p[1], a) == getattr(t[1], a))
                                          for p, t in zip(parsed, (truth[c["image"]] for c in captions_out))])
            for a in captions.Attributes._fields})
     free = {}

@@ -86,8 +86,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.cfg_scale is not None:
         config.diffusion.cfg_scale = args.cfg_scale
     config.eval.sample_batch = args.num
-    mesh, rules = make_mesh(ml_collections.ConfigDict(dict(shape=(-1, 1, 1))), jax.devices()[:1]), \
-        logical_rules(config.mesh)
+    mesh = make_mesh(ml_collections.ConfigDict(dict(shape=(-1, 1, 1))), jax.devices()[:1])  # one device suffices
+    rules = logical_rules(config.mesh)
     gen, split = experiment._multimodal(config, args.workdir, mesh, rules)
     tok = split.tokenizer
     c = gen.task.model.config.latent_dim

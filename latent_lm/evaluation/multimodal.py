@@ -229,8 +229,10 @@ def image_to_text(gen: Generator, split: docs.MultimodalSplit, count: int, seed:
     parsed = [captions.parse_caption(t, split.dataset) for t in texts]
     labels = split.labels[chosen]
     attrs = [split.attributes[i] for i in chosen]
-    references = [[c for c in captions.all_captions(split.dataset)
-                   if captions.parse_caption(c, split.dataset) == (int(y), a)] for y, a in zip(labels, attrs)]
+    by_meaning: dict[tuple, list[str]] = {}  # (class, attributes) → every caption that says it, parsed once
+    for c in captions.all_captions(split.dataset):
+        by_meaning.setdefault(captions.parse_caption(c, split.dataset), []).append(c)
+    references = [by_meaning[(int(y), a)] for y, a in zip(labels, attrs)]
     return dict(captions=texts, labels=labels, attributes=attrs, parsed=parsed,
                 similarity=[caption_similarity(t, refs) for t, refs in zip(texts, references)],
                 source_images=np.asarray(chosen, np.int32))
