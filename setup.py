@@ -15,6 +15,7 @@ setup(
         "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "ml-collections", "tensorflow-datasets",
         "einops", "chex", "absl-py", "tensorboardX", "importlib_resources", "array_record", "numpy", "scipy",
         "matplotlib", "safetensors", "pillow", "tokenizers",
+        "espeakng-loader",  # libespeak-ng 1.52 and its voices, no root: the speech corpus (docs/method.md §12.1)
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "diffusers", TORCH],

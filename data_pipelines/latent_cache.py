@@ -14,7 +14,9 @@ skips complete shards with the same fingerprint and resumes where a killed run s
 by process 0, once every shard exists: readers need it, so they never see a partial cache. A re-run with another
 fingerprint (a retrained σ-VAE, another config) removes meta.json first, then rewrites the shards. The directory
 must be on a filesystem that all processes share, or in a bucket (gs://...: see `latent_lm.storage`; there each
-shard is written to a local temporary file and then uploaded, and ArrayRecord reads gs:// shards itself).
+shard is written to a local temporary file and then uploaded, and ArrayRecord reads gs:// shards itself). The
+sharding, sidecar and meta-last machinery is `data_pipelines.sharded_records`, shared with the audio latent cache
+and the speech corpus.
 
 Reading (`make_latent_dataset`): each process reads its contiguous slice of the examples (data_pipelines.sharding)
 and yields its rows (global batch / process_count) of every global batch; the grain iterator checkpoints.
@@ -22,46 +24,30 @@ and yields its rows (global batch / process_count) of every global batch; the gr
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import tempfile
 import uuid
 from typing import Any, Callable, Iterable, Sequence
 
 import grain
-import jax
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
-from data_pipelines import sharding
+from data_pipelines import sharded_records, sharding
 from latent_lm import storage
 from latent_lm.errors import DataError, MissingInputError
 
-META_FILE = "meta.json"
+META_FILE = sharded_records.META_FILE
+SHARD_PREFIX = "latents"
 LEGACY_RECORDS_FILE = "latents.array_record"  # single-file caches written before sharding
 RECORD_FORMAT = "int32 label + float32[T,C] latents, little-endian, C order"
 _LABEL = np.dtype("<i4")
 _LATENT = np.dtype("<f4")
-_SHARD_RE = re.compile(r"^latents-(\d{5})-of-(\d{5})\.(array_record|json)$")
 
 ReadBatches = Callable[[int, int], Iterable[tuple[np.ndarray, np.ndarray]]]
-Barrier = Callable[[str], None]
+Barrier = sharded_records.Barrier
+shard_bounds = sharded_records.shard_bounds  # contiguous [start, end) per shard
 
 
 def shard_name(index: int, num_shards: int) -> str:
-    return f"latents-{index:05d}-of-{num_shards:05d}.array_record"
-
-
-def _sidecar(record_path: str) -> str:
-    return record_path[:-len(".array_record")] + ".json"
-
-
-def shard_bounds(num_examples: int, num_shards: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) per shard; the first `num_examples % num_shards` shards hold one example more."""
-    per, extra = divmod(num_examples, num_shards)
-    starts = [i * per + min(i, extra) for i in range(num_shards + 1)]
-    return list(zip(starts[:-1], starts[1:]))
+    return sharded_records.shard_name(SHARD_PREFIX, index, num_shards)
 
 
 def _encode_record(latent: np.ndarray, label: int) -> bytes:
@@ -82,116 +68,45 @@ def _missing(path: str) -> MissingInputError:
     return MissingInputError(f"latent cache not found at {path}: run --mode=encode first")
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    storage.write_json_atomic(path, obj, indent=2)
-
-
-def _read_json(path: str) -> Any:
-    try:
-        return json.loads(storage.read_text(path))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _default_barrier(explicit_processes: bool) -> Barrier:
-    if explicit_processes or jax.process_count() == 1:
-        return lambda name: None
-    from jax.experimental import multihost_utils
-    return multihost_utils.sync_global_devices
-
-
-def _shard_done(record: str, expect: dict[str, Any]) -> dict[str, Any] | None:
-    """The shard's sidecar if the shard is complete and was written for `expect` (range, count, fingerprint)."""
-    if not storage.exists(record):
-        return None
-    side = _read_json(_sidecar(record))
-    if side is None or any(side.get(k) != v for k, v in expect.items()):
-        return None
-    return side
-
-
-def _remove_temps(*patterns: str) -> None:
-    # Left by a killed writer; only the owner of a shard (this process) ever writes that shard's temporaries.
-    for pattern in patterns:
-        for tmp in storage.glob(pattern):
-            storage.remove(tmp, missing_ok=True)
-
-
-def _encode_shard(path: str, index: int, num_shards: int, start: int, end: int, read_batches: ReadBatches,
+def _encode_shard(path: str, name: str, start: int, end: int, read_batches: ReadBatches,
                   encode_fn: Callable[[np.ndarray], np.ndarray], expect: dict[str, Any]) -> None:
-    name = shard_name(index, num_shards)
-    record = storage.join(path, name)
-    # The old shard goes first: a record file must never sit next to a sidecar of a different run.
-    for stale in (record, _sidecar(record)):
-        storage.remove(stale, missing_ok=True)
-    _remove_temps(storage.join(path, f".{name}.tmp-*"), _sidecar(record) + ".tmp-*", record + ".tmp-*")
-    if storage.is_url(path):  # ArrayRecord writes local files: write one here, upload it when complete
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-")
-        os.close(fd)
-    else:
-        tmp = os.path.join(path, f".{name}.tmp-{uuid.uuid4().hex}")
-    writer = ArrayRecordWriter(tmp, "group_size:1")  # one record per chunk: cheap random access
-    try:
-        count, total, total_sq, shape = 0, 0.0, 0.0, None
+    stats = {"count": 0, "sum": 0.0, "sum_sq": 0.0, "shape": None}
+
+    def records() -> Iterable[bytes]:
         for images, labels in read_batches(start, end):
             labels = np.asarray(labels)
             latents = np.asarray(encode_fn(images), np.float32)
             if latents.ndim != 3 or len(latents) != len(labels):
                 raise ValueError(f"encode_fn must return latents [B,T,C] for {len(labels)} examples, "
                                  f"got {latents.shape}")
-            if shape is None:
-                shape = latents.shape[1:]
-            elif latents.shape[1:] != shape:
-                raise ValueError(f"encode_fn returned latents of shape {latents.shape[1:]} after {shape}")
+            if stats["shape"] is None:
+                stats["shape"] = latents.shape[1:]
+            elif latents.shape[1:] != stats["shape"]:
+                raise ValueError(f"encode_fn returned latents of shape {latents.shape[1:]} after {stats['shape']}")
             for latent, label in zip(latents, labels):
-                writer.write(_encode_record(latent, int(label)))
-            count += len(labels)
-            total += float(latents.sum(dtype=np.float64))
-            total_sq += float(np.square(latents, dtype=np.float64).sum())
-        if count != end - start:
-            raise ValueError(f"read_batches({start}, {end}) yielded {count} examples, expected {end - start}")
-        writer.close()
-        _write_json_atomic(_sidecar(record), dict(expect, shape=list(shape), sum=total, sum_sq=total_sq))
-        if storage.is_url(path):
-            storage.upload_file_atomic(tmp, record)
-        else:
-            os.replace(tmp, record)
-    except BaseException:
-        writer.close()
-        raise
-    finally:
-        if os.path.exists(tmp):  # a local file: the shard's temporary, or the copy already uploaded
-            os.remove(tmp)
+                yield _encode_record(latent, int(label))
+            stats["count"] += len(labels)
+            sharded_records.add_sums(stats, latents)
+        if stats["count"] != end - start:
+            raise ValueError(f"read_batches({start}, {end}) yielded {stats['count']} examples, "
+                             f"expected {end - start}")
+
+    sharded_records.write_shard(path, name, records(), lambda: dict(
+        expect, shape=list(stats["shape"]), sum=stats["sum"], sum_sq=stats["sum_sq"]))
 
 
-def _finalize(path: str, num_examples: int, num_shards: int, fingerprint: Any,
-              metadata: dict[str, Any] | Callable[[dict[str, float]], dict[str, Any]]) -> None:
-    bounds = shard_bounds(num_examples, num_shards)
-    sides, missing = [], []
-    for i, (start, end) in enumerate(bounds):
-        side = _shard_done(storage.join(path, shard_name(i, num_shards)),
-                           dict(start=start, end=end, num_shards=num_shards, fingerprint=fingerprint))
-        (missing.append(i) if side is None else sides.append(side))
-    if missing:
-        raise MissingInputError(f"latent cache at {path} is incomplete: shards {missing} of {num_shards} are missing "
-                           f"(did another process fail?); re-run --mode=encode to finish it")
+def _make_meta(path: str, num_examples: int, num_shards: int, fingerprint: Any,
+               metadata: dict[str, Any] | Callable[[dict[str, float]], dict[str, Any]],
+               sides: list[dict[str, Any]], files: list[str]) -> dict[str, Any]:
     shapes = {tuple(s["shape"]) for s in sides}
     if len(shapes) != 1:
         raise DataError(f"latent cache at {path} has shards of different latent shapes {sorted(shapes)}")
     values = num_examples * int(np.prod(sides[0]["shape"]))
-    mean = sum(s["sum"] for s in sides) / values
-    var = max(sum(s["sum_sq"] for s in sides) / values - mean ** 2, 0.0)
-    moments = {"mean": mean, "std": var ** 0.5, "values": values}
-    files = [shard_name(i, num_shards) for i in range(num_shards)]
-    meta = {"shape": list(sides[0]["shape"]), "count": num_examples, "dtype": "float32",
+    mean, std = sharded_records.mean_std(sides, values)
+    moments = {"mean": mean, "std": std, "values": values}
+    return {"shape": list(sides[0]["shape"]), "count": num_examples, "dtype": "float32",
             "record_format": RECORD_FORMAT, "files": files, "moments": moments, "fingerprint": fingerprint,
             "metadata": metadata(moments) if callable(metadata) else dict(metadata)}
-    # Shards of an earlier run with another shard count are not part of this cache.
-    keep = set(files) | {f[:-len(".array_record")] + ".json" for f in files}
-    for f in storage.listdir(path):
-        if (_SHARD_RE.match(f) and f not in keep) or f == LEGACY_RECORDS_FILE:
-            storage.remove(storage.join(path, f))
-    _write_json_atomic(storage.join(path, META_FILE), meta)
 
 
 def encode_to_latent_cache(path: str, *, num_examples: int, read_batches: ReadBatches,
@@ -213,37 +128,15 @@ def encode_to_latent_cache(path: str, *, num_examples: int, read_batches: ReadBa
     """
     if num_examples <= 0:
         raise ValueError(f"cannot cache an empty dataset (num_examples={num_examples})")
-    if num_shards <= 0:
-        raise ValueError(f"num_shards must be positive, got {num_shards}")
-    explicit = process_index is not None or process_count is not None
-    shard = sharding.process_shard(process_index, process_count)
-    barrier = barrier or _default_barrier(explicit)
-    num_shards = min(int(num_shards), int(num_examples))
-    fingerprint = json.loads(json.dumps(fingerprint))  # what the sidecars will compare against, after a JSON trip
     metadata = {} if metadata is None else metadata
-    path = storage.absolute(path)
-    storage.makedirs(path)
-    meta_path = storage.join(path, META_FILE)
-    meta = _read_json(meta_path)
-    if (meta is not None and meta.get("fingerprint") == fingerprint and meta.get("count") == num_examples
-            and len(meta.get("files", ())) == num_shards):
-        return meta  # complete and current: nothing to do (every process sees the same file)
-    if shard.shard_index == 0:
-        if storage.exists(meta_path):
-            storage.remove(meta_path)  # the cache is about to change: readers must not take the old one for complete
-        _remove_temps(meta_path + ".tmp-*")
-    barrier("latent cache: start")
-    bounds = shard_bounds(num_examples, num_shards)
-    for i in range(shard.shard_index, num_shards, shard.shard_count):
-        start, end = bounds[i]
-        expect = dict(start=start, end=end, num_shards=num_shards, fingerprint=fingerprint)
-        if _shard_done(storage.join(path, shard_name(i, num_shards)), expect) is None:
-            _encode_shard(path, i, num_shards, start, end, read_batches, encode_fn, expect)
-    barrier("latent cache: shards written")
-    if shard.shard_index == 0:
-        _finalize(path, num_examples, num_shards, fingerprint, metadata)
-    barrier("latent cache: meta written")
-    return _read_json(meta_path)
+    return sharded_records.write_sharded(
+        path, SHARD_PREFIX, num_examples=num_examples, num_shards=num_shards, fingerprint=fingerprint,
+        write=lambda path, name, start, end, expect: _encode_shard(path, name, start, end, read_batches,
+                                                                   encode_fn, expect),
+        make_meta=lambda path, num_shards, fingerprint, sides, files: _make_meta(
+            path, num_examples, num_shards, fingerprint, metadata, sides, files),
+        what="latent cache", rerun="--mode=encode", also_stale=(LEGACY_RECORDS_FILE,),
+        process_index=process_index, process_count=process_count, barrier=barrier)
 
 
 def write_latent_cache(path: str, latents: np.ndarray, labels: np.ndarray, metadata: dict[str, Any],
@@ -279,7 +172,7 @@ def write_latent_cache(path: str, latents: np.ndarray, labels: np.ndarray, metad
 
 def read_latent_cache_meta(path: str) -> dict[str, Any]:
     """The meta.json of a complete cache (shape, count, files, moments, metadata, …); clear errors otherwise."""
-    meta = _read_json(storage.join(path, META_FILE))
+    meta = sharded_records.read_json(storage.join(path, META_FILE))
     if meta is None:
         raise _missing(path)
     meta.setdefault("files", [LEGACY_RECORDS_FILE])
@@ -306,14 +199,7 @@ def load_latent_cache(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Reads a whole (small) cache into memory: (latents float32 [N,T,C], labels int32 [N]), in source order."""
     meta = read_latent_cache_meta(path)
     shape = _checked_shape(path, meta, None)
-    records = []
-    for f in _files(path, meta):
-        reader = ArrayRecordReader(f)
-        try:
-            records.extend(reader.read_all())
-        finally:
-            reader.close()
-    decoded = [_decode_record(r, shape) for r in records]
+    decoded = [_decode_record(r, shape) for r in sharded_records.read_all(_files(path, meta))]
     latents = np.stack([d["latents"] for d in decoded]) if decoded else np.zeros((0, *shape), np.float32)
     labels = np.array([d["label"] for d in decoded], np.int32)
     return latents, labels

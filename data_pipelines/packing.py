@@ -18,7 +18,7 @@ resumes it exactly.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import grain
 import numpy as np
@@ -90,7 +90,7 @@ class _EpochDocument:
     """(position k in the repeated stream, record) → document record + epoch·num_documents: every epoch draws new
     documents (fresh images, templates and null prompts) while staying a function of (seed, index)."""
 
-    def __init__(self, source: DocumentSource, per_epoch: int):
+    def __init__(self, source: "DocumentStream", per_epoch: int):
         self.source, self.per_epoch = source, per_epoch
 
     def __call__(self, k: int, record: int) -> dict[str, Any]:
@@ -102,19 +102,38 @@ def make_document_dataset(data: MultimodalSplit, batch_size: int, seed: int, *, 
                           shuffle: bool = True, repeat: bool = True, drop_remainder: bool = True,
                           packing_bins: int | None = None, process_index: int | None = None,
                           process_count: int | None = None, num_workers: int = 0) -> grain.IterDataset:
-    """Yields this process's packed rows of each global batch: {tokens int32, is_latent bool, latents float32 [..,C],
-    segment_ids int32, positions int32}, each [b, T, ...], b = batch_size / processes, T = data.seq_len.
-
-    Documents come from `DocumentSource(data, seed, mix, null_prompt_rate, num_documents)`: each process reads a
-    contiguous slice of the record indices (data_pipelines.sharding), shuffled per epoch with its own seed; with
-    `repeat`, epoch e's record i is document i + e·num_documents, so epochs differ. `packing_bins` open rows
-    (default b) are filled first fit. `iter(...)` is a grain iterator whose get_state/set_state the train loop
-    checkpoints (latent_lm/training/train_loop.py).
-    """
+    """Yields this process's packed rows of each global batch of multimodal documents (`make_packed_dataset`) from
+    `DocumentSource(data, seed, mix, null_prompt_rate, num_documents)`, after checking that the longest document of
+    every kind in the mix fits a row."""
     check_fits(data, mix, latent_capacity)
+    return make_packed_dataset(DocumentSource(data, seed, mix, null_prompt_rate, num_documents), data.seq_len,
+                               batch_size, seed, latent_capacity=latent_capacity, shuffle=shuffle, repeat=repeat,
+                               drop_remainder=drop_remainder, packing_bins=packing_bins, process_index=process_index,
+                               process_count=process_count, num_workers=num_workers)
+
+
+class DocumentStream(Protocol):
+    """What `make_packed_dataset` reads: `len()` documents, document i a function of (seed, i) alone."""
+
+    def __len__(self) -> int: ...
+
+    def document(self, index: int) -> dict[str, Any]: ...
+
+
+def make_packed_dataset(source: DocumentStream, seq_len: int, batch_size: int, seed: int, *, latent_capacity: int,
+                        shuffle: bool = True, repeat: bool = True, drop_remainder: bool = True,
+                        packing_bins: int | None = None, process_index: int | None = None,
+                        process_count: int | None = None, num_workers: int = 0) -> grain.IterDataset:
+    """Yields this process's packed rows of each global batch: {tokens int32, is_latent bool, latents float32 [..,C],
+    segment_ids int32, positions int32}, each [b, T, ...], b = batch_size / processes, T = seq_len.
+
+    Each process reads a contiguous slice of the source's record indices (data_pipelines.sharding), shuffled per epoch
+    with its own seed; with `repeat`, epoch e's record i is document i + e·len(source), so epochs differ.
+    `packing_bins` open rows (default b) are filled first fit. `iter(...)` is a grain iterator whose
+    get_state/set_state the train loop checkpoints (latent_lm/training/train_loop.py).
+    """
     shard = sharding.process_shard(process_index, process_count)
     local = sharding.local_batch_size(batch_size, shard.shard_count)
-    source = DocumentSource(data, seed, mix, null_prompt_rate, num_documents)
     shard_seed = sharding.process_seed(seed, shard)
     records = sharding.shard_dataset(grain.MapDataset.range(len(source)), shard).seed(shard_seed)
     per_epoch = len(records)
@@ -124,6 +143,6 @@ def make_document_dataset(data: MultimodalSplit, batch_size: int, seed: int, *, 
         records = records.repeat()
     docs = sharding.with_workers(records.map_with_index(_EpochDocument(source, per_epoch)).to_iter_dataset(),
                                  num_workers)
-    rows = pack_documents(docs, seq_len=data.seq_len, latent_capacity=latent_capacity,
+    rows = pack_documents(docs, seq_len=seq_len, latent_capacity=latent_capacity,
                           num_bins=int(packing_bins or local), seed=shard_seed, shuffle_bins=shuffle)
     return rows.batch(local, drop_remainder=drop_remainder)

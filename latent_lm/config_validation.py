@@ -25,13 +25,17 @@ from latent_lm.training.train_state import ema_init_weight
 # Above this weight on the initial weights (ema_init_weight) an evaluated EMA gets a warning.
 EMA_INIT_WEIGHT_LIMIT = 0.01
 # Stages that read no generator weights (every other stage trains or evaluates the generator).
-TOKENIZER_STAGES = ("train_tokenizer", "train_vae", "encode")
+TOKENIZER_STAGES = ("train_tokenizer", "train_vae", "encode", "build_corpus", "train_audio_vae", "encode_audio",
+                    "eval_audio_vae", "train_judges")
 
 
 def schedule_checks(config) -> list[tuple[bool, str]]:
     """(ok, message) for each optimizer/run-length pair: the warm-up must end before the run does."""
     checks = []
-    for optim, train in (("optim", "train"), ("vae_optim", "vae_train")):
+    pairs = [("optim", "train"), ("vae_optim", "vae_train")]
+    if "audio_vae_optim" in config:  # speech configs (docs/method.md §12)
+        pairs.append(("audio_vae_optim", "audio_vae_train"))
+    for optim, train in pairs:
         warmup, steps = int(config[optim].warmup_steps), int(config[train].steps)
         checks.append((warmup < steps, f"{optim}.warmup_steps={warmup} must be < {train}.steps={steps}: a warm-up "
                                        f"that does not end before the run leaves no steps to decay, the learning "
@@ -60,10 +64,13 @@ def validate(config, stages: Collection[str]) -> list[str]:
     """Raises one `ConfigError` naming the first bad value; `stages` are the stage names a config may list
     (`experiment.RUNNERS`). Logs a warning line for each of `ema_warnings` and returns them."""
     d, v, m, diff = config.data, config.vae, config.model, config.diffusion
+    tokenizer = config.audio_vae if "audio_vae" in config else v  # the latents the generator reads
     checks = [
         (d.image_size % v.patch_size == 0,
          f"data.image_size={d.image_size} is not divisible by vae.patch_size={v.patch_size}"),
-        (m.latent_dim == v.latent_dim, f"model.latent_dim={m.latent_dim} must equal vae.latent_dim={v.latent_dim}"),
+        (m.latent_dim == tokenizer.latent_dim,
+         f"model.latent_dim={m.latent_dim} must equal {'audio_vae' if tokenizer is not v else 'vae'}.latent_dim="
+         f"{tokenizer.latent_dim}"),
         (m.width % m.num_heads == 0 and (m.width // m.num_heads) % 2 == 0,
          f"model.width={m.width} must split into num_heads={m.num_heads} heads of even size (RoPE pairs)"),
         (m.num_kv_heads is None or m.num_heads % m.num_kv_heads == 0,

@@ -29,9 +29,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from data_pipelines.embedded import dataset_names, load_embedded
 from data_pipelines.image_pipeline import make_training_images, ordered_images
 from data_pipelines.latent_cache import encode_to_latent_cache, read_latent_cache_meta
-from data_pipelines import mllm_documents
+from data_pipelines import mllm_documents, speech_corpus
 from data_pipelines.mllm_documents import tokenizer_training_texts
-from latent_lm import storage
+from latent_lm import speech_stages, storage
 from latent_lm.config_validation import validate
 from latent_lm.errors import ConfigError, DataError, MissingInputError
 from latent_lm.evaluation import classifier as clf
@@ -51,6 +51,9 @@ from latent_lm.text.tokenizer import TOKENIZER_FILE, TextTokenizer, train_tokeni
 from latent_lm.training.tasks import DataPaths, VAETask, make_generator_task
 from latent_lm.training.train_loop import load_state, train
 from latent_lm.training.train_loop import log_process0 as _log
+from latent_lm.stage_inputs import (data_paths, generator_params as _generator_params, generator_task,
+                                    is_speech, latent_norm as _latent_norm, relative_to as _relative_to,
+                                    tokenizer_dir)
 
 def _atomic_write_json(path: str, obj) -> None:
     storage.write_json_atomic(path, obj, indent=2, sort_keys=True)
@@ -60,31 +63,19 @@ def _batched(fn, x: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([np.asarray(fn(x[i:i + batch])) for i in range(0, len(x), batch)])
 
 
-def tokenizer_dir(config, workdir: str) -> str:
-    """Where the σ-VAE (vae/) and its latent caches (latents/) live: `data.tokenizer_workdir` or the workdir.
-
-    A relative path is relative to the workdir, so a sweep's runs name their sibling tokenizer run `../tokenizer`.
-    """
-    return _relative_to(workdir, config.data.get("tokenizer_workdir") or ".")
-
-
-def _relative_to(workdir: str, path: str) -> str:
-    """`path` if absolute or a URL, else joined to the workdir (gs://bucket/runs/x + ../tok → gs://bucket/runs/tok)."""
-    if "://" in path or os.path.isabs(path):
-        return path
-    scheme, sep, base = workdir.rpartition("://")
-    return f"{scheme}{sep}{posixpath.normpath(posixpath.join(base, path))}"
-
-
 def _vae_params(config, workdir, mesh, rules):
     state = load_state(VAETask.from_config(config), optim_config=config.vae_optim, train_config=config.vae_train,
                        mesh=mesh, rules=rules, workdir=f"{tokenizer_dir(config, workdir)}/vae")
     return state.params
 
 
-def _latent_norm(config, workdir: str) -> LatentNormalization:
-    meta = read_latent_cache_meta(f"{tokenizer_dir(config, workdir)}/latents/train")
-    return LatentNormalization(**meta["metadata"]["latent_norm"])
+def _tokenizer_texts(config, workdir: str) -> list[str]:
+    """The run's training text: for speech, the train split's phonemes or text (`tts.input`); else the image
+    dataset's captions, questions and English paragraphs."""
+    if not is_speech(config):
+        return tokenizer_training_texts(config.data.dataset)
+    train = speech_corpus.load_corpus(data_paths(config, workdir).speech_corpus, "train")
+    return list(train.phonemes if config.tts.input == "phonemes" else train.text)
 
 
 def train_text_tokenizer(config, workdir, mesh, rules):
@@ -96,8 +87,7 @@ def train_text_tokenizer(config, workdir, mesh, rules):
     if storage.exists(storage.join(path, TOKENIZER_FILE)):
         tok = TextTokenizer.load(path)
     else:
-        tok = train_tokenizer(tokenizer_training_texts(config.data.dataset), config.text.vocab_size,
-                              config.text.min_frequency)
+        tok = train_tokenizer(_tokenizer_texts(config, workdir), config.text.vocab_size, config.text.min_frequency)
         if jax.process_index() == 0:
             tok.save(path)
         if jax.process_count() > 1:
@@ -175,17 +165,8 @@ def encode(config, workdir, mesh, rules):
     return out
 
 
-def _lm_task(config, workdir):
-    return make_generator_task(config, _latent_norm(config, workdir))
-
-
-def data_paths(config, workdir: str) -> DataPaths:
-    tok = tokenizer_dir(config, workdir)
-    return DataPaths(latents=f"{tok}/latents", text_tokenizer=f"{tok}/text")
-
-
 def train_lm(config, workdir, mesh, rules):
-    task = _lm_task(config, workdir)
+    task = generator_task(config, workdir)
     # `batch_size` is global: each process reads its slice of the data and yields batch_size / process_count rows.
     it = iter(task.make_dataset(data_paths(config, workdir), "train", config.train.batch_size, config.train.seed,
                                 num_workers=config.data.get("num_workers", 0)))
@@ -193,13 +174,6 @@ def train_lm(config, workdir, mesh, rules):
                 workdir=f"{workdir}/lm", meta={"config": config.to_json(), "latent_norm": task.norm.to_dict()},
                 checkpoint_config=config.checkpoint, log=_log)
     return {"lm_final_loss": res.final_metrics.get("loss"), "lm_steps_per_sec": res.steps_per_sec}
-
-
-def _generator_params(config, workdir, mesh, rules):
-    task = _lm_task(config, workdir)
-    state = load_state(task, optim_config=config.optim, train_config=config.train, mesh=mesh, rules=rules,
-                       workdir=f"{workdir}/lm")
-    return task, (state.ema_params if config.eval.use_ema else state.params), int(state.step)
 
 
 def eval_loss(config, workdir, mesh, rules):
@@ -459,9 +433,14 @@ def _text_perplexity(gen: mm.Generator, split: mllm_documents.MultimodalSplit, b
     return text_metrics.perplexity(total, int(count))
 
 
-RUNNERS = {"train_tokenizer": train_text_tokenizer, "train_vae": train_vae, "encode": encode, "train": train_lm,
-           "sample": sample, "eval": evaluate, "eval_loss": eval_loss, "generate": generate,
-           "eval_mllm": evaluate_multimodal}
+RUNNERS = {"train_tokenizer": train_text_tokenizer, "train_vae": train_vae, "encode": encode,
+           # speech (docs/method.md §12): corpus, audio σ-VAE, its latent caches and scores, the judges
+           "build_corpus": speech_stages.build_corpus, "train_audio_vae": speech_stages.train_audio_vae,
+           "encode_audio": speech_stages.encode_audio, "eval_audio_vae": speech_stages.eval_audio_vae,
+           "train_judges": speech_stages.train_judges,
+           "train": train_lm, "sample": sample, "eval": evaluate, "eval_loss": eval_loss, "generate": generate,
+           "eval_mllm": evaluate_multimodal,
+           "generate_tts": speech_stages.generate_tts, "eval_tts": speech_stages.eval_tts}
 STAGES = tuple(RUNNERS)  # the stage names a config's `stages` may list, in pipeline order
 IMAGE_STAGES = ("train_vae", "encode", "train", "sample", "eval", "eval_loss")  # a class-conditional image run
 

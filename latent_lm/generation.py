@@ -15,6 +15,11 @@ its latents from the guided head u + s·(c − u), and whatever it emits is fed 
 Element e draws its token and its x_T at step i from fold_in(fold_in(rng, i), e) (`step_keys`), so a no-cache
 reference replays it (tests/test_generation.py), and an element generates the same alone or in a batch.
 
+Speech mode (`settings.latent_stop_id`, e.g. `<eod>`; docs/method.md §12.3): a span of latents has no fixed length.
+At every latent step the LM head reads the element's conditional hidden state first; where it gives the stop id a
+probability ≥ 1/2 the element emits that token (a text item) and is back in text mode, otherwise the diffusion head
+samples the next latent. `num_latents` is then the longest span (reaching it returns the element to text mode).
+
 Code mode (`settings.image_codes=(offset, count)`, the VQ-MLLM baseline, docs/method.md §9.4): image positions are
 discrete code tokens offset … offset+count−1 of the LM head's vocabulary. Latent mode then draws the next code from the
 LM logits restricted to that range, guided on logits (u + s·(c − u)), with the text temperature and top-p, and feeds
@@ -86,6 +91,7 @@ class GenerationSettings:
     boi_id: int = BOI_ID
     pad_id: int = PAD_ID
     image_codes: tuple[int, int] | None = None
+    latent_stop_id: int | None = None
 
     def __post_init__(self):
         if self.max_new < 1 or self.num_latents < 1 or self.num_steps < 1:
@@ -101,6 +107,8 @@ class GenerationSettings:
                 raise ValueError(f"image_codes=(offset, count) needs offset >= 0 and count >= 1: {self}")
             if any(offset <= i < offset + count for i in (self.boi_id, self.pad_id, *self.stop_ids)):
                 raise ValueError(f"boi_id, pad_id and stop_ids must lie outside the code range: {self}")
+            if self.latent_stop_id is not None:
+                raise ValueError(f"latent_stop_id (speech spans) and image_codes (code mode) exclude each other: {self}")
 
     def is_code(self, tokens: jax.Array) -> jax.Array:
         """Where `tokens` are image code tokens (all False outside code mode)."""
@@ -295,6 +303,10 @@ def generate(model: LatentLM, params, prompt: Prompt, rng: jax.Array, schedule: 
         logits = guided_code_logits(model.apply(params, hidden, method=LatentLM.lm_logits), settings, b)
         return sample_tokens(logits, keys, settings.temperature, settings.top_p) + codes[0]
 
+    def stop_probability(hidden):  # speech mode: p(stop id) under the LM head, conditional rows
+        logits = model.apply(params, hidden[:b], method=LatentLM.lm_logits).astype(jnp.float32)
+        return jax.nn.softmax(logits, axis=-1)[:, settings.latent_stop_id]
+
     def latent_step(cond, keys):
         x_T = jax.vmap(lambda k: jax.random.normal(k, (c,), jnp.float32))(keys)
         return dpm_solver_sample(guided_head(model, params, cond, settings.cfg_scale), x_T, schedule,
@@ -306,6 +318,12 @@ def generate(model: LatentLM, params, prompt: Prompt, rng: jax.Array, schedule: 
         want_text, want_lat = ~done & ~latent_mode, ~done & latent_mode
         # Each head runs only when some element needs it: the K solver steps are the expensive half.
         tok = jax.lax.cond(jnp.any(want_text), text_step, lambda *_: jnp.zeros((b,), jnp.int32), hidden, k_tok)
+        if settings.latent_stop_id is not None:  # the LM head may end a speech span before the solver runs
+            p_stop = jax.lax.cond(jnp.any(want_lat), stop_probability, lambda _: jnp.zeros((b,), jnp.float32),
+                                  hidden)
+            ends = want_lat & (p_stop >= 0.5)
+            want_lat, want_text = want_lat & ~ends, want_text | ends
+            tok = jnp.where(ends, settings.latent_stop_id, tok)
         if codes is None:
             x0 = jax.lax.cond(jnp.any(want_lat), latent_step, lambda *_: jnp.zeros((b, c), jnp.float32), cond,
                               k_noise)

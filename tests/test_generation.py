@@ -33,7 +33,7 @@ C = CFG.latent_dim
 N = 2  # latents per image
 MAX_NEW = 10
 REF_LEN = 16  # the reference's fixed sequence length (≥ prompt width + MAX_NEW): one compile per row count
-BOS, EOI, NULL = (SPECIAL_TOKENS.index(t) for t in ("<bos>", "<eoi>", "<null>"))
+BOS, EOI, NULL, BOD, EOD = (SPECIAL_TOKENS.index(t) for t in ("<bos>", "<eoi>", "<null>", "<bod>", "<eod>"))
 LATENT = "z"  # in a program: "after a latent"
 # The programmed model's greedy continuation of each token (see `_programmed_params`).
 PROGRAM = {BOS: 8, 8: 9, 9: BOI_ID, LATENT: EOI, EOI: 10, 10: EOS_ID, 11: 12, 12: 11, 13: BOI_ID, NULL: BOI_ID,
@@ -97,14 +97,14 @@ def _is_latent(item) -> bool:
     return np.ndim(item) > 0
 
 
-def _mode_after(seq, is_image=_is_latent) -> tuple[bool, int]:
+def _mode_after(seq, is_image=_is_latent, n=N, boi=BOI_ID) -> tuple[bool, int]:
     """(latent mode, latents of the current image so far) after a prompt, from its last items."""
     if not is_image(seq[-1]):
-        return seq[-1] == BOI_ID, 0
+        return seq[-1] == boi, 0
     run = 0
     while run < len(seq) and is_image(seq[-1 - run]):
         run += 1
-    return run < N, run
+    return run < n, run
 
 
 def reference_generate(params, prompts, rng, settings, null_prompts=None):
@@ -114,7 +114,7 @@ def reference_generate(params, prompts, rng, settings, null_prompts=None):
         return reference_generate_codes(params, prompts, rng, settings, null_prompts)
     b = len(prompts)
     seqs = [list(p) for p in prompts] + [list(p) for p in (null_prompts or [])]
-    state = [_mode_after(p) for p in prompts]
+    state = [_mode_after(p, n=settings.num_latents, boi=settings.boi_id) for p in prompts]
     mode, n_lat = [s[0] for s in state], [s[1] for s in state]
     done = [False] * b
     tokens = np.zeros((b, settings.max_new), np.int32)
@@ -144,15 +144,20 @@ def reference_generate(params, prompts, rng, settings, null_prompts=None):
             if done[e]:
                 continue
             count[e] += 1
-            if mode[e]:
+            stop_p = None if settings.latent_stop_id is None else jax.nn.softmax(logits[e])[settings.latent_stop_id]
+            if mode[e] and (stop_p is None or stop_p < 0.5):
                 item = x0[e]
                 latents[e, i], is_lat[e, i] = item, True
                 n_lat[e] += 1
-                mode[e] = n_lat[e] < N
+                mode[e] = n_lat[e] < settings.num_latents
+            elif mode[e]:  # speech mode: the LM head ends the span
+                item = tokens[e, i] = settings.latent_stop_id
+                mode[e] = False
+                done[e] = item in settings.stop_ids
             else:
                 item = int(tok[e])
                 tokens[e, i] = item
-                mode[e], n_lat[e] = (True, 0) if item == BOI_ID else (False, n_lat[e])
+                mode[e], n_lat[e] = (True, 0) if item == settings.boi_id else (False, n_lat[e])
                 done[e] = item in settings.stop_ids
             seqs[e].append(item)
             if null_prompts:
@@ -200,7 +205,7 @@ def reference_generate_codes(params, prompts, rng, settings, null_prompts=None):
                 mode[e] = n_lat[e] < N
             else:
                 item = int(tok[e])
-                mode[e], n_lat[e] = (True, 0) if item == BOI_ID else (False, n_lat[e])
+                mode[e], n_lat[e] = (True, 0) if item == settings.boi_id else (False, n_lat[e])
                 done[e] = item in settings.stop_ids
             tokens[e, i] = item
             seqs[e].append(item)
@@ -290,6 +295,39 @@ def test_top_p_sampling_matches_reference():
     _check_against_reference(out, reference_generate(params, prompts, rng, settings))
     made = np.arange(MAX_NEW)[None] < out.num_generated[:, None]
     assert out.is_latent.any() and len(set(out.tokens[made & ~out.is_latent].tolist())) > 4  # both modes, varied text
+
+
+def _speech_params():
+    """The greedy program plus a stop rule for speech spans: a latent's first value writes 10·z₀ into dimension 17,
+    and the `<eod>` column of the LM head is `<eoi>`'s (its rival after a latent), less 1 on the latent direction, plus
+    3 on dimension 17: after a latent the LM head gives p(`<eod>`) ≥ 1/2 roughly when z₀ > 0."""
+    params = jax.tree.map(np.array, _programmed_params(0))
+    p = params["params"]
+    p["x_embedder"]["kernel"][0] = 0.0
+    p["x_embedder"]["kernel"][0, 17] = 10.0
+    head = p["lm_head"]["kernel"]
+    head[:, EOD] = head[:, EOI]
+    head[17, EOD] += 3.0
+    head[16, EOD] -= 1.0
+    return jax.tree.map(jnp.asarray, params)
+
+
+def test_speech_mode_lm_head_ends_spans_and_matches_reference():
+    """Speech spans (docs/method.md §12.3): `<bod>` opens a span of no fixed length; before each latent the LM head's
+    p(`<eod>`) decides whether the span ends (≥ 1/2: `<eod>` is emitted as a text item and stops the element). Spans
+    end where the model says (after 1, 0 and 4 new latents here), or at `num_latents`, back in text mode."""
+    params = _speech_params()
+    settings = GenerationSettings(max_new=11, num_latents=8, num_steps=2, prediction_type="v_prediction",
+                                  boi_id=BOD, latent_stop_id=EOD, stop_ids=(EOD, EOS_ID))
+    prompts = [[BOS, 5, BOD], [BOS, 11, BOD, Z0], [BOS, 12, 3, 4, BOD], [BOS, 7, 9, BOD, -Z0]]
+    rng = jax.random.PRNGKey(2)
+    out = jax.device_get(make_generator(MODEL, SCHEDULE, settings)(params, make_prompt(prompts, C), rng))
+    _check_against_reference(out, reference_generate(params, prompts, rng, settings))
+    z = LATENT
+    assert _pattern(out, 0) == [z, EOD]
+    assert _pattern(out, 1) == [EOD]  # the prompt's last latent has z₀ = 0.3 > 0
+    assert _pattern(out, 2)[:9] == [z] * 8 + [4]  # the longest span, then text mode
+    assert _pattern(out, 3) == [z, z, z, z, EOD]
 
 
 def test_top_p_filter():

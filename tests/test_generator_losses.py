@@ -133,6 +133,29 @@ def test_latent_lm_loss_equals_the_loss_written_out(lm):
     np.testing.assert_allclose(m["text_accuracy"], hits.mean(), rtol=1e-6)
 
 
+def test_speech_stop_term_joins_the_ce_written_out(lm):
+    """`latent_stop_id` (docs/method.md §12.3): at the latents that another latent follows, −log(1 − p(stop)) is
+    averaged with the text CE over both kinds of targets; the diffusion term is unchanged."""
+    model, params = lm
+    batch, rng = _batch(), jax.random.PRNGKey(3)
+    stop = 2
+    cmask = np.zeros((B, T), bool)
+    cmask[:, 3:5] = True  # z0 and z1 are followed by latents
+    cmask[1, 4] = False
+    batch = dict(batch, continue_mask=jnp.asarray(cmask))
+    loss, m = _loss_fn(model, latent_stop_id=stop)(params, batch, rng)
+    diffusion, _, _ = _by_hand(model, params, batch, rng, batch_mul=3, prediction_type="v_prediction")
+    logp = np.asarray(jax.nn.log_softmax(_logits(params, _forward(params, batch["tokens"], batch["latents"],
+                                                                   batch["is_latent"])[1])), np.float64)
+    tmask = np.asarray(batch["text_mask"])
+    nll = -np.take_along_axis(logp, np.asarray(batch["text_targets"])[..., None], -1)[..., 0]
+    go_on = -np.log(1 - np.exp(logp[..., stop]))
+    ce = (nll[tmask].sum() + go_on[cmask].sum()) / (tmask.sum() + cmask.sum())
+    np.testing.assert_allclose(m["ce_loss"], ce, rtol=2e-5)
+    np.testing.assert_allclose(loss, 0.7 * diffusion + ce, rtol=2e-5)
+    np.testing.assert_allclose(m["stop_accuracy"], (np.exp(logp[..., stop]) < 0.5)[cmask].mean(), rtol=1e-6)
+
+
 @pytest.mark.parametrize("capacity", [4, 3])
 def test_gathered_head_equals_the_loss_written_out(lm, capacity):
     """`head_capacity`: the head runs on each row's first `capacity` latent targets, gathered in order, with draws of

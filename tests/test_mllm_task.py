@@ -15,6 +15,7 @@ from latent_lm.text.tokenizer import SPECIAL_TOKENS
 from latent_lm.training.batches import document_targets, gather_positions, image_span_ids
 from latent_lm.training.tasks import MultimodalTask
 
+BOD, EOD = SPECIAL_TOKENS.index("<bod>"), SPECIAL_TOKENS.index("<eod>")
 PAD, BOS, EOS, BOI, EOI, NULL = (SPECIAL_TOKENS.index(t) for t in ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>",
                                                                    "<null>"))
 L = -1  # a latent position in the layouts below
@@ -48,6 +49,20 @@ def test_document_targets_follow_the_next_position_of_the_same_document():
     np.testing.assert_array_equal(np.flatnonzero(got["text_mask"]), text_at)
     np.testing.assert_array_equal(got["text_targets"][text_at], [BOI, EOI, EOS, BOI, EOI, 20, 21, EOS])
     assert not got["text_mask"][7] and not got["latent_mask"][7]  # the first document's <eos> predicts nothing
+
+
+def test_variable_spans_mark_latents_that_another_latent_follows():
+    """Speech (docs/method.md §12.3): `continue_mask` holds at z_1..z_{N-1} of each span, where the LM head learns that
+    the span goes on; z_N keeps its CE target (<eod> here), and nothing crosses into the next document."""
+    tts = [BOS, 20, BOD, L, L, L, EOD, EOS]
+    tokens, is_latent, seg = _row(tts, [BOS, BOD, L, L, EOD], length=16)
+    got = {k: np.asarray(v)[0] for k, v in document_targets(
+        jnp.asarray(tokens)[None], jnp.asarray(is_latent)[None], jnp.zeros((1, 16, 2)), jnp.asarray(seg)[None],
+        (PAD, NULL), variable_spans=True).items()}
+    np.testing.assert_array_equal(np.flatnonzero(got["continue_mask"]), [3, 4, 10])
+    assert got["text_mask"][5] and got["text_targets"][5] == EOD and got["text_targets"][11] == EOD
+    assert "continue_mask" not in document_targets(jnp.asarray(tokens)[None], jnp.asarray(is_latent)[None],
+                                                   jnp.zeros((1, 16, 2)), jnp.asarray(seg)[None], (PAD, NULL))
 
 
 def test_image_span_ids_number_each_image_of_a_row():

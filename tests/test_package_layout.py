@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from configs import default, mllm
+from configs import default, mllm, tts
 from latent_lm.latents import LatentNormalization
 from latent_lm.training.tasks import GENERATOR_TASKS, GeneratorTask, make_generator_task
 
@@ -96,9 +96,9 @@ def test_test_only_samplers_are_not_in_the_package():
 
 @pytest.mark.parametrize("arch", sorted(GENERATOR_TASKS))
 def test_registered_tasks_declare_the_generator_interface(arch):
-    """Built from the first shipped config that is valid for the kind (image-only or multimodal)."""
+    """Built from the first shipped config that is valid for the kind (image-only, multimodal or speech)."""
     candidates = []
-    for config in (default.get_config(), mllm.get_config(), mllm.get_config("arm=vq")):
+    for config in (default.get_config(), mllm.get_config(), mllm.get_config("arm=vq"), tts.get_config()):
         config.model.arch = arch
         candidates.append(config)
     config = next(c for c in candidates if all(ok for ok, _ in GENERATOR_TASKS[arch].config_checks(c)))

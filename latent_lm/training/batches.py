@@ -60,21 +60,26 @@ def image_span_ids(is_latent: jax.Array) -> jax.Array:
 
 
 def document_targets(tokens: jax.Array, is_latent: jax.Array, latents: jax.Array, segment_ids: jax.Array,
-                     ignore_ids: tuple[int, ...]) -> dict[str, jax.Array]:
+                     ignore_ids: tuple[int, ...], variable_spans: bool = False) -> dict[str, jax.Array]:
     """Next-position targets of packed interleaved documents (docs/method.md §7.3).
 
     Position i predicts position i+1 of the same document: a latent there is a diffusion target (the hidden state at
     `<boi>` conditions z_1, at z_k conditions z_{k+1}), a token a CE target (at z_N that is `<eoi>`). Tokens in
     `ignore_ids` (padding, the null prompt) are never CE targets; the last position of every document and padding
-    (segment 0) predict nothing. Returns the `latent_lm_loss` target arrays, [B, T(, C)].
+    (segment 0) predict nothing. Returns the `latent_lm_loss` target arrays, [B, T(, C)]; with `variable_spans`
+    (speech, docs/method.md §12.3) also `continue_mask`: the latents followed by another latent of their document,
+    where the LM head learns that the span goes on.
     """
     chex.assert_rank([tokens, is_latent, latents, segment_ids], [2, 2, 3, 2])
     shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2))
     same_doc = (segment_ids > 0) & (shift(segment_ids) == segment_ids)
     next_latent, next_token = shift(is_latent), shift(tokens)
     ignored = jnp.isin(next_token, jnp.asarray(ignore_ids, jnp.int32))
-    return dict(latent_targets=shift(latents), latent_mask=same_doc & next_latent,
-                text_targets=next_token, text_mask=same_doc & ~next_latent & ~ignored)
+    targets = dict(latent_targets=shift(latents), latent_mask=same_doc & next_latent,
+                   text_targets=next_token, text_mask=same_doc & ~next_latent & ~ignored)
+    if variable_spans:
+        targets["continue_mask"] = same_doc & is_latent & next_latent
+    return targets
 
 
 def gather_positions(mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:

@@ -16,8 +16,8 @@ from latent_lm.training.batches import drop_class_tokens, drop_labels, gather_po
 
 def latent_lm_loss(model: LatentLM, params, batch: dict[str, jax.Array], rng: jax.Array, *,
                    schedule: NoiseSchedule, prediction_type: str, batch_mul: int, class_dropout: float,
-                   diffusion_weight: float = 1.0, train: bool = True, head_capacity: int | None = None
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   diffusion_weight: float = 1.0, train: bool = True, head_capacity: int | None = None,
+                   latent_stop_id: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """L = CE (over text targets) + λ·MSE (over latent targets), each averaged over its own targets
     (docs/method.md §6.3).
 
@@ -26,6 +26,9 @@ def latent_lm_loss(model: LatentLM, params, batch: dict[str, jax.Array], rng: ja
     `head_capacity`: the head runs only on the first that many latent targets of each row, gathered
     (`batches.gather_positions`, docs/method.md §7.3), instead of on every position. Packed rows
     (`segment_ids`, `positions` in the batch) keep attention inside each document.
+    `latent_stop_id` (speech spans, docs/method.md §12.3): where `batch["continue_mask"]` holds (a latent followed by
+    another latent of its span) the LM head also learns "not the stop id", −log(1 − p(stop)), averaged with the CE
+    over both kinds of targets; the span's last latent already has the stop id as its CE target.
     """
     cfg = model.config
     rng_drop, rng_t, rng_eps = jax.random.split(rng, 3)
@@ -64,9 +67,17 @@ def latent_lm_loss(model: LatentLM, params, batch: dict[str, jax.Array], rng: ja
         tmask = batch["text_mask"].astype(jnp.float32)
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, batch["text_targets"][..., None], axis=-1)[..., 0]
-        ce = jnp.sum(nll * tmask) / jnp.maximum(jnp.sum(tmask), 1.0)
+        ce_sum, ce_count = jnp.sum(nll * tmask), jnp.sum(tmask)
         acc = jnp.sum((jnp.argmax(logits, -1) == batch["text_targets"]) * tmask) / jnp.maximum(jnp.sum(tmask), 1.0)
-        metrics.update(ce_loss=ce, text_accuracy=acc)
+        metrics["text_accuracy"] = acc
+        if latent_stop_id is not None:
+            cmask = batch["continue_mask"].astype(jnp.float32)
+            log_p_stop = logp[..., latent_stop_id]
+            go_on = -jnp.log1p(-jnp.minimum(jnp.exp(log_p_stop), 1.0 - 1e-6))  # −log(1 − p(stop)), finite
+            ce_sum, ce_count = ce_sum + jnp.sum(go_on * cmask), ce_count + jnp.sum(cmask)
+            metrics["stop_accuracy"] = jnp.sum((log_p_stop < jnp.log(0.5)) * cmask) / jnp.maximum(jnp.sum(cmask), 1.0)
+        ce = ce_sum / jnp.maximum(ce_count, 1.0)
+        metrics["ce_loss"] = ce
         loss = loss + ce
     metrics["loss"] = loss
     return loss, metrics

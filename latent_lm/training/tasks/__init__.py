@@ -12,7 +12,8 @@ from latent_lm.training.tasks.dit import DiTTask  # noqa: E402  (registers "dit"
 from latent_lm.training.tasks.mllm import MultimodalTask  # noqa: E402  (registers "mllm")
 from latent_lm.training.tasks.transfusion import TransfusionTask  # noqa: E402  (registers "transfusion")
 from latent_lm.training.tasks.vq_mllm import VQMultimodalTask  # noqa: E402  (registers "vq")
+from latent_lm.training.tasks.tts import TTSTask  # noqa: E402  (registers "tts")
 
 __all__ = ["GENERATOR_TASKS", "ClassConditionalTask", "DataPaths", "DiTTask", "GeneratorTask", "LatentLMTask",
-           "MultimodalTask", "Task", "TransfusionTask", "VAETask", "VQMultimodalTask", "make_generator_task",
+           "MultimodalTask", "Task", "TransfusionTask", "TTSTask", "VAETask", "VQMultimodalTask", "make_generator_task",
            "make_vae", "register_generator"]

@@ -9,6 +9,7 @@ its own σ, normalises them, builds the next-position targets and calls the shar
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,9 @@ class MultimodalTask:
     num_latents: int  # latent vectors per image
     dataset: str
     documents: dict  # config.documents: the document mix, null-prompt rate, ...
+    # Images have N latents each; a kind with variable-length spans (speech) names the token that ends one, which
+    # the LM head learns at every latent (docs/method.md §12.3).
+    latent_stop_id: ClassVar[int | None] = None
 
     @classmethod
     def from_config(cls, config, norm: LatentNormalization) -> "MultimodalTask":
@@ -95,7 +99,8 @@ class MultimodalTask:
         """Packed rows → model inputs and targets (`model_latents`, `batches.document_targets`)."""
         is_latent = batch["is_latent"]
         z = self.model_latents(rng, batch["latents"], is_latent)
-        targets = document_targets(batch["tokens"], is_latent, z, batch["segment_ids"], (PAD_ID, NULL_ID))
+        targets = document_targets(batch["tokens"], is_latent, z, batch["segment_ids"], (PAD_ID, NULL_ID),
+                                   variable_spans=self.latent_stop_id is not None)
         return dict(tokens=batch["tokens"], latents=z, is_latent=is_latent, positions=batch["positions"],
                     segment_ids=batch["segment_ids"], **targets)
 
@@ -111,4 +116,4 @@ class MultimodalTask:
         return latent_lm_loss(self.model, params, self.make_batch(batch, rng_vae), rng_loss,
                               schedule=self.schedule, prediction_type=self.prediction_type,
                               batch_mul=self.batch_mul, class_dropout=0.0, diffusion_weight=self.diffusion_weight,
-                              head_capacity=self.head_capacity)
+                              head_capacity=self.head_capacity, latent_stop_id=self.latent_stop_id)

@@ -32,11 +32,12 @@ class Task(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class DataPaths:
-    """Where a generator's inputs live: the σ-VAE latent caches (`<dir>/train`, `<dir>/test`) and the text
-    tokenizer (`tokenizer.json` in `text_tokenizer`)."""
+    """Where a generator's inputs live: the σ-VAE latent caches (`<dir>/train`, `<dir>/test`; audio latents for TTS),
+    the text tokenizer (`tokenizer.json` in `text_tokenizer`) and, for TTS, the speech corpus."""
 
     latents: str
     text_tokenizer: str
+    speech_corpus: str = ""
 
 
 @runtime_checkable

@@ -1,0 +1,126 @@
+"""Text-to-speech documents over the speech corpus and its audio latents (docs/method.md §12.2).
+
+  single  <bos> x(u) <bod> z(u)_1 … z(u)_n <eod> <eos>
+  pair    <bos> x(a) x(u) <bod> z(a) z(u) <eod> <eos>      a: another sentence of u's speaker
+x is an utterance's input (its phonemes, or its text: `input`) in the run's BPE ids; z the audio σ-VAE means μ
+(the task noises each span with its own σ and normalises them). A pair teaches the reference-utterance mode of
+zero-shot TTS: the model hears a speaker say one sentence, then says another in that voice; a single utterance
+teaches the continuation of a prefix. With probability `null_prompt_rate` the text is dropped to `<null>`
+(classifier-free guidance keeps the audio prompt and drops the text). The LM head ends each span with `<eod>`
+(§12.3); documents are packed like the multimodal ones (`data_pipelines.packing.make_packed_dataset`).
+
+`continuation_prompt` and `reference_prompt` build the two zero-shot prompts of the evaluation (§12.4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from data_pipelines.audio_latents import load_audio_latents
+from data_pipelines.speech_corpus import load_corpus
+from latent_lm.errors import ConfigError, DataError
+from latent_lm.text.tokenizer import SPECIAL_TOKENS, TextTokenizer
+
+BOS, EOS, BOD, EOD, NULL = (SPECIAL_TOKENS.index(t) for t in ("<bos>", "<eos>", "<bod>", "<eod>", "<null>"))
+INPUTS = ("phonemes", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechDocuments:
+    """One split: each utterance's input ids, its audio latents μ [n_i, C], speaker and text."""
+
+    ids: list[np.ndarray]
+    mu: list[np.ndarray]
+    speaker: np.ndarray
+    text: list[str]
+    seq_len: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.mu[0].shape[-1])
+
+
+def load_speech_documents(corpus_dir: str, latents_dir: str, split: str, tokenizer: TextTokenizer, seq_len: int,
+                          input: str = "phonemes") -> SpeechDocuments:
+    """The corpus split joined with its audio latents (record i of both is utterance i)."""
+    if input not in INPUTS:
+        raise ConfigError(f"tts.input={input!r} must be one of {list(INPUTS)}")
+    corpus = load_corpus(corpus_dir, split)
+    latents = load_audio_latents(latents_dir, split)
+    if len(latents.mu) != len(corpus.text):
+        raise DataError(f"{latents_dir}/{split} holds {len(latents.mu)} utterances but the corpus split has "
+                        f"{len(corpus.text)}: re-run --mode=encode_audio")
+    texts = corpus.phonemes if input == "phonemes" else corpus.text
+    ids = [np.asarray(i, np.int32) for i in tokenizer.encode_batch(list(texts))]
+    data = SpeechDocuments(ids, [np.asarray(m, np.float32) for m in latents.mu], np.asarray(corpus.speaker, np.int32),
+                           list(corpus.text), seq_len)
+    longest = max(range(len(data)), key=lambda u: document_length(data, [u]))
+    if document_length(data, [longest]) > seq_len:
+        raise ConfigError(f"seq_len={seq_len} is too short for the {split} utterance {longest} "
+                          f"({document_length(data, [longest])} positions): raise model.max_len")
+    return data
+
+
+def document_length(data: SpeechDocuments, parts: Sequence[int]) -> int:
+    return 4 + sum(len(data.ids[u]) + len(data.mu[u]) for u in parts)
+
+
+def tts_document(data: SpeechDocuments, parts: Sequence[int], null: bool = False) -> dict[str, Any]:
+    """`<bos> x(parts…) <bod> z(parts…) <eod> <eos>` (x dropped to `<null>` when `null`)."""
+    text = [np.asarray([NULL], np.int32)] if null else [data.ids[u] for u in parts]
+    mu = np.concatenate([data.mu[u] for u in parts])
+    head = np.concatenate([[BOS], *text, [BOD]]).astype(np.int32)
+    n, c = len(mu), data.latent_dim
+    tokens = np.concatenate([head, np.zeros(n, np.int32), [EOD, EOS]]).astype(np.int32)
+    is_latent = np.zeros(len(tokens), bool)
+    is_latent[len(head):len(head) + n] = True
+    latents = np.zeros((len(tokens), c), np.float32)
+    latents[is_latent] = mu
+    return {"tokens": tokens, "is_latent": is_latent, "latents": latents, "kind": "pair" if len(parts) > 1 else "single"}
+
+
+class TTSDocumentSource:
+    """Document i (a function of (seed, i) alone): utterance i mod n, preceded with probability `pair_rate` by another
+    sentence of its speaker when both fit a row, its text dropped to `<null>` with probability `null_prompt_rate`."""
+
+    def __init__(self, data: SpeechDocuments, seed: int, pair_rate: float = 0.5, null_prompt_rate: float = 0.1):
+        if not (0 <= pair_rate <= 1 and 0 <= null_prompt_rate < 1):
+            raise ConfigError(f"tts.pair_rate={pair_rate} must lie in [0, 1] and null_prompt_rate="
+                              f"{null_prompt_rate} in [0, 1)")
+        self.data, self.seed, self.pair_rate, self.null_prompt_rate = data, seed, pair_rate, null_prompt_rate
+        self.same_speaker = {int(s): np.flatnonzero(data.speaker == s) for s in np.unique(data.speaker)}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def document(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, index])
+        u = index % len(self.data)
+        parts = [u]
+        others = self.same_speaker[int(self.data.speaker[u])]
+        if rng.random() < self.pair_rate and len(others) > 1:
+            a = int(rng.choice(others[others != u]))
+            if document_length(self.data, [a, u]) <= self.data.seq_len:
+                parts = [a, u]
+        return tts_document(self.data, parts, null=rng.random() < self.null_prompt_rate)
+
+
+def continuation_prompt(data: SpeechDocuments, u: int, prompt_frames: int, null: bool = False) -> dict[str, Any]:
+    """Zero-shot continuation (§12.4): the whole text, `<bod>`, and the first `prompt_frames` latents of u."""
+    doc = tts_document(data, [u], null)
+    end = int(np.flatnonzero(doc["is_latent"])[0]) + min(prompt_frames, len(data.mu[u]) - 1)
+    return {k: v[:end] for k, v in doc.items() if k != "kind"}
+
+
+def reference_prompt(data: SpeechDocuments, reference: int, target: int, null: bool = False) -> dict[str, Any]:
+    """Zero-shot reference-utterance mode (§12.4): x(reference) x(target) `<bod>` z(reference); the model goes on
+    with the target sentence in the reference's voice."""
+    doc = tts_document(data, [reference, target], null)
+    end = int(np.flatnonzero(doc["is_latent"])[0]) + len(data.mu[reference])
+    return {k: v[:end] for k, v in doc.items() if k != "kind"}

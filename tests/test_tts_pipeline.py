@@ -1,0 +1,41 @@
+"""The speech pipeline end to end at `configs/tts.py:tiny=1` (docs/method.md §12): corpus, audio σ-VAE, latent
+caches, judges, phoneme tokenizer, TTS model, zero-shot generation of both modes and its scores, from the CLI entry
+point. Quality is not asserted (a few steps); the files, their fields and their consistency are."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import scipy.io.wavfile
+
+from configs.tts import get_config
+from latent_lm import experiment
+from latent_lm.parallel import mesh as mesh_lib
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_tts_run_writes_wavs_manifest_and_scores(tmp_path, fast_compile, monkeypatch):
+    one_device = mesh_lib.make_mesh(None, jax.devices()[:1])  # the tiny batches are smaller than the 8 test devices
+    monkeypatch.setattr(experiment, "make_mesh", lambda cfg: one_device)
+    config = get_config("tiny=1")
+    config.mesh.shape = (1, 1, 1)
+    summary = experiment.run(config, str(tmp_path), "all")
+    assert np.isfinite(summary["eval_loss"])
+    manifest = json.loads((tmp_path / "samples/tts/manifest.json").read_text())
+    modes = [m["mode"] for m in manifest]
+    assert set(modes) == {"continuation", "reference"} and modes.count("reference") == modes.count("continuation")
+    hop = int(np.prod(config.audio_vae.strides))
+    for m in manifest:
+        rate, pcm = scipy.io.wavfile.read(tmp_path / "samples/tts" / m["file"])
+        assert rate == config.speech.sample_rate and pcm.dtype == np.int16
+        frames = m["generated_frames"] + (m["prompt_frames"] if m["mode"] == "continuation" else 0)
+        assert len(pcm) == frames * hop and m["duration"] == pytest.approx(len(pcm) / rate)
+        assert (tmp_path / "samples/tts" / m["prompt_file"]).exists() and m["text"] and m["phonemes"]
+    scores = json.loads((tmp_path / "eval/tts.json").read_text())
+    assert scores["fewer_ar_steps_than_codec"] == pytest.approx(75 / 25)
+    for mode in ("continuation", "reference"):
+        assert set(scores[mode]) >= {"wer", "per", "sim", "duration_within_20pct", "ended_by_eod", "floors_met"}
