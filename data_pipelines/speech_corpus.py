@@ -572,22 +572,22 @@ def _split_files(corpus_dir: str, split: str) -> tuple[dict[str, Any], list[str]
     return meta, files
 
 
+def _load_table(corpus_dir: str, name: str) -> list[dict[str, Any]]:
+    table = sharded_records.read_json(storage.join(corpus_dir, name))
+    if table is None:
+        read_meta(corpus_dir)  # a missing corpus says so first
+        raise MissingInputError(f"speech corpus at {corpus_dir} has no {name}: rebuild it")
+    return table
+
+
 def load_speakers(corpus_dir: str) -> list[dict[str, Any]]:
     """The speaker table, indexed by speaker id: {id, accent, variant, pitch, rate, voice, held_out}."""
-    speakers = sharded_records.read_json(storage.join(corpus_dir, SPEAKERS_FILE))
-    if speakers is None:
-        read_meta(corpus_dir)
-        raise MissingInputError(f"speech corpus at {corpus_dir} has no {SPEAKERS_FILE}: rebuild it")
-    return speakers
+    return _load_table(corpus_dir, SPEAKERS_FILE)
 
 
 def load_sentences(corpus_dir: str) -> list[dict[str, Any]]:
     """The sentence table, indexed by sentence id: {id, text, source, held_out}."""
-    sentences = sharded_records.read_json(storage.join(corpus_dir, SENTENCES_FILE))
-    if sentences is None:
-        read_meta(corpus_dir)
-        raise MissingInputError(f"speech corpus at {corpus_dir} has no {SENTENCES_FILE}: rebuild it")
-    return sentences
+    return _load_table(corpus_dir, SENTENCES_FILE)
 
 
 @dataclasses.dataclass

@@ -13,10 +13,7 @@ scaling and tokenizer-variance sweeps).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import posixpath
 import time
 
 import flax.linen as nn
@@ -28,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines.embedded import dataset_names, load_embedded
 from data_pipelines.image_pipeline import make_training_images, ordered_images
-from data_pipelines.latent_cache import encode_to_latent_cache, read_latent_cache_meta
+from data_pipelines.latent_cache import encode_to_latent_cache
 from data_pipelines import mllm_documents, speech_corpus
 from data_pipelines.mllm_documents import tokenizer_training_texts
 from latent_lm import speech_stages, storage
@@ -48,7 +45,7 @@ from latent_lm.pixels import to_signed, to_uint8
 from latent_lm.sampling import SamplerSettings
 from latent_lm.text import captions
 from latent_lm.text.tokenizer import TOKENIZER_FILE, TextTokenizer, train_tokenizer
-from latent_lm.training.tasks import DataPaths, VAETask, make_generator_task
+from latent_lm.training.tasks import VAETask
 from latent_lm.training.train_loop import load_state, train
 from latent_lm.training.train_loop import log_process0 as _log
 from latent_lm.stage_inputs import (data_paths, generator_params as _generator_params, generator_task,

@@ -39,7 +39,7 @@ from latent_lm import storage
 from latent_lm.errors import ConfigError, DataError, MissingInputError
 from latent_lm.evaluation import speech_judges as judges
 from latent_lm.evaluation.audio_metrics import reconstruction_metrics
-from latent_lm.models.audio_vae import AudioVAE, frame_rate
+from latent_lm.models.audio_vae import AudioVAE, frame_rate, hop_length
 from data_pipelines.tts_documents import load_speech_documents
 from latent_lm.evaluation import tts as tts_eval
 from latent_lm.stage_inputs import data_paths, generator_params, tokenizer_dir
@@ -468,7 +468,7 @@ def eval_tts(config, workdir, mesh, rules):
             continue
         audio = [_read_wav(f"{root}/{m['file']}") for m in rows]
         prompts = [_read_wav(f"{root}/{m['prompt_file']}") for m in rows]
-        hop = int(np.prod(config.audio_vae.strides))
+        hop = hop_length(config.audio_vae.strides)
         own = [a[m["prompt_frames"] * hop:] if mode == "continuation" else a for a, m in zip(audio, rows)]
         err = judges.recogniser_error_rates(recogniser, audio, [m["phonemes"] for m in rows])
         sim = judges.speaker_similarity(speaker, own, prompts)

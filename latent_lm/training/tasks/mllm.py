@@ -52,13 +52,20 @@ class MultimodalTask:
 
     @classmethod
     def from_config(cls, config, norm: LatentNormalization) -> "MultimodalTask":
+        return cls.build(config, norm, tokenizer=config.vae, num_latents=latent_grid_tokens(config),
+                         dataset=config.data.dataset, documents=config.documents.to_dict())
+
+    @classmethod
+    def build(cls, config, norm: LatentNormalization, *, tokenizer, num_latents: int, dataset: str, documents: dict):
+        """The model, diffusion and head settings of `config`; the latent tokenizer's config section (its σ) and
+        the data side given by the kind."""
         d = config.diffusion
         return cls(model=LatentLM(LatentLMConfig.from_config(config)),
                    schedule=make_schedule(d.schedule, d.num_train_steps), prediction_type=d.prediction_type,
                    batch_mul=d.batch_mul, diffusion_weight=d.diffusion_weight,
-                   posterior=LatentPosterior.from_vae_config(config.vae), norm=norm, seq_len=config.model.max_len,
-                   head_capacity=config.model.head_capacity, num_latents=latent_grid_tokens(config),
-                   dataset=config.data.dataset, documents=config.documents.to_dict())
+                   posterior=LatentPosterior.from_vae_config(tokenizer), norm=norm, seq_len=config.model.max_len,
+                   head_capacity=config.model.head_capacity, num_latents=num_latents, dataset=dataset,
+                   documents=documents)
 
     @classmethod
     def config_checks(cls, config) -> list[tuple[bool, str]]:

@@ -14,9 +14,7 @@ from typing import ClassVar
 
 from data_pipelines.packing import make_packed_dataset
 from data_pipelines.tts_documents import TTSDocumentSource, load_speech_documents
-from latent_lm.diffusion import make_schedule
-from latent_lm.latents import LatentNormalization, LatentPosterior
-from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
+from latent_lm.latents import LatentNormalization
 from latent_lm.text.tokenizer import SPECIAL_TOKENS, TextTokenizer
 from latent_lm.training.tasks.mllm import BYTE_TOKENS, MultimodalTask
 from latent_lm.training.tasks.registry import DataPaths, register_generator
@@ -34,13 +32,8 @@ class TTSTask(MultimodalTask):
 
     @classmethod
     def from_config(cls, config, norm: LatentNormalization) -> "TTSTask":
-        d = config.diffusion
-        return cls(model=LatentLM(LatentLMConfig.from_config(config)),
-                   schedule=make_schedule(d.schedule, d.num_train_steps), prediction_type=d.prediction_type,
-                   batch_mul=d.batch_mul, diffusion_weight=d.diffusion_weight,
-                   posterior=LatentPosterior.from_vae_config(config.audio_vae), norm=norm,
-                   seq_len=config.model.max_len, head_capacity=config.model.head_capacity,
-                   num_latents=config.tts.max_frames, dataset="speech", documents=config.tts.to_dict())
+        return cls.build(config, norm, tokenizer=config.audio_vae, num_latents=config.tts.max_frames,
+                         dataset="speech", documents=config.tts.to_dict())
 
     @classmethod
     def config_checks(cls, config) -> list[tuple[bool, str]]:
