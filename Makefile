@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 WORKDIR ?= runs/default
 
-.PHONY: venv venv-test run test test-all scaling tokenizer-variance mllm clean distclean
+.PHONY: venv venv-test run test test-all scaling tokenizer-variance mllm tts clean distclean
 
 venv: $(STAMP)
 venv-test: $(TEST_STAMP)
@@ -42,6 +42,13 @@ tokenizer-variance: venv
 mllm: venv
 	$(VENV)/bin/python -m latent_lm.sweep --config=configs/mllm.py --root=runs/mllm
 	$(VENV)/bin/python -m latent_lm.studies.mllm --root=runs/mllm
+
+# The speech study (docs/experiments.md §11): corpus → audio σ-VAE → judges → TTS model → zero-shot TTS of held-out
+# speakers, the audio σ-VAE at two more frame rates, then the tables, plot and a few WAVs, also written to docs/tts/.
+tts: venv
+	$(VENV)/bin/python -m latent_lm.main --config=configs/tts.py --workdir=runs/tts --mode=all
+	$(VENV)/bin/python -m latent_lm.sweep --config=configs/tts.py --root=runs/tts_rates
+	$(VENV)/bin/python -m latent_lm.studies.tts --workdir=runs/tts --rates_root=runs/tts_rates --docs=docs/tts
 
 # pytest's exit status passes through: 5 ("no tests collected") fails the target. The suite runs in TEST_WORKERS
 # pytest-xdist processes, a whole file per worker (module fixtures are built once); each has 8 fake CPU devices.

@@ -3,6 +3,9 @@
 from setuptools import find_packages, setup
 
 TORCH = "torch==2.13.0"  # exact pin: an unpinned torch resolves to a multi-GB CUDA build
+# libtpu must match jax exactly (jax[tpu]==X brings the libtpu built for X): this is the jax the project is tested
+# with. Move it with jax.
+JAX_TPU = "jax[tpu]==0.10.2"
 
 setup(
     name="latent-lm",
@@ -23,5 +26,8 @@ setup(
         # gs:// workdirs: epath reaches buckets through fsspec's gcsfs (without TensorFlow); orbax lists checkpoint
         # steps in a bucket with google-cloud-storage (orbax.checkpoint gcs_utils.get_bucket).
         "gcs": ["gcsfs", "google-cloud-storage"],
+        # The TPU compiler (libtpu, ≈ 140 MB): TPU VMs, and AOT plans for named TPU topologies on any machine
+        # (docs/scaling_out.md §6.4). Without a TPU attached the entry points keep jax on the CPU (cli.py).
+        "tpu": [JAX_TPU],
     },
 )

@@ -1,8 +1,14 @@
-"""Speech at embedded scale (docs/method.md §12, issue 16): the espeak-ng corpus, the audio σ-VAE (16 kHz → 25 Hz
-latents), its latent caches, its reconstruction scores and the judges of intelligibility and voice.
+"""Zero-shot TTS (docs/method.md §12, issue 16): the speech corpus, the audio σ-VAE, its latent caches, its
+reconstruction scores, the judges of intelligibility and voice, and the TTS model.
 
   python -m latent_lm.main --config=configs/tts.py --workdir=runs/tts --mode=all            # every stage
   python -m latent_lm.main --config=configs/tts.py:tiny=1 --workdir=runs/tts_try --mode=build_corpus
+  python -m latent_lm.main --config=configs/tts.py:scale=paper --workdir=$RUN --mode=all \
+      --config.speech.data_dir=$TFDS                                                        # paper scale
+`scale=embedded` (default): the espeak-ng corpus, 16 kHz → 25 Hz latents. `scale=paper` (docs/experiments.md §11.1):
+LibriSpeech through tfds (data_pipelines/librispeech.py) at 24 kHz, the paper's 7.5 Hz σ-VAE₆₄ (docs/method.md
+§12.1) and a `size=` preset of latent_lm/models/presets.py for the TTS model (Medium by default); the
+paper's TTS model size and recipe are not recovered, so those values are our defaults, marked below.
 Stages (latent_lm/speech_stages.py): build_corpus → train_audio_vae → encode_audio → eval_audio_vae → train_judges.
 `tiny=1` shrinks every part to a smoke run of about a minute. `role=tokenizer` runs the same stages (the sweep's
 shared tokenizer run). The sections of the image default (data, vae, model, …) are kept so that the generic
@@ -16,26 +22,38 @@ import ml_collections
 
 from configs import args
 from configs.default import get_config as image_config
-from data_pipelines import speech_corpus
+from data_pipelines import librispeech, speech_corpus
 from latent_lm.errors import ConfigError
 from latent_lm.evaluation import speech_judges
-from latent_lm.models.audio_vae import STRIDE_PRESETS
+from latent_lm.models.audio_vae import STRIDE_PRESETS, hop_length
+from latent_lm.models.presets import apply_preset
 from latent_lm.speech_stages import SPEECH_STAGES
 
-ARGS = dict(role="all", seed=0, tiny=False)
-ROLES = ("all", "tokenizer", "generator")
+ARGS = dict(role="all", seed=0, tiny=False, scale="embedded", size="Medium", rate="25")
+ROLES = ("all", "tokenizer", "generator", "audio_vae")
+# The frame-rate study of the audio σ-VAE (`get_sweep`, docs/experiments.md §11): embedded rates besides the
+# default's 25 Hz, each σ-VAE trained and scored alone (`role=audio_vae`).
+RATE_STUDY = ("12.5", "50")
+SCALES = ("embedded", "paper")
 # The TTS model's stages (docs/method.md §12.2–12.4): the phoneme tokenizer, the model, its held-out loss, zero-shot
 # generation on held-out speakers and its scores.
 TTS_STAGES = ("train_tokenizer", "train", "eval_loss", "generate_tts", "eval_tts")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """`tts.py:tiny=1`, `tts.py:role=tokenizer`, `tts.py:seed=1` (the audio σ-VAE's and the judges' seed)."""
+    """`tts.py:tiny=1`, `tts.py:role=tokenizer`, `tts.py:seed=1` (the audio σ-VAE's and the judges' seed),
+    `tts.py:scale=paper,size=L` (`size` is read at paper scale only), `tts.py:role=audio_vae,rate=50` (the audio
+    σ-VAE alone at another embedded frame rate)."""
     a = args.parse(arg, ARGS)
     if a.role not in ROLES:
         raise ConfigError(f"unknown role {a.role!r}; choose one of {list(ROLES)}")
+    if a.scale not in SCALES:
+        raise ConfigError(f"unknown scale {a.scale!r}; choose one of {list(SCALES)}")
+    if a.tiny and a.scale == "paper":
+        raise ConfigError("tiny=1 is the embedded smoke run; it does not combine with scale=paper")
     c = image_config("mnist,tiny=1" if a.tiny else "mnist")
-    c.stages = {"all": SPEECH_STAGES + TTS_STAGES, "tokenizer": SPEECH_STAGES, "generator": TTS_STAGES}[a.role]
+    c.stages = {"all": SPEECH_STAGES + TTS_STAGES, "tokenizer": SPEECH_STAGES, "generator": TTS_STAGES,
+                "audio_vae": ("build_corpus", "train_audio_vae", "eval_audio_vae")}[a.role]
     if a.role == "generator":
         c.data.tokenizer_workdir = "../tokenizer"
 
@@ -48,7 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Audio σ-VAE (docs/method.md §12; models/audio_vae.py): causal SEANet-like convs, 16 kHz / (4·4·5·8 = 640) = 25
     # latent frames per second, fixed σ scale `std` (C_σ, as the image σ-VAE), widths channels·2^i capped at
     # max_channels. Paper scale: STRIDE_PRESETS["paper_7.5hz"] (24 kHz, 3200×).
-    strides, _ = STRIDE_PRESETS["embedded_25hz"]
+    if f"embedded_{a.rate}hz" not in STRIDE_PRESETS:
+        raise ConfigError(f"rate={a.rate!r} has no embedded stride preset; choose one of "
+                          f"{[k[9:-2] for k in STRIDE_PRESETS if k.startswith('embedded_')]}")
+    strides, _ = STRIDE_PRESETS[f"embedded_{a.rate}hz"]
     c.audio_vae = ml_collections.ConfigDict(dict(
         sample_rate=c.speech.sample_rate, strides=strides, channels=16, max_channels=256, latent_dim=16, std=0.5,
         res_dilations=(1, 3, 9), kernel_size=7, activation="elu", weight_norm=False, output="tanh", dtype="float32"))
@@ -93,8 +114,61 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                         warmup_steps=1, eval_batch_size=8, norm_examples=8, fast_compile=True))
         c.judges.speaker.update(dict(channels=16, conv_layers=2, embed_dim=8, steps=2, batch_size=4, warmup_steps=1,
                                      eval_batch_size=8, norm_examples=8, fast_compile=True))
+    if a.scale == "paper":
+        _paper_scale(c)
     _tts_model(c, a.tiny)
+    if a.scale == "paper":
+        _paper_tts_model(c, a.size)
     return c
+
+
+def _paper_scale(c: ml_collections.ConfigDict) -> None:
+    """LibriSpeech at 24 kHz and the paper's audio σ-VAE₆₄ (docs/method.md §12.1; paper Table 5: 7.5 Hz, 64 latent
+    channels, 3200×). Its width follows the tokenizer the paper builds on (32 base filters doubling per stage);
+    the σ-VAE's training recipe and the GAN settings are not recovered → our defaults."""
+    c.speech = librispeech.default_config()
+    c.speech.loader_workers = 8  # grain processes reading the σ-VAE's crops
+    strides, rate = STRIDE_PRESETS["paper_7.5hz"]
+    c.speech.sample_rate = rate
+    c.audio_vae.update(dict(sample_rate=rate, strides=strides, channels=32, max_channels=32 * 2 ** len(strides),
+                            latent_dim=64, std=0.5))
+    # Not recovered → our default: the HiFi-GAN discriminators on after the reconstruction losses have converged
+    # a first time, at widths like HiFi-GAN's.
+    c.audio_vae_loss.update(dict(disc_weight=1.0, disc_start=10_000, disc_period_channels=32,
+                                 disc_scale_channels=128, disc_max_channels=1024))
+    crop_frames = 15  # 2 s at 7.5 Hz: whole latent frames
+    c.audio_vae_train.update(dict(steps=200_000, batch_size=64, crop_seconds=crop_frames * hop_length(strides) / rate,
+                                  log_every=100))
+    c.audio_vae_optim.update(dict(lr=3e-4, warmup_steps=1000))
+    c.audio_latents.update(dict(batch_size=64, bucket_frames=crop_frames, shards=256))
+    c.audio_vae_eval.wav_samples = 8
+    c.judges.recogniser.sample_rate = c.judges.speaker.sample_rate = rate
+    c.checkpoint.update(dict(every=5000, max_to_keep=3))
+
+
+def _paper_tts_model(c: ml_collections.ConfigDict, size: str) -> None:
+    """The TTS model at paper scale: not recovered (the paper's Tables 8–9) → a preset of
+    latent_lm/models/presets.py (`size`, Medium by default: 24 × 1024, 16 heads, 3-block head, the size of the
+    paper's tokenizer study) with that study's recipe (docs/method.md §6.4: lr 10⁻⁴, warm-up 100, weight decay 0.1,
+    batch 256, 200k steps), rows long enough for a pair of the longest training utterances."""
+    fps = c.speech.sample_rate / math.prod(c.audio_vae.strides)
+    apply_preset(c.model, c.head, size)
+    # Phonemes run at ≈ 12–15 per second of speech (fewer BPE tokens); a pair of two 20 s utterances is 300 latents
+    # + ≲ 600 tokens, so 1024 positions hold one with room to pack shorter documents beside it.
+    seq_len = 1024
+    max_frames = int(round(2 * float(c.speech.train_seconds[1]) * fps))
+    c.text.vocab_size = 1024
+    # Latent positions are ≈ half of a packed row (7.5 latents per second against ≈ 5–8 tokens): the gathered head
+    # runs on 5/8 of the row, and a row whose latents fill it packs its remaining documents into the next row.
+    c.model.update(dict(text_vocab_size=c.text.vocab_size, max_len=seq_len, head_capacity=seq_len * 5 // 8,
+                        dtype="bfloat16", remat="full"))
+    c.tts.max_frames = max_frames
+    c.train.update(dict(steps=200_000, batch_size=256, log_every=100))
+    c.optim.update(dict(lr=1e-4, warmup_steps=100, final_lr_ratio=0.0, weight_decay=0.1, ema_decay=0.9999))
+    # Zero-shot evaluation (docs/method.md §12.4) on every 4–10 s test-clean utterance (test-clean holds 2,620 in
+    # all) with the paper's 3 s prefix prompt (its Table 4).
+    c.tts_eval.update(dict(utterances=2620, prompt_seconds=3.0, batch=64))
+    c.eval.update(dict(loss_batch=64))
 
 
 def _tts_model(c: ml_collections.ConfigDict, tiny: bool) -> None:
@@ -103,16 +177,20 @@ def _tts_model(c: ml_collections.ConfigDict, tiny: bool) -> None:
     fps = c.speech.sample_rate / math.prod(c.audio_vae.strides)
     # Byte-level BPE on the train phonemes (`tts.input`), with the special tokens of docs/method.md §7.3.
     c.text = ml_collections.ConfigDict(dict(vocab_size=512, min_frequency=2))
-    # Rows hold a pair of utterances (reference-utterance documents): up to 2 × 4.5 s of latents plus their phonemes.
-    seq_len = 192 if tiny else 320
+    # Rows hold a pair of utterances (reference-utterance documents): up to 2 × 4.5 s of latents plus their phonemes
+    # (≤ 95 positions): 320 at 25 Hz.
+    seq_len = 192 if tiny else int(round(9.0 * fps)) + 95
     max_frames = int(round((6.0 if tiny else 10.0) * fps))  # the longest span (a reference's frames included)
     c.tts = ml_collections.ConfigDict(dict(input="phonemes", pair_rate=0.5, null_prompt_rate=0.1,
                                            max_frames=max_frames))
     c.model.update(dict(arch="tts", num_classes=0, text_vocab_size=c.text.vocab_size, max_len=seq_len,
                         latent_dim=c.audio_vae.latent_dim, class_dropout=0.0, head_capacity=seq_len - 8))
     if not tiny:
-        c.model.update(dict(width=192, depth=6, num_heads=6))
-        c.train.update(dict(steps=3000, batch_size=16))
+        # 3.1e10 training FLOPs per step (40% in the head): ≈ 0.6 s here, 2,500 steps ≈ 25 min idle. The first
+        # default (width 192, depth 6, batch 16, batch_mul 4: 2.3e11 per step) took ≈ 8 s per step: over 3 h.
+        c.model.update(dict(width=128, depth=4, num_heads=4))
+        c.train.update(dict(steps=2500, batch_size=8))
+        c.diffusion.batch_mul = 2
     c.diffusion.diffusion_weight = 5.0  # as the multimodal model (docs/experiments.md §10.3)
     # Zero-shot TTS on `utterances` held-out-speaker targets, both modes (continuation of the first
     # `prompt_seconds`, and another sentence of the speaker as the reference), `batch` prompts per compiled call.
@@ -121,3 +199,11 @@ def _tts_model(c: ml_collections.ConfigDict, tiny: bool) -> None:
     c.eval.update(dict(loss_batch=2 if tiny else 16))
     if tiny:
         c.eval.use_ema = False  # 20 steps: the EMA would still be mostly the initial weights
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+    """The audio σ-VAE's frame-rate study (`make tts`, docs/experiments.md §11): one `role=audio_vae` run per rate of
+    RATE_STUDY, with the default's corpus, model widths, loss and budget; the 25 Hz row is the TTS run's own."""
+    a = args.parse(arg, dict(tiny=False))
+    base = "tiny=1," if a.tiny else ""
+    return [{"name": f"audio_vae_{rate}hz", "config_arg": f"{base}role=audio_vae,rate={rate}"} for rate in RATE_STUDY]

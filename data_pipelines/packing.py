@@ -30,6 +30,13 @@ from latent_lm.errors import ConfigError, DataError
 PACKED_KEYS = ("tokens", "is_latent", "latents", "segment_ids", "positions")
 
 
+def packed_batch_shapes(batch_size: int, seq_len: int, latent_dim: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{key: (shape, dtype)} of a batch of packed rows (`PACKED_KEYS`, as the module docstring lays them out)."""
+    b, t = batch_size, seq_len
+    return {"tokens": ((b, t), np.int32), "is_latent": ((b, t), np.bool_), "latents": ((b, t, latent_dim), np.float32),
+            "segment_ids": ((b, t), np.int32), "positions": ((b, t), np.int32)}
+
+
 class _Packable(grain.transforms.Map):
     """A document → the features the packer fits (checked against T and the latent capacity)."""
 

@@ -27,10 +27,14 @@ version (audio is byte-identical only within one espeak build). Each utterance i
 (see `latent_lm.audio.espeak`), so neither the worker count nor the order of work changes a byte.
 
   python -m data_pipelines.speech_corpus --out=runs/speech_corpus [--config.seed=1 --config.workers=2 ...]
+
+`build` builds the corpus that `config.source` names: this one, or LibriSpeech/LibriTTS in the same format
+(data_pipelines/librispeech.py), which shares the shard writing (`write_splits`) and the reading below.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -39,7 +43,7 @@ import multiprocessing
 import re
 import struct
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -79,6 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
     """The embedded corpus: 3,000 utterances (2.6 s on average) of 120 speakers, ≈ 2.2 h of audio, 200 MB at 16 kHz;
     ≈ 40 s to build with 2 workers on this (busy) 2-core machine."""
     c = ml_collections.ConfigDict()
+    c.source = "espeak"             # `build` dispatches on it; "librispeech": data_pipelines/librispeech.py
     c.sample_rate = 16000           # paper scale: 24,000
     c.num_speakers = 120
     c.num_sentences = 1600
@@ -449,23 +454,40 @@ def _fingerprint(content: dict[str, Any], espeak_version: str, speakers: list, s
 
 
 def _complete(out_dir: str, meta: dict[str, Any] | None, fingerprint: str) -> bool:
+    """Whether `meta` (the directory's meta.json, or None) is of a finished build with `fingerprint` whose files are
+    all there."""
     if meta is None or meta.get("fingerprint") != fingerprint:
         return False
     files = [f for s in SPLITS for f in meta.get("splits", {}).get(s, {}).get("files", [])]
     return all(storage.exists(storage.join(out_dir, f)) for f in files + [SPEAKERS_FILE, SENTENCES_FILE])
 
 
-def _render_all(jobs: Sequence[_Job], pool) -> Iterable[bytes]:
-    if pool is None:
-        return map(render, jobs)
-    return pool.imap(render, jobs, chunksize=8)
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[Any]:
+    """`workers` spawned processes, or None for `workers` ≤ 1 (the work then runs in this process)."""
+    if workers <= 1:
+        yield None
+        return
+    # spawn, not fork: the caller may be a multithreaded JAX process.
+    pool = multiprocessing.get_context("spawn").Pool(workers)
+    try:
+        yield pool
+    finally:
+        pool.close()
+        pool.join()
 
 
-def _write_shard(out_dir: str, name: str, jobs: Sequence[_Job], expect: dict[str, Any], pool) -> None:
+def pool_map(fn: Callable[[Any], Any], items: Sequence[Any], pool, chunksize: int = 8) -> Iterable[Any]:
+    """`fn` over `items` in order, in `pool` when there is one."""
+    return map(fn, items) if pool is None else pool.imap(fn, items, chunksize=chunksize)
+
+
+def _write_shard(out_dir: str, name: str, jobs: Sequence[Any], expect: dict[str, Any], pool,
+                 render: Callable[[Any], bytes]) -> None:
     stats = {"digest": hashlib.sha256(), "samples": 0, "count": 0}
 
     def records() -> Iterable[bytes]:
-        for data in _render_all(jobs, pool):
+        for data in pool_map(render, jobs, pool):
             yield data
             stats["digest"].update(hashlib.sha256(data).digest())
             (size,) = struct.unpack_from("<I", data)
@@ -475,6 +497,61 @@ def _write_shard(out_dir: str, name: str, jobs: Sequence[_Job], expect: dict[str
     sharded_records.write_shard(out_dir, name, records(), lambda: dict(
         expect, count=stats["count"], sha256=stats["digest"].hexdigest(),
         seconds=stats["samples"] / expect["sample_rate"]))
+
+
+def write_splits(out_dir: str, plan: dict[str, Sequence[Any]], render: Callable[[Any], bytes], *,
+                 records_per_shard: int, fingerprint: str, sample_rate: int, workers: int,
+                 log=print) -> dict[str, Any]:
+    """Writes each split's `plan` (jobs, `render(job)` → one record in RECORD_FORMAT) into shards of at most
+    `records_per_shard` records: only the shards not already complete for `fingerprint`, in `workers` processes;
+    removes stale shards and returns meta.json's "splits": {split: {files, count, seconds, sha256}}. Shared by the
+    embedded corpus and data_pipelines/librispeech.py."""
+    shards = []  # (split, name, [start, end))
+    for split in SPLITS:
+        bounds = _shard_bounds(len(plan[split]), int(records_per_shard))
+        shards += [(split, shard_name(split, i, len(bounds)), b) for i, b in enumerate(bounds)]
+    todo = []
+    for split, name, (start, end) in shards:
+        expect = dict(split=split, start=start, end=end, fingerprint=fingerprint, sample_rate=int(sample_rate))
+        if sharded_records.shard_done(storage.join(out_dir, name), expect) is None:
+            todo.append((split, name, start, end, expect))
+
+    with worker_pool(workers if todo else 0) as pool:
+        for split, name, start, end, expect in todo:
+            t = time.perf_counter()
+            _write_shard(out_dir, name, plan[split][start:end], expect, pool, render)
+            log(f"speech corpus: {name} ({end - start} utterances) in {time.perf_counter() - t:.1f}s")
+
+    sharded_records.remove_stale_shards(out_dir, _SHARD_RE, [name for _, name, _ in shards])
+    splits = {}
+    for split in SPLITS:
+        files = [name for s, name, _ in shards if s == split]
+        sides = [sharded_records.read_json(sharded_records.sidecar(storage.join(out_dir, f))) for f in files]
+        splits[split] = {"files": files, "count": sum(s["count"] for s in sides),
+                         "seconds": round(sum(s["seconds"] for s in sides), 3),
+                         "sha256": hashlib.sha256("".join(s["sha256"] for s in sides).encode()).hexdigest()}
+    return splits
+
+
+def write_tables(out_dir: str, speakers: list[dict[str, Any]], sentences: list[dict[str, Any]]) -> None:
+    """speakers.json and sentences.json, rewritten only when they change."""
+    for path, obj in ((SPEAKERS_FILE, speakers), (SENTENCES_FILE, sentences)):
+        if sharded_records.read_json(storage.join(out_dir, path)) != obj:
+            storage.write_json_atomic(storage.join(out_dir, path), obj, indent=1, ensure_ascii=False)
+
+
+def start_build(out_dir: str, fingerprint: str) -> tuple[str, dict[str, Any] | None]:
+    """(absolute out_dir, its meta.json when the build with `fingerprint` is complete, else None). An incomplete or
+    other build's meta.json is removed: the corpus is about to change and readers must not take it for complete."""
+    out_dir = storage.absolute(out_dir)
+    storage.makedirs(out_dir)
+    meta_path = storage.join(out_dir, META_FILE)
+    meta = sharded_records.read_json(meta_path)
+    if _complete(out_dir, meta, fingerprint):
+        return out_dir, meta
+    if storage.exists(meta_path):
+        storage.remove(meta_path)
+    return out_dir, None
 
 
 def build_corpus(out_dir: str, config: ml_collections.ConfigDict | None = None,
@@ -493,58 +570,33 @@ def build_corpus(out_dir: str, config: ml_collections.ConfigDict | None = None,
     espeak_version = espeak.version()
     fingerprint = _fingerprint(content, espeak_version, speakers, sentences)
 
-    out_dir = storage.absolute(out_dir)
-    storage.makedirs(out_dir)
-    meta_path = storage.join(out_dir, META_FILE)
-    meta = sharded_records.read_json(meta_path)
-    if _complete(out_dir, meta, fingerprint):
+    out_dir, meta = start_build(out_dir, fingerprint)
+    if meta is not None:
         return meta
-    if storage.exists(meta_path):
-        storage.remove(meta_path)  # about to change: readers must not take it for complete
-    for path, obj in ((SPEAKERS_FILE, speakers), (SENTENCES_FILE, sentences)):
-        if sharded_records.read_json(storage.join(out_dir, path)) != obj:
-            storage.write_json_atomic(storage.join(out_dir, path), obj, indent=1, ensure_ascii=False)
-
-    shards = []  # (split, name, [start, end))
-    for split in SPLITS:
-        bounds = _shard_bounds(len(plan[split]), int(config.records_per_shard))
-        shards += [(split, shard_name(split, i, len(bounds)), b) for i, b in enumerate(bounds)]
-    todo = []
-    for split, name, (start, end) in shards:
-        expect = dict(split=split, start=start, end=end, fingerprint=fingerprint, sample_rate=int(config.sample_rate))
-        if sharded_records.shard_done(storage.join(out_dir, name), expect) is None:
-            todo.append((split, name, start, end, expect))
-
+    write_tables(out_dir, speakers, sentences)
     workers = int(config.get("workers", 2))
-    pool = None
-    if todo and workers > 1:
-        # spawn, not fork: the caller may be a multithreaded JAX process.
-        pool = multiprocessing.get_context("spawn").Pool(workers)
-    try:
-        for split, name, start, end, expect in todo:
-            t = time.perf_counter()
-            _write_shard(out_dir, name, plan[split][start:end], expect, pool)
-            log(f"speech corpus: {name} ({end - start} utterances) in {time.perf_counter() - t:.1f}s")
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-
-    sharded_records.remove_stale_shards(out_dir, _SHARD_RE, [name for _, name, _ in shards])
-    splits = {}
-    for split in SPLITS:
-        files = [name for s, name, _ in shards if s == split]
-        sides = [sharded_records.read_json(sharded_records.sidecar(storage.join(out_dir, f))) for f in files]
-        splits[split] = {"files": files, "count": sum(s["count"] for s in sides),
-                         "seconds": round(sum(s["seconds"] for s in sides), 3),
-                         "sha256": hashlib.sha256("".join(s["sha256"] for s in sides).encode()).hexdigest()}
+    splits = write_splits(out_dir, plan, render, records_per_shard=int(config.records_per_shard),
+                          fingerprint=fingerprint, sample_rate=int(config.sample_rate), workers=workers, log=log)
     meta = {"fingerprint": fingerprint, "corpus_version": CORPUS_VERSION, "espeak_version": espeak_version,
             "espeak_source": espeak.find_library().source, "sample_rate": int(config.sample_rate),
             "record_format": RECORD_FORMAT, "splits": splits, "num_speakers": len(speakers),
             "num_sentences": len(sentences), "config": content}
-    storage.write_json_atomic(meta_path, meta, indent=2)  # last, and the same bytes on every build
+    storage.write_json_atomic(storage.join(out_dir, META_FILE), meta, indent=2)  # last, the same bytes every build
     log(f"speech corpus: built in {time.perf_counter() - started:.1f}s ({workers} workers)")
     return meta
+
+
+def build(out_dir: str, config: ml_collections.ConfigDict, log=print) -> dict[str, Any]:
+    """The corpus that `config.source` names: "espeak" (this module, the default) or "librispeech"
+    (data_pipelines/librispeech.py: LibriSpeech or LibriTTS prepared by tfds); returns its meta.json."""
+    source = config.get("source", "espeak")
+    if source == "espeak":
+        return build_corpus(out_dir, config, log)
+    if source == "librispeech":
+        from data_pipelines import librispeech  # here: it imports this module
+
+        return librispeech.build_corpus(out_dir, config, log)
+    raise ConfigError(f"speech.source={source!r} is not a speech corpus; choose 'espeak' or 'librispeech'")
 
 
 # ---------------------------------------------------------------------------------------------------------------

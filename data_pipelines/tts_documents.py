@@ -9,7 +9,8 @@ teaches the continuation of a prefix. With probability `null_prompt_rate` the te
 (classifier-free guidance keeps the audio prompt and drops the text). The LM head ends each span with `<eod>`
 (§12.3); documents are packed like the multimodal ones (`data_pipelines.packing.make_packed_dataset`).
 
-`continuation_prompt` and `reference_prompt` build the two zero-shot prompts of the evaluation (§12.4).
+`continuation_prompt` and `reference_prompt` build the two zero-shot prompts of the evaluation (§12.4), both
+`prompt_document`s, which also serve a user's own text and reference audio (`latent_lm.tts_cli`).
 """
 
 from __future__ import annotations
@@ -111,16 +112,24 @@ class TTSDocumentSource:
         return tts_document(self.data, parts, null=rng.random() < self.null_prompt_rate)
 
 
+def prompt_document(texts: Sequence[np.ndarray], mu: np.ndarray, null: bool = False) -> dict[str, Any]:
+    """A zero-shot prompt `<bos> x… <bod> z…` from input ids and the prompt's audio latents μ [n, C] (n may be 0):
+    the model goes on in speech mode (§12.4). `null` drops the text to `<null>`."""
+    head = np.concatenate([[BOS], *([[NULL]] if null else texts), [BOD]]).astype(np.int32)
+    mu = np.asarray(mu, np.float32)
+    n = len(mu)
+    is_latent = np.r_[np.zeros(len(head), bool), np.ones(n, bool)]
+    latents = np.zeros((len(head) + n, mu.shape[-1]), np.float32)
+    latents[len(head):] = mu
+    return {"tokens": np.r_[head, np.zeros(n, np.int32)], "is_latent": is_latent, "latents": latents}
+
+
 def continuation_prompt(data: SpeechDocuments, u: int, prompt_frames: int, null: bool = False) -> dict[str, Any]:
     """Zero-shot continuation (§12.4): the whole text, `<bod>`, and the first `prompt_frames` latents of u."""
-    doc = tts_document(data, [u], null)
-    end = int(np.flatnonzero(doc["is_latent"])[0]) + min(prompt_frames, len(data.mu[u]) - 1)
-    return {k: v[:end] for k, v in doc.items() if k != "kind"}
+    return prompt_document([data.ids[u]], data.mu[u][:min(prompt_frames, len(data.mu[u]) - 1)], null)
 
 
 def reference_prompt(data: SpeechDocuments, reference: int, target: int, null: bool = False) -> dict[str, Any]:
     """Zero-shot reference-utterance mode (§12.4): x(reference) x(target) `<bod>` z(reference); the model goes on
     with the target sentence in the reference's voice."""
-    doc = tts_document(data, [reference, target], null)
-    end = int(np.flatnonzero(doc["is_latent"])[0]) + len(data.mu[reference])
-    return {k: v[:end] for k, v in doc.items() if k != "kind"}
+    return prompt_document([data.ids[reference], data.ids[target]], data.mu[reference], null)

@@ -8,6 +8,8 @@ FID tools, `launch/plan.py`): bad input — a `UserError`, a bad flag, an unknow
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 from typing import Callable, NoReturn, Sequence
 
@@ -23,8 +25,37 @@ def fail(message: str) -> NoReturn:
     sys.exit(USAGE_ERROR)
 
 
+def cpu_unless_tpu_attached(environ: dict[str, str] | None = None) -> bool:
+    """Pins jax to the CPU where libtpu is installed but no TPU is attached; returns whether it did.
+
+    The `tpu` extra (`pip install -e '.[tpu]'`) installs libtpu for compiling against TPU topologies on any machine
+    (docs/scaling_out.md §6.4). With it, jax's default start-up still tries a TPU backend on a machine without one: it
+    fails, libtpu prints four lines about TPU_ACCELERATOR_TYPE and worker hostnames to stderr, and jax falls back to
+    the CPU. Pinning the CPU leaves the same devices without that detour. Nothing changes where the user chose
+    platforms (JAX_PLATFORMS, even empty), where a TPU or an NVIDIA/AMD GPU is visible, or without libtpu; child
+    processes (sweeps, data workers) inherit the setting. Must run before the first jax device query.
+    """
+    environ = os.environ if environ is None else environ
+    if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None:
+        return False
+    try:
+        from jax._src import hardware_utils  # noqa: PLC0415  (private, as jax's own check: guarded)
+        if (hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0 or hardware_utils.has_visible_nvidia_gpu()
+                or hardware_utils.num_available_amd_gpus(stop_at=1) > 0):
+            return False
+    except (ImportError, AttributeError, OSError):
+        return False
+    import jax  # noqa: PLC0415
+
+    environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")
+    return True
+
+
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Runs `main(argv)`; 0 when it returns, 2 (after the `error:` line) when it raises a `UserError`."""
+    """Runs `main(argv)`; 0 when it returns, 2 (after the `error:` line) when it raises a `UserError`. First,
+    `cpu_unless_tpu_attached`."""
+    cpu_unless_tpu_attached()
     try:
         main(argv)
     except UserError as e:

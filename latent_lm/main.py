@@ -4,7 +4,8 @@
   python -m latent_lm.main --config=configs/default.py:animal_mnist --config.train.steps=2000 --mode=train
 
 Modes: train_vae | encode | train | sample | eval | all (the stages in order) | plan (per-device memory of the
-train step on this host's devices; for N fake devices on a CPU use launch/plan.py).
+train step on this host's devices, or with --topology=v5p:2x2x1 on a TPU slice's, compiled by the TPU compiler
+without a TPU; for N fake devices on a CPU use launch/plan.py; docs/scaling_out.md §6).
 Multi-host: on TPU VMs and SLURM the cluster is detected; elsewhere pass --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I on every process (docs/scaling_out.md).
 """
@@ -17,7 +18,7 @@ from ml_collections import config_flags
 
 from latent_lm import cli, experiment
 from latent_lm.parallel import distributed
-from latent_lm.planning import GB, format_plan, plan_memory
+from latent_lm.planning import GB, device_chip, format_plan, plan_memory, tpu_topology
 from latent_lm.training.train_loop import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
@@ -25,6 +26,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collect
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, latents, samples, metrics.")
 _MODE = flags.DEFINE_enum("mode", "all", ["all", *experiment.RUNNERS, "plan"], "Which stage to run.")
 _HBM_GB = flags.DEFINE_float("hbm_gb", None, "--mode=plan: HBM per device in GB, to say whether the plan fits.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "--mode=plan: compile for this TPU slice (e.g. v5p:2x2x1, v5e:2x4) "
+                                "with the TPU compiler, no TPU needed (pip install -e '.[tpu]').")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "Initialize jax.distributed: auto = if the flags below are set or a TPU/SLURM "
                                  "multi-process job is detected.")
@@ -49,7 +52,10 @@ def main(argv) -> None:
 
 
 def _plan() -> None:
-    plan = plan_memory(_CONFIG.value, jax.device_count(), hbm_bytes=_HBM_GB.value * GB if _HBM_GB.value else None)
+    devices = tpu_topology(_TOPOLOGY.value)[1] if _TOPOLOGY.value else jax.devices()
+    # On a TPU chip of planning.CHIPS the roofline's two probe compiles are worth their time.
+    plan = plan_memory(_CONFIG.value, len(devices), hbm_bytes=_HBM_GB.value * GB if _HBM_GB.value else None,
+                       devices=devices, roofline=device_chip(devices) is not None)
     if jax.process_index() == 0:
         print(format_plan(plan), flush=True)
 

@@ -2,6 +2,7 @@
 stages of `latent_lm.experiment` (which registers them in `RUNNERS`):
 
   build_corpus      the espeak-ng corpus (data_pipelines/speech_corpus.py)  → <tok>/speech_corpus/
+                    or LibriSpeech (speech.source="librispeech", data_pipelines/librispeech.py)
   train_audio_vae   the audio σ-VAE on random crops (AudioVAETask)           → <tok>/audio_vae/
   encode_audio      μ of every utterance of every split                      → <tok>/audio_latents/{split}/
   eval_audio_vae    mel distance, STOI, collapse ratio on test_speakers      → <workdir>/eval/audio_vae.json,
@@ -102,11 +103,12 @@ def _corpus_meta(config, workdir: str) -> dict[str, Any]:
 # Stages.
 
 def build_corpus(config, workdir, mesh, rules):
-    """Synthesises the espeak-ng corpus of `config.speech` (a no-op when it is there with the same fingerprint)."""
+    """Builds the corpus of `config.speech` (espeak-ng synthesis, or LibriSpeech by `speech.source`; a no-op when it
+    is there with the same fingerprint)."""
     _check_sample_rates(config)
     path = corpus_dir(config, workdir)
     if jax.process_index() == 0:
-        speech_corpus.build_corpus(path, config.speech, log=_log)
+        speech_corpus.build(path, config.speech, log=_log)
     _barrier("build_corpus")
     meta = _corpus_meta(config, workdir)
     splits = meta["splits"]
@@ -202,6 +204,12 @@ class _Codec:
 def _codec(config, task: AudioVAETask, params) -> _Codec:
     c = config.audio_latents
     return _Codec(task.model, params, int(c.batch_size), int(c.bucket_frames))
+
+
+def audio_codec(config, workdir, mesh, rules) -> _Codec:
+    """The run's trained audio σ-VAE as a codec for utterances of any length (`encode`, `decode`)."""
+    task, params, _ = _load_audio_vae(config, workdir, mesh, rules)
+    return _codec(config, task, params)
 
 
 def _digest(params) -> str:
@@ -392,15 +400,15 @@ def _tts_setup(config, workdir, mesh, rules):
     data = load_speech_documents(paths.speech_corpus, paths.latents, e.split, TextTokenizer.load(paths.text_tokenizer),
                                  task.seq_len, config.tts.input)
     gen = tts_eval.TTSGenerator(task, params, d.num_sampling_steps, d.cfg_scale or None, d.x0_clip, e.batch)
-    vae_task, vae_params, _ = _load_audio_vae(config, workdir, mesh, rules)
-    return gen, data, _codec(config, vae_task, vae_params), speech_corpus.load_corpus(corpus_dir(config, workdir),
-                                                                                      e.split)
+    return (gen, data, audio_codec(config, workdir, mesh, rules),
+            speech_corpus.load_corpus(corpus_dir(config, workdir), e.split))
 
 
 def generate_tts(config, workdir, mesh, rules):
     """Zero-shot TTS on held-out speakers (docs/method.md §12.4): `tts_eval.utterances` (reference, target) pairs,
-    both modes → samples/tts/<mode>_<i>.wav, the prompts' audio beside them, and samples/tts/manifest.json (text,
-    speaker, prompt file, mode, duration, …)."""
+    both modes → samples/tts/<mode>_<i>.wav, the prompts' audio beside them, samples/tts/manifest.json (text,
+    speaker, prompt file, mode, duration, …) and samples/tts/speed.json (generation and compile seconds, real-time
+    factor, per mode)."""
     gen, data, codec, split = _tts_setup(config, workdir, mesh, rules)
     e = config.tts_eval
     fps = frame_rate(split.sample_rate, codec.model.strides)
@@ -428,12 +436,18 @@ def generate_tts(config, workdir, mesh, rules):
                 generated_frames=len(g), prompt_frames=len(p),
                 ended_by_eod=bool(res["ended"][i])))
         _log(f"{mode}: {len(pairs)} utterances generated in {res['seconds']:.1f}s")
+    # Speed (docs/method.md §12.4): generation wall time without the compile, per second of generated audio.
+    speed = {}
+    for m, res in out.items():
+        rows = [x for x in manifest if x["mode"] == m]
+        audio_seconds = sum(x["generated_frames"] for x in rows) * codec.hop / split.sample_rate
+        speed[m] = dict(generation_seconds=res["seconds"], compile_seconds=res["compile_seconds"],
+                        generated_audio_seconds=audio_seconds, rtf=res["seconds"] / max(audio_seconds, 1e-9),
+                        utterances=len(rows), batch=int(e.batch), device=jax.devices()[0].device_kind)
     if jax.process_index() == 0:
         storage.write_json_atomic(f"{root}/manifest.json", manifest, indent=1)
-    seconds = {m: sum(x["duration"] - (x["prompt_frames"] * codec.hop / split.sample_rate
-                                       if m == "continuation" else 0) for x in manifest if x["mode"] == m)
-               for m in out}
-    return {f"tts_{m}_rtf": out[m]["seconds"] / max(seconds[m], 1e-9) for m in out}
+        storage.write_json_atomic(f"{root}/speed.json", speed, indent=1)
+    return {f"tts_{m}_rtf": s["rtf"] for m, s in speed.items()}
 
 
 def _read_wav(path: str) -> np.ndarray:
@@ -446,18 +460,20 @@ def eval_tts(config, workdir, mesh, rules):
     """Scores samples/tts/ (docs/method.md §12.4) → eval/tts.json: per mode, the recogniser's WER and PER against the
     target phonemes (continuation: the whole utterance, prefix included), the speaker judge's cosine between the
     generated speech and the prompt's real audio, the share of utterances whose duration is within ±20% of the real
-    one and that `<eod>` ended, autoregressive steps per audio second against a 75 Hz codec; beside them the judges'
-    floors on real held-out audio (judges/floors.json) and the floors of the issue, checked."""
+    one and that `<eod>` ended, the real-time factor (speed.json), autoregressive steps per audio second against a
+    75 Hz codec; beside them the judges' floors on real held-out audio (judges/floors.json), the floors of the issue
+    checked, and the scores of the targets' real audio (`real`) and of its σ-VAE resynthesis (`resynthesis`)."""
     root = f"{workdir}/samples/tts"
     if not storage.exists(f"{root}/manifest.json"):
         raise MissingInputError(f"{root}/manifest.json not found: run --mode=generate_tts first")
     manifest = json.loads(storage.read_text(f"{root}/manifest.json"))
+    speed = json.loads(storage.read_text(f"{root}/speed.json")) if storage.exists(f"{root}/speed.json") else {}
     floors = load_floors(config, workdir)
     jdir = judges_dir(config, workdir)
     recogniser, speaker = judges.load_judge(f"{jdir}/recogniser.msgpack"), judges.load_judge(f"{jdir}/speaker.msgpack")
     sr = int(config.speech.sample_rate)
     fps = frame_rate(sr, tuple(config.audio_vae.strides))
-    result: dict[str, Any] = {"frame_rate": fps, "ar_steps_per_second": fps,
+    result: dict[str, Any] = {"split": config.tts_eval.split, "frame_rate": fps, "ar_steps_per_second": fps,
                               "codec_ar_steps_per_second": tts_eval.CODEC_FRAME_RATE,
                               "fewer_ar_steps_than_codec": tts_eval.CODEC_FRAME_RATE / fps, "floors": floors}
     real_wer = floors["recogniser"][config.tts_eval.split]["wer"]
@@ -475,7 +491,8 @@ def eval_tts(config, workdir, mesh, rules):
         within = tts_eval.duration_within([m["duration"] for m in rows], [m["real_duration"] for m in rows])
         r = {"wer": err["wer"], "per": err["per"], "sim": float(np.mean(sim)),
              "duration_within_20pct": float(within.mean()),
-             "ended_by_eod": float(np.mean([m["ended_by_eod"] for m in rows])), "utterances": len(rows)}
+             "ended_by_eod": float(np.mean([m["ended_by_eod"] for m in rows])), "utterances": len(rows),
+             "rtf": speed.get(mode, {}).get("rtf")}
         r["floors_met"] = {"wer": r["wer"] <= 2 * real_wer,
                            "sim": abs(r["sim"] - sim_floor["same"]) < abs(r["sim"] - sim_floor["different"]),
                            "duration": r["duration_within_20pct"] >= 0.95}
@@ -483,6 +500,18 @@ def eval_tts(config, workdir, mesh, rules):
         _log(f"{mode}: WER {r['wer']:.3f} (real {real_wer:.3f}), PER {r['per']:.3f}, SIM {r['sim']:.3f} (same "
              f"{sim_floor['same']:.3f}, different {sim_floor['different']:.3f}), duration ±20% "
              f"{r['duration_within_20pct']:.0%}, <eod> {r['ended_by_eod']:.0%}")
+    # The same targets and references as real audio and as the audio σ-VAE's resynthesis (μ encoded and decoded):
+    # what the judges give speech that is right, and what the tokenizer alone costs.
+    rows = [m for m in manifest if m["mode"] == "reference"] or manifest
+    split = speech_corpus.load_corpus(corpus_dir(config, workdir), config.tts_eval.split)
+    real = [split.audio[m["target"]] for m in rows]
+    refs = [split.audio[m["reference"]] for m in rows]
+    codec = audio_codec(config, workdir, mesh, rules)
+    for name, audio in (("real", real), ("resynthesis", codec.decode(codec.encode(real)))):
+        err = judges.recogniser_error_rates(recogniser, audio, [m["phonemes"] for m in rows])
+        result[name] = {"wer": err["wer"], "per": err["per"], "utterances": len(rows),
+                        "sim": float(np.mean(judges.speaker_similarity(speaker, audio, refs)))}
+        _log(f"{name} targets: WER {err['wer']:.3f}, PER {err['per']:.3f}, SIM {result[name]['sim']:.3f}")
     if jax.process_index() == 0:
         storage.write_json_atomic(f"{workdir}/eval/tts.json", result, indent=2, sort_keys=True)
     return {f"tts_{m}_{k}": result[m][k] for m in tts_eval.MODES if m in result for k in ("wer", "sim")}

@@ -44,6 +44,52 @@ def pytest_configure(config):
 import pytest  # noqa: E402
 
 
+def _espeak_problem() -> str | None:
+    from latent_lm.audio import espeak
+    try:
+        espeak.find_library()
+    except Exception as e:  # noqa: BLE001 - any failure to load means: skip, and say why
+        return f"espeak-ng cannot be loaded here ({e}); {espeak.INSTALL_HINT}"
+    return None
+
+
+ESPEAK_PROBLEM = _espeak_problem()
+# Tests that synthesise speech: skipped, with the reason, where espeak-ng cannot be loaded.
+requires_espeak = pytest.mark.skipif(ESPEAK_PROBLEM is not None, reason=ESPEAK_PROBLEM or "")
+
+
+def write_random_checkpoint(task, optim, train, train_dir: str, config, meta: dict, rng, step: int = 7
+                            ) -> tuple[object, object]:
+    """`<train_dir>/checkpoints/<step>` of `task` on one device as training leaves it, written without training or
+    compiling: params N(0, 0.05²) in every leaf (so zero-initialised layers are exercised), EMA params other random
+    values, optimizer moments and counters zero; `meta` plus the experiment config in the metadata. `rng`: a numpy
+    Generator. Returns the host (params, ema_params)."""
+    import jax
+    import ml_collections
+    import numpy as np
+
+    from latent_lm.checkpoint import Checkpointer
+    from latent_lm.parallel.mesh import logical_rules, make_mesh
+    from latent_lm.training.optimizer import make_optimizer
+    from latent_lm.training.train_loop import build_state_fns
+
+    mesh = make_mesh(ml_collections.ConfigDict(dict(shape=(1, 1, 1))), jax.devices()[:1])
+
+    def filled(abstract, std):  # std: N(0, std²) values, else zeros (optimizer moments, counters, key)
+        return jax.tree.map(lambda a: jax.device_put(
+            (rng.normal(0.0, std, a.shape) if std else np.zeros(a.shape)).astype(a.dtype), a.sharding), abstract)
+
+    _, abstract, _ = build_state_fns(task, make_optimizer(optim, train.steps), mesh, logical_rules(config.mesh), 0)
+    state = filled(abstract, 0).replace(step=jax.device_put(np.int32(step), abstract.step.sharding),
+                                        params=filled(abstract.params, 0.05),
+                                        ema_params=filled(abstract.ema_params, 0.05))
+    ckpt = Checkpointer(f"{train_dir}/checkpoints", async_save=False)
+    ckpt.save(step, state, meta=dict(meta, config=config.to_json()), force=True)
+    ckpt.wait()
+    ckpt.close()
+    return jax.device_get(state.params), jax.device_get(state.ema_params)
+
+
 def write_tiny_run(workdir: str, arch: str = "latent_lm") -> dict:
     """A workdir laid out as `--mode=all` leaves it, at the `default.py:tiny=1` size (backbone depth 1, 2 solver
     steps, 1 sample per class; `arch`: "latent_lm" or its DiT twin "dit"), written without training or compiling:
@@ -53,44 +99,23 @@ def write_tiny_run(workdir: str, arch: str = "latent_lm") -> dict:
 
     Returns dict(workdir, config, lm_raw, lm_ema, vae_raw): the config the checkpoints hold, host params."""
     import jax
-    import ml_collections
     import numpy as np
 
     from configs import default
-    from latent_lm.checkpoint import Checkpointer
     from latent_lm.evaluation import classifier as clf
     from latent_lm.latents import LatentNormalization
-    from latent_lm.parallel.mesh import logical_rules, make_mesh
-    from latent_lm.training.optimizer import make_optimizer
     from latent_lm.training.tasks import VAETask, make_generator_task
-    from latent_lm.training.train_loop import build_state_fns
 
     config = default.get_config("tiny=1")
     config.model.update(dict(arch=arch, depth=1))
     config.diffusion.num_sampling_steps = 2
     config.eval.update(dict(samples_per_class=1, sample_batch=10))
     norm = LatentNormalization(scale=0.8, bias=0.1)  # not the identity: exports must carry it
-    mesh = make_mesh(ml_collections.ConfigDict(dict(shape=(1, 1, 1))), jax.devices()[:1])
     rng = np.random.default_rng(0)
-
-    def filled(abstract, std):  # std: N(0, std²) values, else zeros (optimizer moments, counters, key)
-        return jax.tree.map(lambda a: jax.device_put(
-            (rng.normal(0.0, std, a.shape) if std else np.zeros(a.shape)).astype(a.dtype), a.sharding), abstract)
-
-    def write(task, optim, train, train_dir, meta):
-        _, abstract, _ = build_state_fns(task, make_optimizer(optim, train.steps), mesh, logical_rules(config.mesh), 0)
-        state = filled(abstract, 0).replace(step=jax.device_put(np.int32(7), abstract.step.sharding),
-                                            params=filled(abstract.params, 0.05),
-                                            ema_params=filled(abstract.ema_params, 0.05))
-        ckpt = Checkpointer(f"{train_dir}/checkpoints", async_save=False)
-        ckpt.save(7, state, meta=dict(meta, config=config.to_json()), force=True)
-        ckpt.wait()
-        ckpt.close()
-        return jax.device_get(state.params), jax.device_get(state.ema_params)
-
-    lm_raw, lm_ema = write(make_generator_task(config, norm), config.optim, config.train, f"{workdir}/lm",
-                           {"latent_norm": norm.to_dict()})
-    vae_raw, _ = write(VAETask.from_config(config), config.vae_optim, config.vae_train, f"{workdir}/vae", {})
+    lm_raw, lm_ema = write_random_checkpoint(make_generator_task(config, norm), config.optim, config.train,
+                                             f"{workdir}/lm", config, {"latent_norm": norm.to_dict()}, rng)
+    vae_raw, _ = write_random_checkpoint(VAETask.from_config(config), config.vae_optim, config.vae_train,
+                                         f"{workdir}/vae", config, {}, rng)
     classifier = jax.eval_shape(clf.CNNClassifier(10).init, jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1)))
     clf.save_classifier(jax.tree.map(lambda a: rng.normal(0.0, 0.1, a.shape).astype(a.dtype), classifier),
                         f"{workdir}/eval/classifier.msgpack")

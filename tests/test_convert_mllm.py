@@ -21,8 +21,8 @@ from flax import traverse_util
 from safetensors.torch import load_file
 
 from configs import mllm
+from conftest import write_random_checkpoint
 from latent_lm import cli
-from latent_lm.checkpoint import Checkpointer
 from latent_lm.convert import from_torch, to_torch, torch_sampling
 from latent_lm.convert.torch_files import load_model, load_tokenizer, read_config
 from latent_lm.latents import LatentNormalization
@@ -30,9 +30,8 @@ from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
 from latent_lm.parallel.mesh import logical_rules, make_mesh
 from latent_lm.text.tokenizer import TextTokenizer, train_tokenizer
 from latent_lm.training.batches import segment_positions
-from latent_lm.training.optimizer import make_optimizer
 from latent_lm.training.tasks import VAETask, make_generator_task
-from latent_lm.training.train_loop import build_state_fns, load_state
+from latent_lm.training.train_loop import load_state
 
 TEXTS = ["a bold three, written small", "a thin seven leaning right", "the digit after four is five",
          "def f(x):\n    return x + 1  # Python docs", "an image of a wide zero", "two, eight and nine"] * 4
@@ -56,23 +55,10 @@ def write_tiny_mllm_run(root: str) -> dict:
     tokenizer = train_tokenizer(TEXTS, config.text.vocab_size)
     tokenizer.save(os.path.join(tok_dir, "text"))
     norm = LatentNormalization(scale=0.8, bias=0.1)  # not the identity: exports must carry it
-    mesh = _one_device_mesh()
     rng = np.random.default_rng(0)
 
-    def filled(abstract, std):
-        return jax.tree.map(lambda a: jax.device_put(
-            (rng.normal(0.0, std, a.shape) if std else np.zeros(a.shape)).astype(a.dtype), a.sharding), abstract)
-
     def write(task, optim, train, train_dir, meta):
-        _, abstract, _ = build_state_fns(task, make_optimizer(optim, train.steps), mesh, logical_rules(config.mesh), 0)
-        state = filled(abstract, 0).replace(step=jax.device_put(np.int32(STEP), abstract.step.sharding),
-                                            params=filled(abstract.params, 0.05),
-                                            ema_params=filled(abstract.ema_params, 0.05))
-        ckpt = Checkpointer(f"{train_dir}/checkpoints", async_save=False)
-        ckpt.save(STEP, state, meta=dict(meta, config=config.to_json()), force=True)
-        ckpt.wait()
-        ckpt.close()
-        return jax.device_get(state.params), jax.device_get(state.ema_params)
+        return write_random_checkpoint(task, optim, train, train_dir, config, meta, rng, STEP)
 
     lm_raw, lm_ema = write(make_generator_task(config, norm), config.optim, config.train, f"{run}/lm",
                            {"latent_norm": norm.to_dict()})

@@ -9,20 +9,7 @@ import pytest
 from data_pipelines import speech_corpus as sc
 from latent_lm.audio import espeak
 from latent_lm.errors import MissingInputError
-
-
-def _espeak_problem() -> str | None:
-    try:
-        espeak.find_library()
-        if len(espeak.synthesize("ready")) == 0:
-            return "espeak-ng synthesised nothing"
-    except Exception as e:  # noqa: BLE001 - any failure to load means: skip, and say why
-        return f"espeak-ng cannot be loaded here ({e}); {espeak.INSTALL_HINT}"
-    return None
-
-
-_PROBLEM = _espeak_problem()
-requires_espeak = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
+from conftest import requires_espeak
 
 
 def tiny_config(workers: int = 1):

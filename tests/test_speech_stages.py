@@ -17,24 +17,14 @@ from data_pipelines import speech_corpus
 from data_pipelines.audio_batches import make_audio_training_batches
 from data_pipelines.audio_latents import AudioLatentSource, load_audio_latents
 from latent_lm import experiment, speech_stages
-from latent_lm.audio import espeak
 from latent_lm.config_validation import validate
 from latent_lm.errors import ConfigError, MissingInputError
 from latent_lm.models.audio_vae import AudioVAE
 from latent_lm.parallel import mesh as mesh_lib
 from latent_lm.training.tasks.audio_vae import AudioVAETask
+from conftest import ESPEAK_PROBLEM, requires_espeak
 
 
-def _espeak_problem() -> str | None:
-    try:
-        espeak.find_library()
-    except Exception as e:  # noqa: BLE001 - any failure to load means: skip, and say why
-        return f"espeak-ng cannot be loaded here ({e}); {espeak.INSTALL_HINT}"
-    return None
-
-
-_PROBLEM = _espeak_problem()
-requires_espeak = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
 pytestmark = pytest.mark.usefixtures("fast_compile")
 STAGES = ("build_corpus", "train_audio_vae", "encode_audio", "eval_audio_vae")
 
@@ -64,8 +54,8 @@ def one_device():
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, fast_compile, one_device):
-    if _PROBLEM is not None:
-        pytest.skip(_PROBLEM)
+    if ESPEAK_PROBLEM is not None:
+        pytest.skip(ESPEAK_PROBLEM)
     workdir = str(tmp_path_factory.mktemp("tts") / "run")
     config = tiny_config()
     summaries = {stage: experiment.run(config, workdir, stage) for stage in STAGES}

@@ -1,5 +1,5 @@
 """Scaling-law fit and tokenizer-variance analysis (issue 5, "Studies"; docs/method.md §2.4, §4.6, §9, §10.2
-Fig. 4/6)."""
+Fig. 4/6), and the TTS study's table (docs/experiments.md §11)."""
 
 import json
 import logging
@@ -12,6 +12,7 @@ from latent_lm.errors import DataError, MissingInputError
 from latent_lm.cli import run as run_cli
 from latent_lm.studies import scaling_law as sl
 from latent_lm.studies import tokenizer_variance as tv
+from latent_lm.studies import tts as tts_study
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COMPUTE = np.geomspace(1e15, 1e19, 8)
@@ -257,3 +258,78 @@ def test_tokenizer_cli_writes_plot_json_and_markdown(tmp_path, capsys):
 
     assert run_cli(tv.main, [f"--root={tmp_path / 'missing'}"]) == 2
     assert "error: run root" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- TTS study
+
+
+def _tts_run(root) -> str:
+    run = root / "tts"
+    (run / "eval").mkdir(parents=True)
+    (run / "samples/tts").mkdir(parents=True)
+    row = dict(wer=0.5, per=0.2, sim=0.8, utterances=2)
+    gen = dict(row, duration_within_20pct=0.5, ended_by_eod=1.0, rtf=0.3,
+               floors_met=dict(wer=True, sim=True, duration=False))
+    scores = dict(split="test_speakers", frame_rate=25.0, ar_steps_per_second=25.0, codec_ar_steps_per_second=75.0,
+                  fewer_ar_steps_than_codec=3.0, real=row, resynthesis=dict(row, wer=0.6), continuation=gen,
+                  reference=dict(gen, wer=0.9),
+                  floors=dict(recogniser=dict(test_speakers=dict(wer=0.45, per=0.2)),
+                              speaker=dict(test_speakers=dict(same=0.85, different=0.1))))
+    (run / "eval/tts.json").write_text(json.dumps(scores))
+    (run / "eval/audio_vae.json").write_text(json.dumps(dict(
+        frame_rate=25.0, latent_dim=16, mel_distance=0.96, stoi=0.7, variance_collapse_ratio=1.1, num_utterances=9)))
+    manifest = []
+    for mode in ("continuation", "reference"):
+        for i, (real, dur) in enumerate(((2.0, 2.1), (3.0, 4.0))):
+            manifest.append(dict(mode=mode, file=f"{mode}_{i:03d}.wav", prompt_file=f"{mode}_{i:03d}_prompt.wav",
+                                 duration=dur, real_duration=real))
+            for name in (manifest[-1]["file"], manifest[-1]["prompt_file"]):
+                (run / "samples/tts" / name).write_bytes(b"RIFF" + name.encode())
+    (run / "samples/tts/manifest.json").write_text(json.dumps(manifest))
+    return str(run)
+
+
+def test_tts_study_writes_table_plot_and_docs_wavs(tmp_path, capsys):
+    run = _tts_run(tmp_path)
+    docs = tmp_path / "docs"
+    tts_study.main(["--workdir", run, f"--docs={docs}", "--wavs=1"])
+    text = (tmp_path / "tts/study/tts.md").read_text()
+    assert text == (docs / "tts.md").read_text() and text in capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[2].startswith("| real audio") and "| 0.500 | 0.200 | 0.800 | – | – | – |" in lines[2]
+    assert lines[5].startswith("| zero-shot: reference") and "0.900" in lines[5] and "50%" in lines[5]
+    assert "3.0× fewer" in text and "mel distance 0.960" in text and "duration not met" in text
+    assert (docs / "tts.png").read_bytes()[:8] == PNG_MAGIC
+    assert sorted(os.listdir(docs)) == ["continuation_000.wav", "continuation_000_prompt.wav", "reference_000.wav",
+                                        "reference_000_prompt.wav", "tts.json", "tts.md", "tts.png"]
+    assert (docs / "reference_000.wav").read_bytes() == b"RIFFreference_000.wav"
+
+
+def test_tts_study_adds_the_frame_rate_table(tmp_path, capsys):
+    run = _tts_run(tmp_path)
+    for rate, hop, mel in ((50.0, 320, 0.7), (12.5, 1280, 1.3)):
+        d = tmp_path / "rates" / f"audio_vae_{rate:g}hz"
+        (d / "eval").mkdir(parents=True)
+        (d / "eval/audio_vae.json").write_text(json.dumps(dict(
+            frame_rate=rate, hop=hop, latent_dim=16, audio_vae_params=10, audio_vae_steps=3200, mel_distance=mel,
+            stoi=0.7, variance_collapse_ratio=0.2)))
+        (d / "done.json").write_text("{}")
+    (tmp_path / "rates/unfinished/eval").mkdir(parents=True)
+    main = json.loads(open(f"{run}/eval/audio_vae.json").read())
+    main.update(hop=640, audio_vae_params=10, audio_vae_steps=3200)
+    open(f"{run}/eval/audio_vae.json", "w").write(json.dumps(main))
+    tts_study.main(["--workdir", run, f"--rates_root={tmp_path / 'rates'}"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 12.5") or
+            line.startswith("| 25") or line.startswith("| 50")]
+    assert [r.split(" | ")[5] for r in rows] == ["1.300", "0.960", "0.700"]  # sorted by rate
+    assert len(json.loads((tmp_path / "tts/study/tts.json").read_text())["rates"]) == 3
+
+
+def test_tts_study_needs_the_resynthesis_scores(tmp_path):
+    run = _tts_run(tmp_path)
+    scores = json.loads(open(f"{run}/eval/tts.json").read())
+    del scores["resynthesis"]
+    open(f"{run}/eval/tts.json", "w").write(json.dumps(scores))
+    assert run_cli(tts_study.main, ["--workdir", run]) == 2
+    with pytest.raises(DataError, match="resynthesis"):
+        tts_study.collect(run)

@@ -1,6 +1,7 @@
 """The speech pipeline end to end at `configs/tts.py:tiny=1` (docs/method.md §12): corpus, audio σ-VAE, latent
 caches, judges, phoneme tokenizer, TTS model, zero-shot generation of both modes and its scores, from the CLI entry
-point. Quality is not asserted (a few steps); the files, their fields and their consistency are."""
+point, then a user's own text and recording through `latent_lm.tts_cli`. Quality is not asserted (a few steps); the
+files, their fields and their consistency are."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import scipy.io.wavfile
 
 from configs.tts import get_config
-from latent_lm import experiment
+from data_pipelines.speech_corpus import load_corpus
+from latent_lm import experiment, tts_cli
 from latent_lm.parallel import mesh as mesh_lib
 
 pytestmark = pytest.mark.slow
@@ -39,3 +41,19 @@ def test_tiny_tts_run_writes_wavs_manifest_and_scores(tmp_path, fast_compile, mo
     assert scores["fewer_ar_steps_than_codec"] == pytest.approx(75 / 25)
     for mode in ("continuation", "reference"):
         assert set(scores[mode]) >= {"wer", "per", "sim", "duration_within_20pct", "ended_by_eod", "floors_met"}
+
+    # A user's recording (a held-out utterance, written at another rate in stereo) and text, in every mode.
+    split = load_corpus(str(tmp_path / "speech_corpus"), "test_speakers")
+    ref = np.repeat(np.round(split.audio[0] * 32767).astype(np.int16)[::2, None], 2, axis=1)  # 8 kHz stereo
+    scipy.io.wavfile.write(tmp_path / "ref.wav", 8000, ref)
+    for mode, extra in (("reference", []), ("continuation", [f"--prompt_text={split.text[0]}"]), (None, [])):
+        out = tmp_path / f"speech_{mode}"
+        argv = ["--workdir", str(tmp_path), "--text=The cat sat down.", "--num=2", f"--out={out}", *extra]
+        argv += [f"--prompt={tmp_path / 'ref.wav'}", f"--mode={mode}"] if mode else []
+        tts_cli.main(argv)
+        record = json.loads((out / "speech.json").read_text())
+        assert record["input"] and len(record["utterances"]) == 2
+        assert (record["prompt_heard"] is not None) == (mode == "reference")  # heard by the recogniser
+        for u in record["utterances"]:
+            rate, pcm = scipy.io.wavfile.read(out / u["file"])
+            assert rate == config.speech.sample_rate and len(pcm) == u["frames"] * hop

@@ -15,6 +15,12 @@ Layouts (PyTorch Linear weights are [out, in]; JAX Dense kernels [in…, out…]
   token table     [K+1+V, D] (classes, null, text) ↔ y_embedder.embedding_table.weight [K+1, D] ‖ text_embedder.weight
   σ-VAE patches   pixels flattened (i, j, c)        ↔ conv weight [D, C, p, p] / pixel head rows (c, i, j)
   DiT pos_embed   (a constant, not a parameter)     ↔ pos_embed [1, N, D], the fixed 2-D sin-cos table
+  audio conv      kernel [k, C_in, C_out]           ↔ Conv1d weight [C_out, C_in, k]
+  audio down(s)   kernel [2, (i c), F]              ↔ Conv1d(kernel 2s, stride s) weight[f, c, j·s + i] = kernel[j, …]
+  audio up(s)     kernel [2, C, (i f)], bias [F]    ↔ ConvTranspose1d(kernel 2s, stride s) weight[c, f, i] = kernel[1],
+                                                      weight[c, f, s + i] = kernel[0]; the same bias
+The one exception to "no arithmetic": an audio σ-VAE trained with weight norm exports its effective kernels g·v/‖v‖
+(the PyTorch twin has no weight norm); its import gives v = the kernel, g = ‖kernel‖, the same function.
 """
 
 from __future__ import annotations
@@ -216,9 +222,87 @@ def _fixed_pos_embed(width: int, grid_size: int) -> Rule:
     return Rule(("pos_embed",), (), lambda: (table.copy(),), from_torch)
 
 
+# ---- the audio σ-VAE (`torch_audio_vae.AudioVAE`) ----
+
+def audio_vae_table(cfg) -> list[Rule]:
+    """`cfg` has strides, res_dilations, weight_norm (the JAX `AudioVAE` fields); docs/method.md §12.1."""
+    wn = cfg.weight_norm
+
+    def res_blocks(tp: str, jp: str) -> list[Rule]:
+        return [r for j in range(len(cfg.res_dilations)) for n in ("conv1", "conv2")
+                for r in _audio_conv(f"{tp}.res.{j}.{n}", f"{jp}_res{j}/{n}", wn)]
+
+    rules = _audio_conv("encoder.conv_in", "encoder/conv_in", wn)
+    for i, s in enumerate(cfg.strides):
+        rules += res_blocks(f"encoder.stages.{i}", f"encoder/stage{i}")
+        rules += _audio_conv(f"encoder.stages.{i}.down", f"encoder/stage{i}_down/conv", wn, *_down_layout(s))
+    rules += _audio_conv("encoder.conv_out", "encoder/conv_out", wn)
+    rules += _audio_conv("decoder.conv_in", "decoder/conv_in", wn)
+    for n, s in enumerate(reversed(cfg.strides)):
+        rules += _audio_conv(f"decoder.stages.{n}.up", f"decoder/stage{n}_up/conv", wn, *_up_layout(s), bias=False)
+        rules.append(same(f"decoder.stages.{n}.up.bias", f"decoder/stage{n}_up/bias"))
+        rules += res_blocks(f"decoder.stages.{n}", f"decoder/stage{n}")
+    rules += _audio_conv("decoder.conv_out", "decoder/conv_out", wn)
+    return rules
+
+
+def _conv_layout() -> tuple[Callable[[Array], Array], Callable[[Array], Array]]:
+    """Stride-1 conv: kernel [k, C_in, C_out] ↔ weight [C_out, C_in, k]."""
+    return (lambda k: k.transpose(2, 1, 0)), (lambda w: w.transpose(2, 1, 0))
+
+
+def _down_layout(s: int) -> tuple[Callable[[Array], Array], Callable[[Array], Array]]:
+    """Reshape + kernel-2 conv over frames of s samples ↔ Conv1d(kernel 2s, stride s): tap j·s + i ↔ [j, i·C + c]."""
+    def to_t(k):
+        _, sc, f = k.shape
+        return k.reshape(2, s, sc // s, f).transpose(3, 2, 0, 1).reshape(f, sc // s, 2 * s)
+
+    def from_t(w):
+        f, c, _ = w.shape
+        return w.reshape(f, c, 2, s).transpose(2, 3, 1, 0).reshape(2, s * c, f)
+
+    return to_t, from_t
+
+
+def _up_layout(s: int) -> tuple[Callable[[Array], Array], Callable[[Array], Array]]:
+    """Kernel-2 conv to s·F channels + reshape ↔ ConvTranspose1d(kernel 2s, stride s), last s outputs trimmed: taps
+    i < s read the current frame (JAX tap 1), taps s + i the previous one (JAX tap 0)."""
+    def to_t(k):
+        _, c, sf = k.shape
+        return k.reshape(2, c, s, sf // s)[::-1].transpose(1, 3, 0, 2).reshape(c, sf // s, 2 * s)
+
+    def from_t(w):
+        c, f, _ = w.shape
+        return w.reshape(c, f, 2, s).transpose(2, 0, 3, 1)[::-1].reshape(2, c, s * f)
+
+    return to_t, from_t
+
+
+def _audio_conv(torch_prefix: str, jax_prefix: str, weight_norm: bool,
+                to_t: Callable[[Array], Array] | None = None, from_t: Callable[[Array], Array] | None = None,
+                bias: bool = True) -> list[Rule]:
+    """One JAX `CausalConv1d` ↔ `{torch_prefix}.weight` (+ `.bias`); with weight norm, kernel and weight_g are folded
+    (see the module docstring)."""
+    if to_t is None:
+        to_t, from_t = _conv_layout()
+    paths = (f"{jax_prefix}/kernel",) + ((f"{jax_prefix}/weight_g",) if weight_norm else ())
+
+    def to_torch(kernel, g=None):
+        if g is not None:  # the JAX CausalConv1d's effective kernel, with its epsilon
+            kernel = kernel * (g / (np.sqrt(np.sum(np.square(kernel), axis=(0, 1))) + 1e-12))
+        return (np.ascontiguousarray(to_t(kernel)),)
+
+    def from_torch(w):
+        kernel = np.ascontiguousarray(from_t(w))
+        return (kernel, np.sqrt(np.sum(np.square(kernel), axis=(0, 1)))) if weight_norm else (kernel,)
+
+    rules = [Rule((f"{torch_prefix}.weight",), paths, to_torch, from_torch)]
+    return rules + ([same(f"{torch_prefix}.bias", f"{jax_prefix}/bias")] if bias else [])
+
+
 # Architecture name (the PyTorch class) → table.
 TABLES: dict[str, Callable[..., list[Rule]]] = {"Transformer": latent_lm_table, "SigmaVAE": sigma_vae_table,
-                                                "DiT": dit_table}
+                                                "DiT": dit_table, "AudioVAE": audio_vae_table}
 
 
 def jax_paths(table: Sequence[Rule]) -> set[str]:

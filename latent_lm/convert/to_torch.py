@@ -6,13 +6,14 @@
 The generator goes to `<out>/` (official `Transformer` keys, or official `DiT` keys for a `model.arch="dit"` run,
 plus `other_state.pth` with the latent normalisation in the official format) and the σ-VAE to `<out>/vae/`. A
 multimodal run (`model.arch="mllm"`, docs/pytorch.md §2.1) also gets its text tokenizer, `tokenizer.json`, copied
-byte for byte beside the weights, and a "multimodal" entry in config.json. The σ-VAE and the tokenizer are read where
-training reads them: under `data.tokenizer_workdir` when the run shares its tokenizer, else under the workdir
-(`experiment.tokenizer_dir`, `experiment.data_paths`). The experiment config is read from the checkpoint's own
-metadata, so only the workdir is needed. Parameters are gathered
-to host one tensor at a time, and the scanned blocks one layer at a time (`x[i]` of the stacked arrays): devices
-hold their training shards plus one gathered tensor, never the whole model. Multi-host arrays are assembled with
-`process_allgather`; process 0 writes the files.
+byte for byte beside the weights, and a "multimodal" entry in config.json. A TTS run (`model.arch="tts"`,
+docs/pytorch.md §2.2) exports as a multimodal one, with its audio σ-VAE in `<out>/audio_vae/` instead of `vae/`. The
+σ-VAEs and the tokenizer are read where training reads them: under `data.tokenizer_workdir` when the run shares its
+tokenizer, else under the workdir (`experiment.tokenizer_dir`, `experiment.data_paths`,
+`speech_stages.audio_vae_dir`). The experiment config is read from the checkpoint's own metadata, so only the workdir
+is needed. Parameters are gathered to host one tensor at a time, and the scanned blocks one layer at a time (`x[i]`
+of the stacked arrays): devices hold their training shards plus one gathered tensor, never the whole model.
+Multi-host arrays are assembled with `process_allgather`; process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -34,22 +35,27 @@ from jax.experimental import multihost_utils
 from latent_lm import cli, storage
 from latent_lm.checkpoint import Checkpointer
 from latent_lm.convert import param_mapping
-from latent_lm.convert.torch_files import DTYPES, TOKENIZER, VAE_DIR, ConversionError, write_export
+from latent_lm.convert.torch_files import AUDIO_VAE_DIR, DTYPES, TOKENIZER, VAE_DIR, ConversionError, write_export
 from latent_lm.errors import DataError, MissingInputError
 from latent_lm.experiment import data_paths, tokenizer_dir
+from latent_lm.models.audio_vae import AudioVAE, frame_rate
 from latent_lm.models.dit import DiTConfig
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.mesh import logical_rules, make_mesh
 from latent_lm.latents import LatentNormalization
+from latent_lm.speech_stages import audio_vae_dir
+from latent_lm.stage_inputs import is_speech
 from latent_lm.training.optimizer import make_optimizer
 from latent_lm.text.tokenizer import TOKENIZER_FILE, TextTokenizer
 from latent_lm.training.tasks import DiTTask, VAETask, make_generator_task
+from latent_lm.training.tasks.audio_vae import AudioVAETask
 from latent_lm.training.tasks.registry import latent_grid_tokens
 from latent_lm.training.train_loop import build_state_fns
 
 DEFAULT_CLASS_DROPOUT = 0.1  # official default; only sets whether the PyTorch class table has the null row
-EXPORTABLE_ARCHS = ("latent_lm", "mllm", "dit")  # model.arch values with a PyTorch twin
+EXPORTABLE_ARCHS = ("latent_lm", "mllm", "tts", "dit")  # model.arch values with a PyTorch twin
+TEXT_ARCHS = ("mllm", "tts")  # those that ship the run's text tokenizer
 
 
 def lm_torch_kwargs(cfg: LatentLMConfig, class_dropout: float, input_size: int | None = None) -> dict:
@@ -130,39 +136,52 @@ def params_to_state_dict(params, table: list[param_mapping.Rule], dtype: str = "
     return state_dict
 
 
-def multimodal_metadata(tokenizer: TextTokenizer, cfg: LatentLMConfig, latents_per_image: int,
-                        where: str = "export") -> dict:
+def multimodal_metadata(tokenizer: TextTokenizer, cfg: LatentLMConfig, latents_per_image: int | None = None,
+                        where: str = "export", speech: dict | None = None) -> dict:
     """config.json's "multimodal" entry (docs/pytorch.md §2.1): the tokenizer file, the text vocabulary (text id i is
     `text_embedder` row i and `lm_head` output i; the tokenizer uses the first `tokenizer_vocab_size` of them), the
-    special tokens' ids, and the latents per image (a square grid)."""
+    special tokens' ids, and the latents per image (a square grid); for a TTS run (§2.2) `speech` (`tts_metadata`)
+    instead of the image fields."""
     if tokenizer.vocab_size > cfg.text_vocab_size:
         raise ConversionError(f"{where}: the text tokenizer has {tokenizer.vocab_size} tokens but the model's text "
                               f"vocabulary has {cfg.text_vocab_size} (model.text_vocab_size)")
-    return dict(arch="mllm", tokenizer=TOKENIZER, text_vocab_size=cfg.text_vocab_size,
+    meta = dict(arch="tts" if speech else "mllm", tokenizer=TOKENIZER, text_vocab_size=cfg.text_vocab_size,
                 tokenizer_vocab_size=tokenizer.vocab_size, text_token_offset=cfg.text_offset,
-                special_tokens=dict(tokenizer.special), latents_per_image=latents_per_image,
-                latent_grid_size=math.isqrt(latents_per_image))
+                special_tokens=dict(tokenizer.special))
+    if speech:
+        return dict(meta, **speech)
+    return dict(meta, latents_per_image=latents_per_image, latent_grid_size=math.isqrt(latents_per_image))
+
+
+def tts_metadata(config, latent_stop_id: int) -> dict:
+    """The speech fields of a TTS export's "multimodal" entry (docs/pytorch.md §2.2): what a span's latents are (the
+    audio σ-VAE in `audio_vae/`, its rates), the token the LM head ends a span with, the longest span, the input."""
+    a = config.audio_vae
+    return dict(input=config.tts.input, latent_stop_id=int(latent_stop_id), max_frames=int(config.tts.max_frames),
+                audio_vae=AUDIO_VAE_DIR, sample_rate=int(a.sample_rate), hop_length=int(math.prod(a.strides)),
+                frame_rate=frame_rate(int(a.sample_rate), a.strides))
 
 
 def export_latent_lm(params, cfg: LatentLMConfig, out_dir: str, *, dtype: str = "float32",
                      class_dropout: float = DEFAULT_CLASS_DROPOUT, latent_norm: dict | None = None,
                      diffusion: dict | None = None, source: dict | None = None,
                      experiment_config: dict | None = None, tokenizer_json: bytes | None = None,
-                     latents_per_image: int | None = None) -> dict:
+                     latents_per_image: int | None = None, speech: dict | None = None) -> dict:
     """Writes the LatentLM files; returns config.json's content (`experiment_config` is kept for re-import).
 
     A multimodal model (docs/pytorch.md §2.1) passes its `tokenizer.json` as `tokenizer_json` (written beside the
     weights byte for byte, with config.json's "multimodal" entry) and its `latents_per_image` (the PyTorch
-    `input_size` becomes the image's latent grid side)."""
-    if tokenizer_json is not None and not latents_per_image:
-        raise ValueError("a multimodal export (tokenizer_json) needs latents_per_image")
+    `input_size` becomes the image's latent grid side); a TTS model (§2.2) passes `speech` (`tts_metadata`) instead
+    of `latents_per_image` (a span has no grid: `input_size` stays √max_len)."""
+    if tokenizer_json is not None and not (latents_per_image or speech):
+        raise ValueError("a multimodal export (tokenizer_json) needs latents_per_image or speech")
     state_dict = params_to_state_dict(params, param_mapping.latent_lm_table(cfg), dtype, f"LatentLM → {out_dir}")
     extra, files, side = {}, {}, None
     if tokenizer_json is not None:
         tokenizer = parse_tokenizer(tokenizer_json, out_dir)
-        extra["multimodal"] = multimodal_metadata(tokenizer, cfg, latents_per_image, out_dir)
+        extra["multimodal"] = multimodal_metadata(tokenizer, cfg, latents_per_image, out_dir, speech)
         files[TOKENIZER] = tokenizer_json
-        side = math.isqrt(latents_per_image)
+        side = math.isqrt(latents_per_image) if latents_per_image else None
     return _write_generator(state_dict, "Transformer", lm_torch_kwargs(cfg, class_dropout, side), out_dir,
                             dtype=dtype, latent_norm=latent_norm, diffusion=diffusion, source=source,
                             experiment_config=experiment_config, extra=extra, files=files)
@@ -208,13 +227,39 @@ def export_sigma_vae(params, vae: SigmaVAE, out_dir: str, *, dtype: str = "float
                      source: dict | None = None, experiment_config: dict | None = None) -> dict:
     state_dict = params_to_state_dict(params, param_mapping.sigma_vae_table(vae), dtype, f"σ-VAE → {out_dir}")
     config = dict(architecture="SigmaVAE", kwargs=vae_torch_kwargs(vae, kl_weight),
-                  image=dict(size=vae.image_size, channels=vae.in_channels, value_range=[-1.0, 1.0], layout="NCHW"),
-                  source=dict(source or {}, dtype=dtype))
+                  image=dict(size=vae.image_size, channels=vae.in_channels, value_range=[-1.0, 1.0], layout="NCHW"))
+    return _write_tokenizer_model(state_dict, config, out_dir, dtype, source, experiment_config)
+
+
+def _write_tokenizer_model(state_dict, config: dict, out_dir: str, dtype: str, source: dict | None,
+                           experiment_config: dict | None) -> dict:
+    """A σ-VAE's files (no other_state.pth); returns config.json's content."""
+    config = dict(config, source=dict(source or {}, dtype=dtype))
     if experiment_config is not None:
         config["experiment_config"] = experiment_config
     if jax.process_index() == 0:
         write_export(out_dir, state_dict, config)
     return config
+
+
+def audio_vae_torch_kwargs(vae: AudioVAE) -> dict:
+    """Constructor arguments of the PyTorch `torch_audio_vae.AudioVAE` (weight norm, if any, is folded in)."""
+    return dict(sample_rate=vae.sample_rate, strides=list(vae.strides), channels=vae.channels,
+                latent_dim=vae.latent_dim, std=vae.std, max_channels=vae.max_channels,
+                res_dilations=list(vae.res_dilations), kernel_size=vae.kernel_size, activation=vae.activation,
+                output=vae.output)
+
+
+def export_audio_vae(params, vae: AudioVAE, out_dir: str, *, dtype: str = "float32", source: dict | None = None,
+                     experiment_config: dict | None = None) -> dict:
+    """Writes the audio σ-VAE's files (docs/pytorch.md §2.2); `params` may hold the discriminators (not exported)."""
+    state_dict = params_to_state_dict({"params": params["params"]}, param_mapping.audio_vae_table(vae), dtype,
+                                      f"audio σ-VAE → {out_dir}")
+    config = dict(architecture="AudioVAE", kwargs=audio_vae_torch_kwargs(vae),
+                  audio=dict(sample_rate=vae.sample_rate, hop_length=vae.hop,
+                             frame_rate=frame_rate(vae.sample_rate, vae.strides), value_range=[-1.0, 1.0],
+                             layout="(B, T)", latent_layout="(B, N, C)", weight_norm_folded=vae.weight_norm))
+    return _write_tokenizer_model(state_dict, config, out_dir, dtype, source, experiment_config)
 
 
 # ---- from a training workdir ----
@@ -294,12 +339,14 @@ def read_text_tokenizer(config, workdir: str) -> bytes:
 
 def export_workdir(workdir: str, out_dir: str, *, params: str = "ema", dtype: str = "float32", what: str = "all",
                    step: int | None = None, vae_params: str = "raw", mesh=None) -> dict:
-    """Exports `<workdir>/lm` to `out_dir` and the σ-VAE to `out_dir/vae` (see the module docstring).
+    """Exports `<workdir>/lm` to `out_dir` and the σ-VAE to `out_dir/vae` — a TTS run's audio σ-VAE to
+    `out_dir/audio_vae` — (see the module docstring).
 
-    The σ-VAE and a multimodal run's text tokenizer are read from `<tokenizer dir>/vae` and
-    `<tokenizer dir>/text/tokenizer.json`, tokenizer dir = `data.tokenizer_workdir` (relative to the workdir) or the
-    workdir, as training reads them (`experiment.tokenizer_dir`, `experiment.data_paths`); for `what="vae"` the run's
-    config comes from `run_config`. Every input is found before anything is restored or written. Arrays are restored
+    The σ-VAE and a multimodal or TTS run's text tokenizer are read from `<tokenizer dir>/vae` (a speech run's:
+    `<tokenizer dir>/audio_vae`) and `<tokenizer dir>/text/tokenizer.json`, tokenizer dir = `data.tokenizer_workdir`
+    (relative to the workdir) or the workdir, as training reads them (`experiment.tokenizer_dir`,
+    `experiment.data_paths`, `speech_stages.audio_vae_dir`); for `what="vae"` the run's config comes from
+    `run_config`. Every input is found before anything is restored or written. Arrays are restored
     onto `mesh` (default: the run's mesh if this machine can build it, else all local devices).
     """
     for name, value in (("params", params), ("vae_params", vae_params)):
@@ -318,16 +365,20 @@ def export_workdir(workdir: str, out_dir: str, *, params: str = "ema", dtype: st
         if arch not in EXPORTABLE_ARCHS:
             raise ConversionError(f"{lm_dir}: model.arch={arch!r} has no PyTorch twin; exportable: "
                                   f"{list(EXPORTABLE_ARCHS)}")
-        tokenizer_json = read_text_tokenizer(config, workdir) if arch == "mllm" else None
+        tokenizer_json = read_text_tokenizer(config, workdir) if arch in TEXT_ARCHS else None
     else:
         config = run_config(workdir)
+    speech = config is not None and is_speech(config)  # its latents come from the audio σ-VAE
     if what in ("all", "vae"):
-        vae_dir = f"{tokenizer_dir(config, workdir) if config is not None else workdir}/vae"
+        if speech:
+            vae_dir, vae_name = audio_vae_dir(config, workdir), "audio σ-VAE"
+        else:
+            vae_dir, vae_name = f"{tokenizer_dir(config, workdir) if config is not None else workdir}/vae", "σ-VAE"
         if not storage.exists(f"{vae_dir}/checkpoints"):
-            raise MissingInputError(f"no σ-VAE checkpoint under {vae_dir}/checkpoints{_shared_hint(config)}")
+            raise MissingInputError(f"no {vae_name} checkpoint under {vae_dir}/checkpoints{_shared_hint(config)}")
         vae_step, vae_meta = read_meta(vae_dir)
         vae_config = config_from_meta(vae_meta, vae_dir)
-        if vae_config.vae.get("kind", "sigma") != "sigma":
+        if not speech and vae_config.vae.get("kind", "sigma") != "sigma":
             raise ConversionError(f"{vae_dir}: only σ-VAEs have an official PyTorch format; vae.kind="
                                   f"{vae_config.vae.kind!r} is not exported")
     # 2. Restore and write.
@@ -345,28 +396,39 @@ def export_workdir(workdir: str, out_dir: str, *, params: str = "ema", dtype: st
         if isinstance(task, DiTTask):
             export_dit(weights, task.model.config, out_dir, **common)
         else:
+            image_text = tokenizer_json is not None and not speech
             export_latent_lm(weights, task.model.config, out_dir, tokenizer_json=tokenizer_json,
-                             latents_per_image=latent_grid_tokens(config) if tokenizer_json else None, **common)
+                             latents_per_image=latent_grid_tokens(config) if image_text else None,
+                             speech=tts_metadata(config, task.latent_stop_id) if speech else None, **common)
         written["lm"] = out_dir
         if tokenizer_json is not None:
             written["tokenizer"] = os.path.join(out_dir, TOKENIZER)
         del state
     if what in ("all", "vae"):
-        task = VAETask.from_config(vae_config)
-        state = restore_state(task, vae_config.vae_optim, vae_config.vae_train, vae_dir, vae_step,
-                              *restore_mesh(vae_config, mesh))
-        export_sigma_vae(state.ema_params if vae_params == "ema" else state.params, task.model,
-                         os.path.join(out_dir, VAE_DIR), dtype=dtype, kl_weight=vae_config.vae.kl_weight,
-                         source=dict(checkpoint=os.path.abspath(vae_dir), step=vae_step, params=vae_params),
-                         experiment_config=json.loads(vae_config.to_json()))
-        written["vae"] = os.path.join(out_dir, VAE_DIR)
+        common = dict(dtype=dtype, source=dict(checkpoint=os.path.abspath(vae_dir), step=vae_step, params=vae_params),
+                      experiment_config=json.loads(vae_config.to_json()))
+        if speech:
+            task = AudioVAETask.from_config(vae_config)
+            state = restore_state(task, vae_config.audio_vae_optim, vae_config.audio_vae_train, vae_dir, vae_step,
+                                  *restore_mesh(vae_config, mesh))
+            written["audio_vae"] = os.path.join(out_dir, AUDIO_VAE_DIR)
+            export_audio_vae(state.ema_params if vae_params == "ema" else state.params, task.model,
+                             written["audio_vae"], **common)
+        else:
+            task = VAETask.from_config(vae_config)
+            state = restore_state(task, vae_config.vae_optim, vae_config.vae_train, vae_dir, vae_step,
+                                  *restore_mesh(vae_config, mesh))
+            written["vae"] = os.path.join(out_dir, VAE_DIR)
+            export_sigma_vae(state.ema_params if vae_params == "ema" else state.params, task.model, written["vae"],
+                             kl_weight=vae_config.vae.kl_weight, **common)
     return written
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True,
-                   help="experiment workdir holding lm/ (and vae/, text/ unless data.tokenizer_workdir shares them)")
+                   help="experiment workdir holding lm/ (and vae/ or audio_vae/, text/ unless data.tokenizer_workdir "
+                        "shares them)")
     p.add_argument("--out", default=None, help="output directory (default <workdir>/export)")
     p.add_argument("--params", choices=["ema", "raw"], default="ema", help="generator (LatentLM or DiT) weights")
     p.add_argument("--vae_params", choices=["ema", "raw"], default="raw",

@@ -6,9 +6,11 @@
   <dir>/other_state.pth     LatentLM and DiT: the official `{"scaling_factor", "bias_factor", "steps", "ema"}`
   <dir>/tokenizer.json      multimodal runs: the text tokenizer, byte-identical to the run's (config.json "multimodal")
   <dir>/vae/                the σ-VAE, same three files (no other_state.pth)
+  <dir>/audio_vae/          TTS runs: the audio σ-VAE instead (`torch_audio_vae.AudioVAE`), same three files
 
 `load_model(dir)` rebuilds the PyTorch module from config.json and loads the weights with `strict=True`;
-`load_tokenizer(dir)` loads the text tokenizer as training encodes with it (docs/pytorch.md §2.1).
+`load_tokenizer(dir)` loads the text tokenizer as training encodes with it (docs/pytorch.md §2.1);
+`load_audio_vae(dir)` loads a TTS export's audio σ-VAE (docs/pytorch.md §2.2).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from latent_lm.convert.torch_audio_vae import AudioVAE
 from latent_lm.convert.torch_modules import DiT, Transformer
 from latent_lm.convert.torch_sigma_vae import SigmaVAE
 from latent_lm.errors import UserError
@@ -27,8 +30,9 @@ from latent_lm.errors import UserError
 FORMAT = "latent_lm.convert/1"
 SAFETENSORS, TORCH_PT, CONFIG, OTHER_STATE, VAE_DIR = "model.safetensors", "model.pt", "config.json", \
     "other_state.pth", "vae"
+AUDIO_VAE_DIR = "audio_vae"
 TOKENIZER = "tokenizer.json"  # latent_lm.text.tokenizer.TOKENIZER_FILE (not imported: this module needs no JAX)
-MODEL_CLASSES = {"Transformer": Transformer, "DiT": DiT, "SigmaVAE": SigmaVAE}
+MODEL_CLASSES = {"Transformer": Transformer, "DiT": DiT, "SigmaVAE": SigmaVAE, "AudioVAE": AudioVAE}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -143,6 +147,21 @@ def load_model(model_dir: str, device: str = "cpu", dtype: torch.dtype | None = 
     return model.eval(), config
 
 
+def load_audio_vae(export_dir: str, device: str = "cpu", dtype: torch.dtype | None = None
+                   ) -> tuple[AudioVAE, dict[str, Any]]:
+    """(the audio σ-VAE of a TTS export, in eval mode, its config.json): `<export_dir>/audio_vae` (or that directory
+    itself), loaded as `load_model` does."""
+    model_dir = export_dir if os.path.basename(os.path.normpath(export_dir)) == AUDIO_VAE_DIR else \
+        os.path.join(export_dir, AUDIO_VAE_DIR)
+    if not os.path.exists(os.path.join(model_dir, CONFIG)):
+        raise ConversionError(f"{model_dir}/{CONFIG} not found: only an export of a TTS run (model.arch='tts') holds "
+                              f"the audio σ-VAE")
+    model, config = load_model(model_dir, device, dtype)
+    if not isinstance(model, AudioVAE):
+        raise ConversionError(f"{model_dir}: architecture {config['architecture']!r} is not an 'AudioVAE'")
+    return model, config
+
+
 def load_tokenizer(model_dir: str):
     """The text tokenizer of a multimodal export (`tokenizers.Tokenizer`), set to encode as training does: a special
     token's spelling inside text stays text (`encode_special_tokens = True`; `tokenizer.json` does not store it).
@@ -151,8 +170,8 @@ def load_tokenizer(model_dir: str):
 
     path = os.path.join(model_dir, TOKENIZER)
     if not os.path.exists(path):
-        raise ConversionError(f"{path} not found: only an export of a multimodal run (model.arch='mllm') holds the "
-                              f"text tokenizer")
+        raise ConversionError(f"{path} not found: only an export of a multimodal or TTS run (model.arch='mllm' or "
+                              f"'tts') holds the text tokenizer")
     tok = tokenizers.Tokenizer.from_file(path)
     tok.encode_special_tokens = True
     return tok

@@ -28,6 +28,17 @@ CODEC_FRAME_RATE = 75.0  # the 75 Hz codec LMs the paper compares autoregressive
 
 
 @dataclasses.dataclass
+class Speech:
+    """What `TTSGenerator.speak` returns: normalised latents [n_i, C] per prompt, `<eod>` ended it (else
+    `tts.max_frames` did), generation wall time without compiling, and the compile time."""
+
+    latents: list[np.ndarray]
+    ended: np.ndarray
+    seconds: float
+    compile_seconds: float
+
+
+@dataclasses.dataclass
 class TTSGenerator:
     """A trained TTS model ready to speak: its task and parameters and the sampler settings of the config. Prompts
     go in batches of `batch` (one compiled shape per prompt width; the last batch is filled with repeats)."""
@@ -54,27 +65,31 @@ class TTSGenerator:
         speech = [z[k] for k in np.flatnonzero(doc["is_latent"])]
         return items, [BOS, NULL, BOD, *speech]
 
-    def speak(self, prompts: Sequence[dict], rng: jax.Array) -> tuple[list[np.ndarray], np.ndarray]:
-        """Prompt documents ending inside a speech span → (the generated normalised latents of each [n_i, C],
-        whether each ended with `<eod>` rather than at `tts.max_frames`)."""
+    def speak(self, prompts: Sequence[dict], rng: jax.Array) -> Speech:
+        """Prompt documents ending inside a speech span → the generated normalised latents of each, whether each
+        ended with `<eod>`, and the wall time of generation apart from the one compile (its own figure)."""
         settings = self.settings()
         run = make_generator(self.task.model, self.task.schedule, settings)
         c = self.task.model.config.latent_dim
         pairs = [self._items(d, jax.random.fold_in(rng, i)) for i, d in enumerate(prompts)]
-        width = max(len(p[0]) for p in pairs)
-        latents, ended = [], []
+        width, null_width = (max(len(p[k]) for p in pairs) for k in (0, 1))  # one shape for every call
+        calls = []
         for i in range(0, len(pairs), self.batch):
             part = pairs[i:i + self.batch]
-            n = len(part)
-            part = part + [part[-1]] * (self.batch - n)
-            null = make_prompt([p[1] for p in part], c) if self.cfg_scale is not None else None
-            g = jax.device_get(run(self.params, make_prompt([p[0] for p in part], c, width),
-                                   jax.random.fold_in(rng, 1_000_003 + i), null))
-            for b in range(n):
+            part = part + [part[-1]] * (self.batch - len(part))
+            null = make_prompt([p[1] for p in part], c, null_width) if self.cfg_scale is not None else None
+            calls.append((make_prompt([p[0] for p in part], c, width), jax.random.fold_in(rng, 1_000_003 + i), null))
+        t0 = time.perf_counter()
+        compiled = run.lower(self.params, *calls[0]).compile()
+        compile_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
+        latents, ended = [], []
+        for k, (prompt, key, null) in enumerate(calls):
+            g = jax.device_get(compiled(self.params, prompt, key, null))
+            for b in range(min(self.batch, len(pairs) - k * self.batch)):
                 count = int(g.num_generated[b])
                 latents.append(np.asarray(g.latents[b, :count][g.is_latent[b, :count]]))
                 ended.append(count > 0 and not g.is_latent[b, count - 1] and int(g.tokens[b, count - 1]) == EOD)
-        return latents, np.asarray(ended)
+        return Speech(latents, np.asarray(ended), time.perf_counter() - t0, compile_seconds)
 
 
 def duration_within(generated_seconds: np.ndarray, real_seconds: np.ndarray, tolerance: float = 0.2) -> np.ndarray:
@@ -102,17 +117,16 @@ def evaluation_pairs(data: SpeechDocuments, count: int, seed: int) -> list[tuple
 def zero_shot(gen: TTSGenerator, data: SpeechDocuments, pairs: Sequence[tuple[int, int]], prompt_frames: int,
               rng: jax.Array) -> dict[str, dict[str, Any]]:
     """Both zero-shot modes on `pairs`: per mode, the prompt μ frames that precede the generation (data space), the
-    generated latents (data space, denormalised), whether `<eod>` ended them, and the generation's wall time."""
+    generated latents (data space, denormalised), whether `<eod>` ended them, and the generation's wall time (without
+    its compile, `compile_seconds`)."""
     out = {}
     for m, mode in enumerate(MODES):
         if mode == "continuation":
             prompts = [continuation_prompt(data, u, prompt_frames) for _, u in pairs]
         else:
             prompts = [reference_prompt(data, r, u) for r, u in pairs]
-        t0 = time.time()
-        latents, ended = gen.speak(prompts, jax.random.fold_in(rng, m))
-        seconds = time.time() - t0
+        speech = gen.speak(prompts, jax.random.fold_in(rng, m))
         out[mode] = {"prompt_mu": [d["latents"][d["is_latent"]] for d in prompts],
-                     "generated": [np.asarray(gen.task.norm.denormalize(z)) for z in latents], "ended": ended,
-                     "seconds": seconds}
+                     "generated": [np.asarray(gen.task.norm.denormalize(z)) for z in speech.latents],
+                     "ended": speech.ended, "seconds": speech.seconds, "compile_seconds": speech.compile_seconds}
     return out

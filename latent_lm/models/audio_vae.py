@@ -52,6 +52,7 @@ OUTPUTS = ("tanh", "clip", "none")
 STRIDE_PRESETS: dict[str, tuple[tuple[int, ...], int]] = {
     "embedded_25hz": ((4, 4, 5, 8), 16_000),       # 640× at 16 kHz → 25 Hz
     "embedded_12.5hz": ((4, 4, 5, 8, 2), 16_000),  # 1280× → 12.5 Hz
+    "embedded_50hz": ((4, 4, 5, 4), 16_000),       # 320× → 50 Hz
     "paper_7.5hz": ((4, 4, 5, 5, 8), 24_000),      # 3200× at 24 kHz → 7.5 Hz (the paper's tokenizer)
     "paper_15hz": ((2, 4, 5, 5, 8), 24_000),       # 1600× → 15 Hz
     "paper_30hz": ((2, 4, 5, 5, 4), 24_000),       # 800× → 30 Hz

@@ -9,13 +9,13 @@ its own σ, normalises them, builds the next-position targets and calls the shar
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from data_pipelines.mllm_documents import load_split
-from data_pipelines.packing import make_document_dataset
+from data_pipelines.packing import make_document_dataset, packed_batch_shapes
 from latent_lm.diffusion import NoiseSchedule, make_schedule
 from latent_lm.latents import LatentNormalization, LatentPosterior
 from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
@@ -95,6 +95,11 @@ class MultimodalTask:
                                      latent_capacity=self.head_capacity,
                                      null_prompt_rate=self.documents["null_prompt_rate"] if train else 0.0,
                                      shuffle=train, repeat=train, num_workers=num_workers if train else 0)
+
+    def batch_shapes(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """{key: (shape, dtype)} of `batch_size` packed rows as `loss` takes them (latent_lm/planning.py lowers the
+        train step on them)."""
+        return packed_batch_shapes(batch_size, self.seq_len, self.model.config.latent_dim)
 
     def model_latents(self, rng, latents, is_latent):
         """Cached μ at the latent positions of rows [B, T, C] → the model's latents: z = μ + σ·ε with one σ per image

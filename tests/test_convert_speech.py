@@ -1,0 +1,273 @@
+"""PyTorch export of the audio σ-VAE and of a TTS run (issue 16), docs/pytorch.md §2.2.
+
+The PyTorch audio σ-VAE (`convert/torch_audio_vae.py`) against the JAX `AudioVAE` for the embedded stride preset (the
+tiny TTS config's σ-VAE) and the 75 Hz preset with weight norm, SiLU and a linear output; its streaming decode
+against its full decode. A tiny `configs/tts.py:tiny=1` run written without training (random params in every leaf,
+`conftest.write_random_checkpoint`), sharing its tokenizer dir (`data.tokenizer_workdir="../tok"`), exported through
+the CLI: `tokenizer.json` byte for byte, the audio σ-VAE in `audio_vae/`, and the PyTorch Transformer matching JAX
+on packed TTS documents (fp32). A missing input is one error line."""
+
+import contextlib
+import io
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import write_random_checkpoint
+from test_convert_mllm import _one_torch_thread  # noqa: F401  (autouse: one torch thread, see tests/test_convert.py)
+
+from configs import tts
+from data_pipelines.packing import make_packed_dataset
+from data_pipelines.tts_documents import EOD, SpeechDocuments, TTSDocumentSource
+from latent_lm import cli
+from latent_lm.convert import to_torch
+from latent_lm.convert.torch_audio_vae import AudioVAE as TorchAudioVAE
+from latent_lm.convert.torch_files import ConversionError, load_audio_vae, load_model, read_config
+from latent_lm.latents import LatentNormalization
+from latent_lm.models.audio_vae import STRIDE_PRESETS, AudioVAE, make_audio_vae
+from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
+from latent_lm.text.tokenizer import train_tokenizer
+from latent_lm.training.tasks import make_generator_task
+from latent_lm.training.tasks.audio_vae import AudioVAETask
+
+PHONEMES = ["ðə kwɪk bɹaʊn fɒks dʒʌmps oʊvɚ ðə leɪzi dɑːɡ", "hiː sɛd ðæt ðə tɹeɪn wʊd biː leɪt",
+            "ʃiː sɛlz siː ʃɛlz baɪ ðə siː ʃɔːɹ", "ðə bʊk ɪz ɑːn ðə teɪbəl", "wʌn tuː θɹiː fɔːɹ faɪv",
+            "ɪt ɪz ə bjuːtɪfəl deɪ"] * 3
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: compiling is most of the cost
+STEP = 7
+FRAMES = 6  # latent frames of the parity audio
+TOL = 1e-5
+
+
+def _tiny_tts_config():
+    config = tts.get_config("tiny=1")
+    config.model.depth = 1
+    config.data.tokenizer_workdir = "../tok"
+    return config
+
+
+def _random_audio_vae_variables(model: AudioVAE, rng) -> dict:
+    """Random JAX variables of `model` at the PyTorch default init's scale (biases and gains too), built from the
+    param shapes (`jax.eval_shape`: compiling the init costs more than the whole test)."""
+    x = jnp.zeros((1, model.hop), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, rng=jax.random.PRNGKey(1)))
+
+    def leaf(path, a):
+        name = path[-1].key
+        if name == "kernel":
+            bound = 1.0 / np.sqrt(a.shape[0] * a.shape[1])
+            return rng.uniform(-bound, bound, a.shape).astype(np.float32)
+        low, high = (0.5, 1.5) if name == "weight_g" else (-0.2, 0.2)
+        return rng.uniform(low, high, a.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def _jax_codec(model: AudioVAE):
+    encode = jax.jit(lambda v, x: model.apply(v, x, method=AudioVAE.encode))
+    decode = jax.jit(lambda v, z: model.apply(v, z, method=AudioVAE.decode))
+    return encode, decode
+
+
+def _assert_codec_matches(torch_vae: TorchAudioVAE, jax_vae: AudioVAE, variables, rng) -> dict[str, float]:
+    """Encode μ and decode of the PyTorch twin equal JAX's within TOL on non-trivial values; returns the errors."""
+    audio = rng.uniform(-0.9, 0.9, (2, FRAMES * jax_vae.hop)).astype(np.float32)
+    z = rng.standard_normal((2, FRAMES, jax_vae.latent_dim)).astype(np.float32)
+    encode, decode = _jax_codec(jax_vae)
+    want = {"mu": np.asarray(encode(variables, audio)), "audio": np.asarray(decode(variables, z))}
+    with torch.no_grad():
+        got = {"mu": torch_vae.encode(torch.from_numpy(audio)).numpy(),
+               "audio": torch_vae.decode(torch.from_numpy(z)).numpy()}
+    errors = {}
+    for k in want:
+        assert got[k].shape == want[k].shape, k
+        assert np.abs(want[k]).max() > 0.05, k  # non-trivial values
+        errors[k] = float(np.abs(got[k] - want[k]).max())
+        assert errors[k] <= TOL, (k, errors[k])
+    return errors
+
+
+AUDIO_VAES = {
+    "embedded_25hz": lambda: make_audio_vae(_tiny_tts_config()),  # the tiny TTS run's σ-VAE
+    "paper_75hz_weight_norm": lambda: AudioVAE(sample_rate=24_000, strides=STRIDE_PRESETS["paper_75hz"][0],
+                                               channels=4, max_channels=16, latent_dim=8, res_dilations=(1, 3),
+                                               activation="silu", weight_norm=True, output="none"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AUDIO_VAES))
+def test_torch_audio_vae_matches_jax(name, tmp_path):
+    """Export (`to_torch.export_audio_vae`) → `load_audio_vae` → encode μ and decode equal JAX's; a weight-normed
+    model is exported with its effective kernels."""
+    jax_vae = AUDIO_VAES[name]()
+    rng = np.random.default_rng(0)
+    variables = _random_audio_vae_variables(jax_vae, rng)
+    config = to_torch.export_audio_vae(variables, jax_vae, str(tmp_path / "audio_vae"))
+    torch_vae, loaded = load_audio_vae(str(tmp_path))
+    assert loaded["kwargs"] == config["kwargs"] and loaded["audio"]["hop_length"] == jax_vae.hop
+    assert loaded["audio"]["weight_norm_folded"] == jax_vae.weight_norm
+    _assert_codec_matches(torch_vae, jax_vae, variables, rng)
+
+
+def test_torch_stream_decode_equals_full_decode():
+    """Chunks of any sizes, with the state carried, give the full decode; the state is not modified in place; the
+    first frames' samples do not depend on later latents (causal)."""
+    torch.manual_seed(0)
+    vae = TorchAudioVAE(16_000, (2, 4, 5), channels=4, latent_dim=8, max_channels=16, res_dilations=(1, 3),
+                        output="none").eval()
+    z = torch.randn(2, 10, 8)
+    with torch.no_grad():
+        full = vae.decode(z)
+        chunks, state = [], None
+        for a, b in [(0, 1), (1, 4), (4, 6), (6, 10)]:
+            audio, state = vae.decode_stream(z[:, a:b], state)
+            chunks.append(audio)
+        again, _ = vae.decode_stream(z[:, :1])
+        prefix = vae.decode(z[:, :4])
+    assert full.shape == (2, 10 * vae.hop) and full.abs().max() > 0.05
+    assert (torch.cat(chunks, 1) - full).abs().max() <= 1e-6
+    assert torch.equal(again, chunks[0])
+    assert (prefix - full[:, :4 * vae.hop]).abs().max() <= 1e-6
+
+
+def write_tiny_tts_run(root: str) -> dict:
+    """`<root>/run`: lm/ checkpoints (step 7) of a `tts.py:tiny=1` run (depth 1) sharing `<root>/tok` (audio_vae/
+    checkpoints and text/tokenizer.json) through `data.tokenizer_workdir="../tok"`, written without training.
+    Returns dict(run, tok, config, lm_ema, audio_vae_raw, tokenizer)."""
+    config = _tiny_tts_config()
+    run, tok_dir = os.path.join(root, "run"), os.path.join(root, "tok")
+    tokenizer = train_tokenizer(PHONEMES, config.text.vocab_size)
+    tokenizer.save(os.path.join(tok_dir, "text"))
+    norm = LatentNormalization(scale=0.8, bias=0.1)
+    rng = np.random.default_rng(0)
+    _, lm_ema = write_random_checkpoint(make_generator_task(config, norm), config.optim, config.train, f"{run}/lm",
+                                        config, {"latent_norm": norm.to_dict()}, rng, STEP)
+    audio_raw, _ = write_random_checkpoint(AudioVAETask.from_config(config), config.audio_vae_optim,
+                                           config.audio_vae_train, f"{tok_dir}/audio_vae", config, {}, rng, STEP)
+    return dict(run=run, tok=tok_dir, config=config, lm_ema=lm_ema, audio_vae_raw=audio_raw, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tts_run(tmp_path_factory, fast_compile):
+    return write_tiny_tts_run(str(tmp_path_factory.mktemp("tts_run")))
+
+
+@pytest.fixture(scope="module")
+def tts_export(tts_run, tmp_path_factory):
+    """`python -m latent_lm.convert.to_torch --workdir=<run>` and its stdout lines."""
+    out = str(tmp_path_factory.mktemp("tts_export") / "export")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli.run(to_torch.main, ["--workdir", tts_run["run"], "--out", out]) == 0
+    return out, stdout.getvalue().splitlines()
+
+
+def test_export_holds_the_generator_the_tokenizer_and_the_audio_vae(tts_run, tts_export):
+    run, (out, stdout) = tts_run, tts_export
+    assert stdout == [f"exported lm to {out}", f"exported tokenizer to {out}/tokenizer.json",
+                      f"exported audio_vae to {out}/audio_vae"]
+    assert sorted(os.listdir(out)) == ["audio_vae", "config.json", "model.pt", "model.safetensors",
+                                       "other_state.pth", "tokenizer.json"]
+    with open(os.path.join(run["tok"], "text", "tokenizer.json"), "rb") as f, \
+            open(os.path.join(out, "tokenizer.json"), "rb") as g:
+        assert f.read() == g.read()  # byte-identical
+    config, tok, a = read_config(out), run["tokenizer"], run["config"].audio_vae
+    assert config["multimodal"] == dict(arch="tts", tokenizer="tokenizer.json", text_vocab_size=512,
+                                        tokenizer_vocab_size=tok.vocab_size, text_token_offset=0,
+                                        special_tokens=tok.special, input="phonemes", latent_stop_id=EOD,
+                                        max_frames=run["config"].tts.max_frames, audio_vae="audio_vae",
+                                        sample_rate=16_000, hop_length=640, frame_rate=25.0)
+    k = config["kwargs"]
+    assert (k["num_classes"], k["text_vocab_size"], k["max_len"], k["in_channels"]) == (0, 512, 192, a.latent_dim)
+    assert config["latent_norm"] == {"scale": 0.8, "bias": 0.1} and config["source"]["step"] == STEP
+
+    audio_config = read_config(os.path.join(out, "audio_vae"))
+    assert audio_config["architecture"] == "AudioVAE" and audio_config["source"]["params"] == "raw"
+    assert audio_config["source"]["checkpoint"] == os.path.abspath(os.path.join(run["tok"], "audio_vae"))
+    assert audio_config["kwargs"] == dict(sample_rate=16_000, strides=[4, 4, 5, 8], channels=a.channels,
+                                          latent_dim=a.latent_dim, std=a.std, max_channels=a.max_channels,
+                                          res_dilations=list(a.res_dilations), kernel_size=7, activation="elu",
+                                          output="tanh")
+    # The exported audio σ-VAE is the checkpoint's (the task's param tree without discriminators).
+    torch_vae, _ = load_audio_vae(out)
+    jax_vae = make_audio_vae(run["config"])
+    _assert_codec_matches(torch_vae, jax_vae, {"params": run["audio_vae_raw"]["params"]}, np.random.default_rng(1))
+
+
+def _tts_rows(run: dict, rows: int = 2) -> dict[str, np.ndarray]:
+    """Packed rows of TTS documents (pairs, singles, `<null>` prompts as configured) from the training pipeline
+    (`TTSDocumentSource`, `make_packed_dataset`), over random phoneme ids and random latents of 2 speakers."""
+    config, tok = run["config"], run["tokenizer"]
+    rng = np.random.default_rng(0)
+    ids = [np.asarray(i, np.int32) for i in tok.encode_batch(PHONEMES[:6])]
+    mu = [rng.standard_normal((int(n), config.model.latent_dim)).astype(np.float32)
+          for n in rng.integers(8, 30, len(ids))]
+    data = SpeechDocuments(ids, mu, np.arange(len(ids)) % 2, PHONEMES[:6], config.model.max_len)
+    source = TTSDocumentSource(data, seed=0, pair_rate=config.tts.pair_rate, null_prompt_rate=0.3)
+    dataset = make_packed_dataset(source, config.model.max_len, rows, seed=0,
+                                  latent_capacity=config.model.head_capacity, shuffle=False)
+    return next(iter(dataset))
+
+
+def test_tts_documents_match_jax(tts_run, tts_export):
+    """Conditions, LM logits (p(<eod>) at every latent included) and diffusion-head outputs of the exported
+    Transformer equal JAX's on packed TTS rows, with per-document positions and attention."""
+    run, out = tts_run, tts_export[0]
+    model, config = load_model(out)
+    cfg = LatentLMConfig.from_config(run["config"])
+    batch = _tts_rows(run)
+    tokens, is_latent, segments, positions = (batch[k] for k in ("tokens", "is_latent", "segment_ids", "positions"))
+    assert (tokens == EOD).sum() >= 2 and segments.max() >= 2 and is_latent.sum() > 40  # whole documents, packed
+    rng = np.random.default_rng(1)
+    latents = np.where(is_latent[..., None], batch["latents"], 0).astype(np.float32)
+    t = rng.integers(0, 1000, tokens.shape)
+    x_t = rng.standard_normal(latents.shape).astype(np.float32)
+    m = LatentLM(cfg)
+
+    @jax.jit
+    def forward(p, tokens, latents, is_latent, positions, segments, x_t, t):
+        cond, hidden = m.apply(p, tokens, latents, is_latent, positions, segments)
+        return cond, m.apply(p, hidden, method=LatentLM.lm_logits), m.apply(p, x_t, t, cond, method=LatentLM.diffuse)
+
+    inputs = dict(tokens=tokens, latents=latents, is_latent=is_latent, positions=positions, segments=segments,
+                  x_t=x_t, t=t)
+    want = dict(zip(("conditions", "logits", "head"), map(np.asarray, forward(run["lm_ema"], **inputs))))
+    with torch.no_grad():
+        tt = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+        cond, hidden = model.forward_tokens(tt["tokens"].long(), tt["latents"], tt["is_latent"],
+                                            positions=tt["positions"].long(), segment_ids=tt["segments"])
+        got = dict(conditions=cond.numpy(), logits=model.lm_logits(hidden).numpy(),
+                   head=model.diffuse_tokens(tt["x_t"], tt["t"].float(), cond).numpy())
+    for name in want:
+        assert np.abs(want[name]).max() > 0.05, name  # non-trivial values
+        assert np.abs(got[name] - want[name]).max() <= TOL, name
+    stop = config["multimodal"]["latent_stop_id"]
+    p_stop = {k: jax.nn.softmax(v, axis=-1)[..., stop][is_latent] for k, v in (("jax", want["logits"]),
+                                                                               ("torch", got["logits"]))}
+    assert np.abs(np.asarray(p_stop["jax"]) - np.asarray(p_stop["torch"])).max() <= 1e-6
+
+
+def test_missing_audio_vae_or_tokenizer_is_one_error_line(tts_run, tmp_path, capsys):
+    """A run copied without its shared tokenizer dir: each --what names the path training would read; nothing is
+    written. `--what=vae` of the intact run exports the audio σ-VAE alone; `load_audio_vae` of a directory without
+    one says what holds it."""
+    moved = str(tmp_path / "elsewhere" / "run")
+    shutil.copytree(tts_run["run"], moved)
+    out = str(tmp_path / "export")
+    for what, message in [("lm", f"error: text tokenizer {tmp_path}/elsewhere/tok/text/tokenizer.json not found "
+                                 f"(the run's data.tokenizer_workdir='../tok', relative to the workdir)"),
+                          ("vae", f"error: no audio σ-VAE checkpoint under {tmp_path}/elsewhere/tok/audio_vae/"
+                                  f"checkpoints (the run's data.tokenizer_workdir='../tok'")]:
+        assert cli.run(to_torch.main, ["--workdir", moved, "--out", out, "--what", what]) == 2, what
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(message), (what, err)
+    assert not os.path.exists(out)
+
+    assert to_torch.export_workdir(tts_run["run"], out, what="vae") == {"audio_vae": f"{out}/audio_vae"}
+    assert sorted(os.listdir(out)) == ["audio_vae"]
+    with pytest.raises(ConversionError, match="only an export of a TTS run"):
+        load_audio_vae(str(tmp_path))
