@@ -200,10 +200,14 @@ class MemoryPlan:
         return None if hbm is None else self.total <= usable_fraction * hbm
 
     def roofline(self) -> "Roofline | None":
-        """Step time bounded by the chip's peaks, from `step_cost`'s figures (None without a chip or the probe)."""
+        """Step time bounded by the chip's peaks, from `step_cost`'s figures (None without a chip or the probe).
+
+        The chip executes at least the model's counted FLOPs (its matmuls), so a probe below that count is wrong
+        (seen once: 13B on 8 v5p chips, 0.87×, docs/scaling_out.md §6.4) and the model count replaces it."""
         if self.chip is None or self.step_flops is None or self.step_bytes is None:
             return None
-        return Roofline(self.chip, self.step_flops, self.step_bytes, self.model_flops / self.num_devices)
+        model = self.model_flops / self.num_devices
+        return Roofline(self.chip, max(self.step_flops, model), self.step_bytes, model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -575,12 +579,14 @@ def format_plan(plan: MemoryPlan, title: str = "", usable_fraction: float = USAB
                      f"(usable {100 * usable_fraction:.0f}%)")
     per_device = plan.model_flops / plan.num_devices
     if plan.compiled_flops is not None:
-        lines.append(f"  FLOPs per device and step: model count {per_device:.3g}; compiled "
-                     f"{plan.compiled_flops:.3g} (a scanned loop's body counted once), "
+        lines.append("  FLOPs per device and step: " + (f"model count {per_device:.3g}; " if per_device else "")
+                     + f"compiled {plan.compiled_flops:.3g} (a scanned loop's body counted once), "
                      f"{plan.compiled_bytes_accessed:.3g} HBM bytes")
     if plan.step_flops is not None and per_device:
         lines.append(f"  every layer counted (unrolled depth-1/2 probes): {plan.step_flops:.3g} FLOPs "
-                     f"({plan.step_flops / per_device:.2f}× the model count), {plan.step_bytes:.3g} HBM bytes")
+                     f"({plan.step_flops / per_device:.2f}× the model count), {plan.step_bytes:.3g} HBM bytes"
+                     + ("; below the model count: the probes are wrong here, the roofline uses the model count"
+                        if plan.step_flops < per_device else ""))
     roof = plan.roofline()
     if roof is not None:
         lines.append(f"  roofline on {roof.chip.name} ({roof.chip.bf16_flops / 1e12:g} TFLOP/s bf16, "

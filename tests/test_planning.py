@@ -138,3 +138,18 @@ def test_cli_gives_itself_the_fake_devices():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "on 16 devices, mesh data=2 fsdp=8 tensor=1, global batch 32" in out.stdout
     assert "does NOT fit" in out.stdout  # a few MB per device against 10 MB at 90% usable
+
+
+def test_tokenizer_only_config_plans_its_vae_step():
+    """A config whose stages train the σ-VAE and no generator (configs/imagenet_vae.py) plans the σ-VAE's step: its
+    optimizer state, its batch of images, the GAN and LPIPS terms traced (random LPIPS weights: only shapes matter)."""
+    from configs import imagenet_vae
+
+    config = imagenet_vae.get_config("tiny=1")
+    config.mesh.shape = (1, 8, 1)
+    config.vae_train.batch_size = 16
+    plan = plan_memory(config, 8, stage="lower")
+    assert plan.batch == (16 // 8) * 28 * 28 * 1 * 4  # float32 images [B, 28, 28, 1] over data×fsdp
+    assert plan.global_batch == 16 and plan.model_flops == 0  # no model FLOP count for the σ-VAE
+    assert plan.opt_state == 2 * plan.params + 8 and plan.activation_source == "lowered only (analytic)"
+    assert plan.peak_phase == "update" and plan.activations > 0
