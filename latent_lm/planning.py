@@ -203,7 +203,8 @@ class MemoryPlan:
         """Step time bounded by the chip's peaks, from `step_cost`'s figures (None without a chip or the probe).
 
         The chip executes at least the model's counted FLOPs (its matmuls), so a probe below that count is wrong
-        (seen once: 13B on 8 v5p chips, 0.87×, docs/scaling_out.md §6.4) and the model count replaces it."""
+        and the model count replaces it: on the 2-host slice v5p:2x2x2 the probes lose remat's recompute whatever
+        the size (Base: 0.87× the model count there, 1.13× on v5p:2x2x1; docs/scaling_out.md §6.4)."""
         if self.chip is None or self.step_flops is None or self.step_bytes is None:
             return None
         model = self.model_flops / self.num_devices
