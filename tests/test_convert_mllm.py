@@ -80,14 +80,17 @@ def mllm_run(tmp_path_factory):
     return write_tiny_mllm_run(str(tmp_path_factory.mktemp("mllm_run")))
 
 
-@pytest.fixture(scope="module")
-def mllm_export(mllm_run, tmp_path_factory):
-    """`python -m latent_lm.convert.to_torch --workdir=<run>` (--what=all) and its stdout lines."""
-    out = str(tmp_path_factory.mktemp("mllm_export") / "export")
+def export_run(run: str, out: str) -> tuple[str, list[str]]:
+    """`python -m latent_lm.convert.to_torch --workdir=<run> --out=<out>` (--what=all): out and its stdout lines."""
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert cli.run(to_torch.main, ["--workdir", mllm_run["run"], "--out", out]) == 0
+        assert cli.run(to_torch.main, ["--workdir", run, "--out", out]) == 0
     return out, stdout.getvalue().splitlines()
+
+
+@pytest.fixture(scope="module")
+def mllm_export(mllm_run, tmp_path_factory):
+    return export_run(mllm_run["run"], str(tmp_path_factory.mktemp("mllm_export") / "export"))
 
 
 def _flat(params):

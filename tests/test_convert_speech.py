@@ -7,8 +7,6 @@ against its full decode. A tiny `configs/tts.py:tiny=1` run written without trai
 the CLI: `tokenizer.json` byte for byte, the audio σ-VAE in `audio_vae/`, and the PyTorch Transformer matching JAX
 on packed TTS documents (fp32). A missing input is one error line."""
 
-import contextlib
-import io
 import os
 import shutil
 
@@ -18,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_random_checkpoint
-from test_convert_mllm import _one_torch_thread  # noqa: F401  (autouse: one torch thread, see tests/test_convert.py)
+from test_convert_mllm import _one_torch_thread, export_run  # noqa: F401  (autouse: one torch thread, see tests/test_convert.py)
 
 from configs import tts
 from data_pipelines.packing import make_packed_dataset
@@ -158,12 +156,7 @@ def tts_run(tmp_path_factory, fast_compile):
 
 @pytest.fixture(scope="module")
 def tts_export(tts_run, tmp_path_factory):
-    """`python -m latent_lm.convert.to_torch --workdir=<run>` and its stdout lines."""
-    out = str(tmp_path_factory.mktemp("tts_export") / "export")
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        assert cli.run(to_torch.main, ["--workdir", tts_run["run"], "--out", out]) == 0
-    return out, stdout.getvalue().splitlines()
+    return export_run(tts_run["run"], str(tmp_path_factory.mktemp("tts_export") / "export"))
 
 
 def test_export_holds_the_generator_the_tokenizer_and_the_audio_vae(tts_run, tts_export):
