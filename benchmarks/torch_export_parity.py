@@ -30,7 +30,7 @@ from data_pipelines.embedded import load_embedded
 from latent_lm.convert import to_torch, torch_sampling
 from latent_lm.convert.torch_files import VAE_DIR, load_model
 from latent_lm.evaluation import classifier as clf
-from latent_lm.experiment import tokenizer_dir
+from latent_lm import stage_inputs
 from latent_lm.evaluation.frechet import feature_stats, frechet_distance
 from latent_lm.pixels import to_uint8
 from latent_lm.models.sigma_vae import SigmaVAE
@@ -46,7 +46,7 @@ def jax_models(workdir: str, params: str):
     task = LatentLMTask.from_config(config, LatentNormalization(**meta["latent_norm"]))
     mesh, rules = to_torch.restore_mesh(config)
     state = to_torch.restore_state(task, config.optim, config.train, f"{workdir}/lm", step, mesh, rules)
-    vae_dir = f"{tokenizer_dir(config, workdir)}/vae"  # data.tokenizer_workdir when the run shares its σ-VAE
+    vae_dir = stage_inputs.vae_dir(config, workdir)  # data.vae_workdir / data.tokenizer_workdir when shared
     vstep, vmeta = to_torch.read_meta(vae_dir)
     vconfig = to_torch.config_from_meta(vmeta, vae_dir)
     vtask = VAETask.from_config(vconfig)

@@ -27,9 +27,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # tfds datasets (ImageNet): `data_dir` of the prepared ArrayRecord files ("" = tfds default), σ-VAE training
     # `mixture` of (tfds name, weight) pairs, ADM `random_flip`; latent caches have `cache_shards` shard files.
     # `tokenizer_workdir`: where vae/ and latents/ live when one tokenizer serves many runs ("" = the workdir).
+    # `vae_workdir`: another run whose vae/ is read in place ("" = the tokenizer dir's; docs/experiments.md §10.4).
     c.data = ml_collections.ConfigDict(dict(
         dataset=dataset, image_size=28, channels=1, num_classes=DATASETS[dataset], num_workers=0, data_dir="",
-        mixture=(), random_flip=True, cache_shards=4, encode_batch_size=500, tokenizer_workdir=""))
+        mixture=(), random_flip=True, cache_shards=4, encode_batch_size=500, tokenizer_workdir="", vae_workdir=""))
 
     # σ-VAE (docs/method.md §2): ViT encoder/decoder, patch 4 → a 7×7 grid of latent vectors. `kind="kl"` is the
     # learned-variance KL-VAE control (docs/method.md §2.4): `std` is then unused and `kl_weight` weighs the true KL

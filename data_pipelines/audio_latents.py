@@ -4,7 +4,8 @@ record per utterance in ArrayRecord shards (docs/method.md §12), written once (
 Layout of `<tokenizer dir>/audio_latents/<split>/` (the conventions of `data_pipelines/latent_cache.py`):
   audio_latents-00000-of-00004.array_record  one record per utterance (RECORD_FORMAT); shard i holds utterances
                                              [start_i, end_i) of the corpus split, in corpus order
-  audio_latents-00000-of-00004.json          shard i's range, frame count, μ sums and the writer's fingerprint
+  audio_latents-00000-of-00004.json          shard i's range, frame count (in all and per record), μ sums and the
+                                             writer's fingerprint
   meta.json                                  {"count", "latent_dim", "frame_rate", "frames", "moments",
                                               "fingerprint", "files", "record_format", "metadata"}; written last
 Record i of a split is utterance i of the corpus split (text and phonemes stay in the corpus, joined by index).
@@ -24,7 +25,9 @@ latent cache.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import operator
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -75,6 +78,7 @@ def decode_record(record: bytes, latent_dim: int) -> tuple[np.ndarray, int, int]
 def _write_shard(path: str, name: str, start: int, end: int, encode_range: EncodeRange, latent_dim: int,
                  expect: dict[str, Any]) -> None:
     stats = {"count": 0, "frames": 0, "sum": 0.0, "sum_sq": 0.0}
+    record_frames: list[int] = []  # per utterance: the TTS documents plan rows without reading the latents
 
     def records() -> Iterable[bytes]:
         for mu, speaker, sentence in encode_range(start, end):
@@ -84,13 +88,14 @@ def _write_shard(path: str, name: str, start: int, end: int, encode_range: Encod
             yield encode_record(mu, int(speaker), int(sentence))
             stats["count"] += 1
             stats["frames"] += len(mu)
+            record_frames.append(len(mu))
             sharded_records.add_sums(stats, mu)
         if stats["count"] != end - start:
             raise ValueError(f"encode_range({start}, {end}) yielded {stats['count']} utterances, "
                              f"expected {end - start}")
 
     sharded_records.write_shard(path, name, records(), lambda: dict(
-        expect, frames=stats["frames"], sum=stats["sum"], sum_sq=stats["sum_sq"]))
+        expect, frames=stats["frames"], sum=stats["sum"], sum_sq=stats["sum_sq"], record_frames=record_frames))
 
 
 def sampled_moments(mu_mean: float, mu_std: float, std: float, values: int) -> dict[str, float]:
@@ -178,7 +183,8 @@ def audio_latent_files(cache_dir: str, split: str) -> tuple[dict[str, Any], list
 
 
 def load_audio_latents(cache_dir: str, split: str) -> AudioLatents:
-    """The whole split `cache_dir/split` in memory (the embedded corpus at 25 Hz × 16 channels is ≈ 15 MB)."""
+    """The whole split `cache_dir/split` in memory (the embedded corpus at 25 Hz × 16 channels is ≈ 15 MB; at paper
+    scale read it as an `AudioLatentSequence`)."""
     meta, files = audio_latent_files(cache_dir, split)
     records = sharded_records.read_all(files)
     if len(records) != meta["count"]:
@@ -187,6 +193,51 @@ def load_audio_latents(cache_dir: str, split: str) -> AudioLatents:
     decoded = [decode_record(r, int(meta["latent_dim"])) for r in records]
     return AudioLatents(mu=[d[0] for d in decoded], speaker=np.array([d[1] for d in decoded], np.int32),
                         sentence=np.array([d[2] for d in decoded], np.int32), meta=meta)
+
+
+def _shard_frames(path: str, latent_dim: int) -> list[int]:
+    """Latent frames per record of the shard at `path`: from its sidecar, else (a cache written before the sidecars
+    held them) from the records' headers."""
+    side = sharded_records.read_json(sharded_records.sidecar(path)) or {}
+    frames = side.get("record_frames")
+    if isinstance(frames, list) and len(frames) == side.get("end", -1) - side.get("start", 0):
+        return [int(n) for n in frames]
+    import grain
+
+    source = grain.sources.ArrayRecordDataSource([path])
+    return [decode_record(source[i], latent_dim)[0].shape[0] for i in range(len(source))]
+
+
+class AudioLatentSequence(collections.abc.Sequence):
+    """One cache split as a sequence of μ float32 [n_i, C] in corpus order, each read from its record when indexed
+    and not kept: what stays in memory is `frames` (int64 [N], from the shards' sidecars). The TTS documents read
+    it (data_pipelines/tts_documents.py): LibriSpeech's train split at 7.5 Hz × 64 channels is ≈ 6.6 GB of μ."""
+
+    def __init__(self, cache_dir: str, split: str):
+        import grain
+
+        self.meta, self.files = audio_latent_files(cache_dir, split)
+        self.latent_dim = int(self.meta["latent_dim"])
+        self.frames = np.asarray([n for f in self.files for n in _shard_frames(f, self.latent_dim)], np.int64)
+        self._source = grain.sources.ArrayRecordDataSource(self.files)
+        if not len(self._source) == len(self.frames) == self.meta["count"]:
+            raise DataError(f"audio latent cache at {storage.join(cache_dir, split)} holds {len(self._source)} "
+                            f"records but meta.json says {self.meta['count']}: re-run --mode=encode_audio")
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index):  # int → μ [n, C]; slice → a list of them
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        i = operator.index(index)
+        i = i + len(self) if i < 0 else i
+        if not 0 <= i < len(self):
+            raise IndexError(f"utterance {index} of {len(self)}")
+        return decode_record(self._source[i], self.latent_dim)[0]
+
+    def __repr__(self) -> str:
+        return f"AudioLatentSequence({len(self)} utterances, {self.latent_dim} channels)"
 
 
 class AudioLatentSource:

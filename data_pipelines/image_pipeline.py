@@ -9,6 +9,7 @@ import numpy as np
 
 from data_pipelines import sharding
 from data_pipelines.embedded import dataset_names, load_embedded
+from latent_lm.errors import ConfigError
 from latent_lm.pixels import to_signed
 
 
@@ -63,6 +64,9 @@ def make_training_images(data, global_batch_size: int, seed: int, *, process_ind
                          process_count: int | None = None) -> grain.IterDataset:
     """σ-VAE training images for the config's `data` block: an embedded dataset, or tfds image datasets
     (`data.dataset`, or the weighted `data.mixture` of (name, weight) pairs) with ADM crops at `data.image_size`."""
+    if data.dataset == "coco_captions":
+        raise ConfigError("the paper-scale multimodal run reads the ImageNet σ-VAE (configs/imagenet_vae.py trains "
+                          "it) and does not train one on COCO: run encode, not train_vae (docs/experiments.md §10.4)")
     if _is_embedded(data.dataset) and not data.get("mixture"):
         return make_image_dataset(data.dataset, "train", global_batch_size, seed, process_index=process_index,
                                   process_count=process_count, num_workers=data.get("num_workers", 0))
@@ -78,7 +82,7 @@ def make_training_images(data, global_batch_size: int, seed: int, *, process_ind
 
 def ordered_images(data, split: str, batch_size: int) -> tuple[int, Callable[[int, int], Iterator]]:
     """(number of examples, read_batches(start, end)) of a split in stored order, unaugmented (ADM center crop
-    for tfds datasets): what `--mode=encode` reads. Batches are (float32 images in [-1,1], int32 labels)."""
+    for tfds datasets and COCO): what `--mode=encode` reads. Batches are (float32 images in [-1,1], int32 labels)."""
     if _is_embedded(data.dataset):
         images, labels = load_embedded(data.dataset, split)
 
@@ -89,6 +93,10 @@ def ordered_images(data, split: str, batch_size: int) -> tuple[int, Callable[[in
                 yield b["image"], b["label"]
 
         return len(labels), read_embedded
+    if data.dataset == "coco_captions":  # paper-scale image–caption pairs (docs/experiments.md §10.4)
+        from data_pipelines import coco_captions
+
+        return coco_captions.ordered_images(data, split, batch_size)
     from data_pipelines.imagenet import CenterCroppedSource, read_range_batches
 
     source = CenterCroppedSource(data.dataset, split, data.image_size, data.get("data_dir") or None)

@@ -205,6 +205,28 @@ def load_latent_cache(path: str) -> tuple[np.ndarray, np.ndarray]:
     return latents, labels
 
 
+class LatentCacheSource(grain.sources.RandomAccessDataSource):
+    """Random access to a complete cache, for data too large to hold in memory (the paper-scale multimodal
+    documents, docs/experiments.md §10.4): record i → {"latents": float32 [T,C], "label": int32}, in source order."""
+
+    def __init__(self, path: str):
+        meta = read_latent_cache_meta(path)
+        self.path, self.shape = path, _checked_shape(path, meta, None)
+        self._source = grain.sources.ArrayRecordDataSource(_files(path, meta))
+        if len(self._source) != meta["count"]:
+            raise DataError(f"latent cache at {path} holds {len(self._source)} records but meta.json says "
+                             f"{meta['count']}: re-run --mode=encode")
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return _decode_record(self._source[int(index)], self.shape)
+
+    def __repr__(self) -> str:
+        return f"LatentCacheSource({self.path!r}, records={len(self)}, shape={self.shape})"
+
+
 class _Decode(grain.transforms.Map):
     def __init__(self, shape: tuple[int, int]):
         self.shape = shape

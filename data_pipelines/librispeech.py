@@ -8,10 +8,10 @@ sentences.json, shards and meta.json), so every speech stage reads it unchanged.
 "librispeech"` selects it (`speech_corpus.build`).
 
 Reading. tfds's `Audio` feature imports TensorFlow even to be constructed, so `tfds.data_source` cannot open an audio
-dataset without it. The prepared files need none: `TfdsSpeechSource` finds the split's files from the builder
-directory's dataset_info.json (tfds's own proto reader) and parses each record with tfds's NumPy example parser
-against the fields used here (`DATASETS`). Preparing the dataset does need TensorFlow (and ffmpeg for LibriSpeech's
-FLAC files), on any machine; the corpus build only reads.
+dataset without it. The prepared files need none: `TfdsSpeechSource` reads a split through
+data_pipelines/tfds_records.py (the split's files from the builder directory's dataset_info.json, each record parsed
+with tfds's NumPy example parser against the fields used here, `DATASETS`). Preparing the dataset does need
+TensorFlow (and ffmpeg for LibriSpeech's FLAC files), on any machine; the corpus build only reads.
 
 Splits (by speaker id, as the embedded corpus's):
   test_speakers   the utterances of `test_splits` (LibriSpeech test-clean: the paper's evaluation set, its Table 4)
@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from typing import Any, Sequence
 
@@ -47,9 +46,10 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import sharded_records, speech_corpus
+from data_pipelines.tfds_records import TfdsRecords, field, text
 from latent_lm import storage
 from latent_lm.audio import espeak
-from latent_lm.errors import ConfigError, DataError, MissingInputError
+from latent_lm.errors import ConfigError, DataError
 
 SPLITS = speech_corpus.SPLITS
 CORPUS_VERSION = 1  # bump when the content for a given config and dataset changes
@@ -104,48 +104,23 @@ def _dataset(name: str) -> TfdsSpeech:
     return DATASETS[name]
 
 
-def _version_key(path: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in storage.basename(path).split("."))
-    except ValueError:
-        return (-1,)
+def _fields(spec: TfdsSpeech) -> dict[str, Any]:
+    """The features read of each record; the others (LibriSpeech's chapter_id, …) are skipped by the parser."""
+    return {"speech": field((None,), spec.dtype), spec.text_key: field((), np.str_),
+            "speaker_id": field((), np.int64), "id": field((), np.str_)}
 
 
-def prepared_dir(name: str, data_dir: str = "") -> str:
-    """The builder directory of the prepared dataset `name` (its newest version under `data_dir`, tfds's default
-    data dir when empty); MissingInputError with the build command when there is none."""
+def _records(name: str, splits: Sequence[str], data_dir: str) -> TfdsRecords:
+    """The prepared dataset's `splits`; a missing dataset names `tfds build <name>` and `speech.data_dir`."""
     spec = _dataset(name)
-    if not data_dir:
-        from tensorflow_datasets.core import constants
-
-        data_dir = constants.get_default_data_dir()
-    found = [storage.dirname(p) for p in storage.glob(storage.join(data_dir, spec.builder, "*", "dataset_info.json"))]
-    if not found:
-        raise MissingInputError(
-            f"tfds dataset {name!r} is not prepared under {storage.join(data_dir, spec.builder)}: build it once with "
-            f"`tfds build {name} --file_format=array_record --data_dir={data_dir}` (needs TensorFlow) and set "
-            f"--config.speech.data_dir={data_dir}")
-    return max(found, key=_version_key)
-
-
-def _split_dict(builder_dir: str):
-    from tensorflow_datasets.core import dataset_info
-
-    proto = dataset_info.read_from_json(storage.join(builder_dir, "dataset_info.json"))
-    if proto.file_format != "array_record":
-        raise MissingInputError(f"the tfds dataset at {builder_dir} is stored as {proto.file_format or 'tfrecord'}: "
-                                f"rebuild it with `tfds build ... --file_format=array_record`")
-    return proto, dataset_info.get_split_dict_from_proto(proto, builder_dir)
+    return TfdsRecords(spec.builder, splits, _fields(spec), data_dir, config_key="speech.data_dir")
 
 
 def source_identity(name: str, data_dir: str, splits: Sequence[str]) -> dict[str, Any]:
-    """{dataset, version, split: record count}: what the fingerprint knows of the prepared dataset."""
-    proto, split_dict = _split_dict(prepared_dir(name, data_dir))
-    missing = [s for s in splits if s not in split_dict]
-    if missing:
-        raise ConfigError(f"tfds dataset {name!r} has no splits {missing}; it has {sorted(split_dict.keys())}")
-    return {"dataset": name, "version": proto.version,
-            "splits": {s: int(split_dict[s].num_examples) for s in splits}}
+    """{dataset, version, split: record count}: what the fingerprint knows of the prepared dataset (keyed by the
+    speech.dataset name, as corpora built before tfds_records.py were: the same data keeps its fingerprint)."""
+    identity = _records(name, splits, data_dir).identity()
+    return {"dataset": name, "version": identity["version"], "splits": identity["splits"]}
 
 
 class TfdsSpeechSource:
@@ -153,36 +128,19 @@ class TfdsSpeechSource:
     rate, "text": str, "speaker_id": int, "id": str}. Needs no TensorFlow (module docstring)."""
 
     def __init__(self, name: str, split: str, data_dir: str = ""):
-        import grain
-        from tensorflow_datasets.core import example_parser
-        from tensorflow_datasets.core.features import feature as feature_lib
-
         self.name, self.split, self.spec = name, split, _dataset(name)
-        builder_dir = prepared_dir(name, data_dir)
-        _, split_dict = _split_dict(builder_dir)
-        if split not in split_dict:
-            raise ConfigError(f"tfds dataset {name!r} has no split {split!r}; it has {sorted(split_dict.keys())}")
-        self._source = grain.sources.ArrayRecordDataSource([os.fspath(f) for f in split_dict[split].filepaths])
-        self._parser = example_parser.ExampleParserNp({
-            "speech": feature_lib.TensorInfo(shape=(None,), dtype=self.spec.dtype),
-            self.spec.text_key: feature_lib.TensorInfo(shape=(), dtype=np.str_),
-            "speaker_id": feature_lib.TensorInfo(shape=(), dtype=np.int64),
-            "id": feature_lib.TensorInfo(shape=(), dtype=np.str_)})
+        self._records = _records(name, (split,), data_dir)
 
     def __len__(self) -> int:
-        return len(self._source)
+        return len(self._records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        ex = self._parser.parse_example(self._source[index])
+        ex = self._records[index]
         speech = np.asarray(ex["speech"])
         if speech.ndim != 1:
             raise DataError(f"{self.name}/{self.split} record {index}: expected mono audio [T], got {speech.shape}")
-        return {"speech": speech, "text": _str(ex[self.spec.text_key]), "speaker_id": int(ex["speaker_id"]),
-                "id": _str(ex["id"])}
-
-
-def _str(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        return {"speech": speech, "text": text(ex[self.spec.text_key]), "speaker_id": int(ex["speaker_id"]),
+                "id": text(ex["id"])}
 
 
 _SOURCES: dict[tuple[str, str, str], TfdsSpeechSource] = {}  # per process: workers open each split once

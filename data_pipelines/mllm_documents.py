@@ -98,6 +98,9 @@ class MultimodalSplit:
 def load_split(dataset: str, split: str, latent_cache: str, tokenizer: TextTokenizer, seq_len: int) -> MultimodalSplit:
     """A split of an embedded dataset with its latent cache (`<tokenizer dir>/latents/<split>`) and the Python-docs
     paragraphs of the same split."""
+    if dataset not in captions.CLASS_NAMES:  # e.g. COCO at paper scale: it trains, but generate/eval_mllm do not run
+        raise ConfigError(f"no caption grammar for dataset {dataset!r}: generation and its scores read the embedded "
+                          f"datasets {sorted(captions.CLASS_NAMES)} (docs/experiments.md §10.4)")
     latents, cached_labels = load_latent_cache(latent_cache)
     images, labels = load_embedded(dataset, split)
     if len(cached_labels) != len(labels) or not np.array_equal(cached_labels, labels):

@@ -17,7 +17,8 @@ Layout of a corpus directory (the ArrayRecord conventions of `data_pipelines/lat
   speakers.json                              [{id, accent, variant, pitch, rate, voice, held_out}]
   sentences.json                             [{id, text, source ("template"|"pydoc"), held_out}]
   <split>-00000-of-00003.array_record        one record per utterance (RECORD_FORMAT), in utterance order
-  <split>-00000-of-00003.json                the shard's range, fingerprint, record count, seconds and sha256
+  <split>-00000-of-00003.json                the shard's range, fingerprint, record count, seconds and sha256, and
+                                             its records' headers and lengths as COLUMNS ("utterances")
   meta.json                                  fingerprint, espeak version, sample rate, per-split files and counts;
                                              written last: a directory with meta.json is complete
 A shard goes to a temporary name and is renamed once complete (after its sidecar: `data_pipelines.sharded_records`);
@@ -28,18 +29,23 @@ version (audio is byte-identical only within one espeak build). Each utterance i
 
   python -m data_pipelines.speech_corpus --out=runs/speech_corpus [--config.seed=1 --config.workers=2 ...]
 
+Reading (`load_corpus`) keeps a split's text, phonemes, ids and lengths in memory, from the sidecars, and decodes an
+utterance's audio only when it is indexed (`SpeechAudio`); `SpeechCorpusSource` is the same records as a grain source.
+
 `build` builds the corpus that `config.source` names: this one, or LibriSpeech/LibriTTS in the same format
 (data_pipelines/librispeech.py), which shares the shard writing (`write_splits`) and the reading below.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import multiprocessing
+import operator
 import re
 import struct
 import time
@@ -59,6 +65,9 @@ META_FILE = "meta.json"
 SPEAKERS_FILE = "speakers.json"
 SENTENCES_FILE = "sentences.json"
 RECORD_FORMAT = "uint32 header length + UTF-8 JSON {text, phonemes, speaker, sentence} + int16 audio, little-endian"
+# Each shard's sidecar holds its records' headers and lengths as columns ("utterances"), so the stages that need text,
+# phonemes, ids or durations read them without the audio (`load_corpus`).
+COLUMNS = ("text", "phonemes", "speaker", "sentence", "samples")
 NATIVE_RATE = espeak.SAMPLE_RATE
 _SHARD_RE = sharded_records.shard_pattern(SPLITS)
 
@@ -389,16 +398,26 @@ def encode_record(audio: np.ndarray, text: str, phonemes: str, speaker: int, sen
     return struct.pack("<I", len(header)) + header + np.ascontiguousarray(audio, "<i2").tobytes()
 
 
-def decode_record(record: bytes) -> dict[str, Any]:
-    """{"audio": float32 [T] in [-1, 1], "text", "phonemes", "speaker": int32, "sentence": int32}."""
+def parse_header(record: bytes) -> tuple[dict[str, Any], int]:
+    """(the record's {text, phonemes, speaker, sentence}, the byte offset of its int16 audio): the audio is not
+    decoded, so a reader of text and ids costs no more memory than the header."""
     if len(record) < 4:
         raise DataError(f"speech corpus record of {len(record)} bytes is damaged: rebuild the corpus")
     (size,) = struct.unpack_from("<I", record)
     if 4 + size > len(record) or (len(record) - 4 - size) % 2:
         raise DataError(f"speech corpus record of {len(record)} bytes is damaged: rebuild the corpus")
-    header = json.loads(record[4:4 + size].decode("utf-8"))
-    audio = np.frombuffer(record, "<i2", offset=4 + size).astype(np.float32) / 32768.0
-    return {"audio": audio, "text": header["text"], "phonemes": header["phonemes"],
+    return json.loads(record[4:4 + size].decode("utf-8")), 4 + size
+
+
+def decode_audio(record: bytes, offset: int) -> np.ndarray:
+    """The record's audio from `offset` (parse_header's), float32 [T] in [-1, 1]."""
+    return np.frombuffer(record, "<i2", offset=offset).astype(np.float32) / 32768.0
+
+
+def decode_record(record: bytes) -> dict[str, Any]:
+    """{"audio": float32 [T] in [-1, 1], "text", "phonemes", "speaker": int32, "sentence": int32}."""
+    header, offset = parse_header(record)
+    return {"audio": decode_audio(record, offset), "text": header["text"], "phonemes": header["phonemes"],
             "speaker": np.int32(header["speaker"]), "sentence": np.int32(header["sentence"])}
 
 
@@ -485,18 +504,23 @@ def pool_map(fn: Callable[[Any], Any], items: Sequence[Any], pool, chunksize: in
 def _write_shard(out_dir: str, name: str, jobs: Sequence[Any], expect: dict[str, Any], pool,
                  render: Callable[[Any], bytes]) -> None:
     stats = {"digest": hashlib.sha256(), "samples": 0, "count": 0}
+    columns: dict[str, list] = {k: [] for k in COLUMNS}
 
     def records() -> Iterable[bytes]:
         for data in pool_map(render, jobs, pool):
             yield data
             stats["digest"].update(hashlib.sha256(data).digest())
-            (size,) = struct.unpack_from("<I", data)
-            stats["samples"] += (len(data) - 4 - size) // 2
+            header, offset = parse_header(data)
+            samples = (len(data) - offset) // 2
+            for k, v in zip(COLUMNS, (header["text"], header["phonemes"], header["speaker"], header["sentence"],
+                                      samples)):
+                columns[k].append(v)
+            stats["samples"] += samples
             stats["count"] += 1
 
     sharded_records.write_shard(out_dir, name, records(), lambda: dict(
         expect, count=stats["count"], sha256=stats["digest"].hexdigest(),
-        seconds=stats["samples"] / expect["sample_rate"]))
+        seconds=stats["samples"] / expect["sample_rate"], utterances=columns))
 
 
 def write_splits(out_dir: str, plan: dict[str, Sequence[Any]], render: Callable[[Any], bytes], *,
@@ -642,39 +666,124 @@ def load_sentences(corpus_dir: str) -> list[dict[str, Any]]:
     return _load_table(corpus_dir, SENTENCES_FILE)
 
 
+SCAN_CHUNK = 64  # records read at a time by a header scan (`_scan_headers`)
+
+
+def _scan_headers(path: str) -> dict[str, list]:
+    """COLUMNS of one shard read from its records' headers, `SCAN_CHUNK` records at a time: for a corpus whose
+    sidecars predate the columns (it reads the audio's bytes, but never decodes or keeps them)."""
+    import grain
+
+    source = grain.sources.ArrayRecordDataSource([path])
+    columns: dict[str, list] = {k: [] for k in COLUMNS}
+    for lo in range(0, len(source), SCAN_CHUNK):
+        for record in source.__getitems__(range(lo, min(lo + SCAN_CHUNK, len(source)))):
+            header, offset = parse_header(record)
+            for k in COLUMNS[:-1]:
+                columns[k].append(header[k])
+            columns["samples"].append((len(record) - offset) // 2)
+    return columns
+
+
+def _shard_columns(path: str) -> dict[str, list]:
+    """COLUMNS of the records of the shard at `path`: from its sidecar, else from a header scan."""
+    side = sharded_records.read_json(sharded_records.sidecar(path)) or {}
+    columns = side.get("utterances")
+    if isinstance(columns, dict) and all(len(columns.get(k, ())) == side.get("count") for k in COLUMNS):
+        return columns
+    return _scan_headers(path)
+
+
+class SpeechAudio(collections.abc.Sequence):
+    """A split's waveforms, float32 [T_i] in [-1, 1], each decoded from its record when indexed and not kept: what
+    stays in memory is `lengths` (samples per utterance, int64 [N]). `take(indices)` reads several records at once
+    (array_record's parallel reads). The judges train on it a batch at a time (evaluation/speech_judges.py)."""
+
+    def __init__(self, files: Sequence[str], lengths: np.ndarray):
+        self.files = list(files)
+        self.lengths = np.asarray(lengths, np.int64)
+        self._opened = None  # the shards are opened at the first read: a text-only stage never touches them
+
+    def _source(self) -> Any:
+        if self._opened is None:
+            import grain  # imported lazily: synthesis workers never need it
+
+            source = grain.sources.ArrayRecordDataSource(self.files)
+            if len(source) != len(self.lengths):
+                raise DataError(f"speech corpus shards {self.files[0]}… hold {len(source)} records but their "
+                                f"sidecars list {len(self.lengths)}: rebuild the corpus")
+            self._opened = source
+        return self._opened
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _key(self, index: int) -> int:
+        i = operator.index(index)
+        i = i + len(self) if i < 0 else i
+        if not 0 <= i < len(self):
+            raise IndexError(f"utterance {index} of {len(self)}")
+        return i
+
+    def __getitem__(self, index):  # int → one waveform; slice → a list of them
+        if isinstance(index, slice):
+            return self.take(range(len(self))[index])
+        return _decode(self._source()[self._key(index)])
+
+    def take(self, indices: Iterable[int]) -> list[np.ndarray]:
+        """The waveforms of `indices` (repeats allowed), in that order."""
+        keys = [self._key(i) for i in indices]
+        return [_decode(r) for r in self._source().__getitems__(keys)] if keys else []
+
+    def __repr__(self) -> str:
+        return f"SpeechAudio({len(self)} utterances in {len(self.files)} shards)"
+
+
+def _decode(record: bytes) -> np.ndarray:
+    return decode_audio(record, parse_header(record)[1])
+
+
 @dataclasses.dataclass
 class SpeechSplit:
-    """One split in memory: per-utterance lists (audio float32 [T_i] in [-1, 1]) and id arrays."""
+    """One split: per-utterance metadata in memory and the audio read when indexed (`SpeechAudio`)."""
     name: str
-    audio: list[np.ndarray]
+    audio: SpeechAudio
     text: list[str]
     phonemes: list[str]
     speaker: np.ndarray   # int32 [N]
     sentence: np.ndarray  # int32 [N]
     sample_rate: int
     speakers: list[dict[str, Any]]  # the whole table, indexed by speaker id
+    samples: np.ndarray   # int64 [N]: audio samples per utterance
 
     def __len__(self) -> int:
-        return len(self.audio)
+        return len(self.text)
 
     @property
     def durations(self) -> np.ndarray:
         """Seconds per utterance, float64 [N]."""
-        return np.array([len(a) / self.sample_rate for a in self.audio])
+        return self.samples / self.sample_rate
 
 
 def load_corpus(corpus_dir: str, split: str) -> SpeechSplit:
-    """A whole split in memory (the embedded train split is ≈ 430 MB of float32 at 16 kHz, the test splits ≈ 35 MB)."""
+    """A split's text, phonemes, ids and lengths from its shards' sidecars (no record is read; a corpus built before
+    they held them has its headers scanned); the audio is decoded when indexed (`SpeechAudio`). In memory: ≈ 0.7 kB
+    per utterance, ≈ 0.2 GB for LibriSpeech's 281k training utterances (docs/experiments.md §11.1)."""
     meta, files = _split_files(corpus_dir, split)
-    decoded = [decode_record(r) for r in sharded_records.read_all(files)]
-    if len(decoded) != meta["splits"][split]["count"]:
-        raise DataError(f"speech corpus at {corpus_dir} holds {len(decoded)} {split} utterances but meta.json says "
+    columns: dict[str, list] = {k: [] for k in COLUMNS}
+    for f in files:
+        shard = _shard_columns(f)
+        for k in COLUMNS:
+            columns[k] += shard[k]
+    count = len(columns["samples"])
+    if count != meta["splits"][split]["count"]:
+        raise DataError(f"speech corpus at {corpus_dir} holds {count} {split} utterances but meta.json says "
                         f"{meta['splits'][split]['count']}: rebuild it")
-    return SpeechSplit(name=split, audio=[d["audio"] for d in decoded], text=[d["text"] for d in decoded],
-                       phonemes=[d["phonemes"] for d in decoded],
-                       speaker=np.array([d["speaker"] for d in decoded], np.int32),
-                       sentence=np.array([d["sentence"] for d in decoded], np.int32),
-                       sample_rate=int(meta["sample_rate"]), speakers=load_speakers(corpus_dir))
+    samples = np.asarray(columns["samples"], np.int64)
+    return SpeechSplit(name=split, audio=SpeechAudio(files, samples), text=columns["text"],
+                       phonemes=columns["phonemes"], speaker=np.asarray(columns["speaker"], np.int32),
+                       sentence=np.asarray(columns["sentence"], np.int32), sample_rate=int(meta["sample_rate"]),
+                       speakers=load_speakers(corpus_dir), samples=samples)
 
 
 class SpeechCorpusSource:

@@ -7,7 +7,9 @@ x is an utterance's input (its phonemes, or its text: `input`) in the run's BPE 
 zero-shot TTS: the model hears a speaker say one sentence, then says another in that voice; a single utterance
 teaches the continuation of a prefix. With probability `null_prompt_rate` the text is dropped to `<null>`
 (classifier-free guidance keeps the audio prompt and drops the text). The LM head ends each span with `<eod>`
-(§12.3); documents are packed like the multimodal ones (`data_pipelines.packing.make_packed_dataset`).
+(§12.3); documents are packed like the multimodal ones (`data_pipelines.packing.make_packed_dataset`). The ids stay
+in memory; the latents are read from the cache when a document is built (`AudioLatentSequence`), and the corpus's
+audio is never read.
 
 `continuation_prompt` and `reference_prompt` build the two zero-shot prompts of the evaluation (§12.4), both
 `prompt_document`s, which also serve a user's own text and reference audio (`latent_lm.tts_cli`).
@@ -20,56 +22,70 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data_pipelines.audio_latents import load_audio_latents
+from data_pipelines.audio_latents import AudioLatentSequence
 from data_pipelines.speech_corpus import load_corpus
 from latent_lm.errors import ConfigError, DataError
 from latent_lm.text.tokenizer import SPECIAL_TOKENS, TextTokenizer
 
 BOS, EOS, BOD, EOD, NULL = (SPECIAL_TOKENS.index(t) for t in ("<bos>", "<eos>", "<bod>", "<eod>", "<null>"))
 INPUTS = ("phonemes", "text")
+ENCODE_CHUNK = 4096  # texts tokenized at a time
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeechDocuments:
-    """One split: each utterance's input ids, its audio latents μ [n_i, C], speaker and text."""
+    """One split: each utterance's input ids, its audio latents μ [n_i, C] (a list, or an `AudioLatentSequence` that
+    reads an utterance's μ when indexed), speaker and text; `frames` (n_i, int64 [N]) is taken from `mu` when not
+    given."""
 
     ids: list[np.ndarray]
-    mu: list[np.ndarray]
+    mu: Sequence[np.ndarray]
     speaker: np.ndarray
     text: list[str]
     seq_len: int
+    frames: np.ndarray | None = None
+
+    def __post_init__(self):
+        frames = getattr(self.mu, "frames", None) if self.frames is None else self.frames
+        if frames is None:
+            frames = [len(m) for m in self.mu]
+        object.__setattr__(self, "frames", np.asarray(frames, np.int64))
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
     def latent_dim(self) -> int:
-        return int(self.mu[0].shape[-1])
+        return int(getattr(self.mu, "latent_dim", None) or self.mu[0].shape[-1])
 
 
 def load_speech_documents(corpus_dir: str, latents_dir: str, split: str, tokenizer: TextTokenizer, seq_len: int,
                           input: str = "phonemes") -> SpeechDocuments:
-    """The corpus split joined with its audio latents (record i of both is utterance i)."""
+    """The corpus split's text and speakers (no audio: `load_corpus` decodes none) joined with its audio latents,
+    read when a document needs them (record i of both is utterance i). In memory: the BPE ids, text and ids,
+    ≈ 1 kB per utterance (docs/experiments.md §11.1)."""
     if input not in INPUTS:
         raise ConfigError(f"tts.input={input!r} must be one of {list(INPUTS)}")
     corpus = load_corpus(corpus_dir, split)
-    latents = load_audio_latents(latents_dir, split)
-    if len(latents.mu) != len(corpus.text):
-        raise DataError(f"{latents_dir}/{split} holds {len(latents.mu)} utterances but the corpus split has "
-                        f"{len(corpus.text)}: re-run --mode=encode_audio")
+    latents = AudioLatentSequence(latents_dir, split)
+    if len(latents) != len(corpus):
+        raise DataError(f"{latents_dir}/{split} holds {len(latents)} utterances but the corpus split has "
+                        f"{len(corpus)}: re-run --mode=encode_audio")
     texts = corpus.phonemes if input == "phonemes" else corpus.text
-    ids = [np.asarray(i, np.int32) for i in tokenizer.encode_batch(list(texts))]
-    data = SpeechDocuments(ids, [np.asarray(m, np.float32) for m in latents.mu], np.asarray(corpus.speaker, np.int32),
-                           list(corpus.text), seq_len)
-    longest = max(range(len(data)), key=lambda u: document_length(data, [u]))
-    if document_length(data, [longest]) > seq_len:
+    # In chunks: the tokenizer's encodings (offsets, token strings) are many times the ids they hold.
+    ids = [np.asarray(i, np.int32) for lo in range(0, len(texts), ENCODE_CHUNK)
+           for i in tokenizer.encode_batch(texts[lo:lo + ENCODE_CHUNK])]
+    data = SpeechDocuments(ids, latents, np.asarray(corpus.speaker, np.int32), list(corpus.text), seq_len)
+    lengths = 4 + np.array([len(i) for i in ids], np.int64) + data.frames  # document_length of each alone
+    longest = int(np.argmax(lengths))
+    if lengths[longest] > seq_len:
         raise ConfigError(f"seq_len={seq_len} is too short for the {split} utterance {longest} "
-                          f"({document_length(data, [longest])} positions): raise model.max_len")
+                          f"({lengths[longest]} positions): raise model.max_len")
     return data
 
 
 def document_length(data: SpeechDocuments, parts: Sequence[int]) -> int:
-    return 4 + sum(len(data.ids[u]) + len(data.mu[u]) for u in parts)
+    return 4 + sum(len(data.ids[u]) + int(data.frames[u]) for u in parts)
 
 
 def tts_document(data: SpeechDocuments, parts: Sequence[int], null: bool = False) -> dict[str, Any]:

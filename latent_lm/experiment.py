@@ -8,12 +8,12 @@ Layout of a workdir:
   lm/           generator (LatentLM or DiT) checkpoints and metrics
   samples/final.{npz,png}   eval/final.json   eval/loss.json   config.json   done.json (all stages finished)
 `data.tokenizer_workdir`, when set, is where vae/, latents/ and text/ live instead (one tokenizer shared by many runs: the
-scaling and tokenizer-variance sweeps).
+scaling and tokenizer-variance sweeps); `data.vae_workdir`, when set, is where vae/ is read from (another run's σ-VAE,
+e.g. the ImageNet one at paper-scale multimodal, whose own latents are never overwritten).
 """
 
 from __future__ import annotations
 
-import json
 import time
 
 import flax.linen as nn
@@ -26,16 +26,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from data_pipelines.embedded import dataset_names, load_embedded
 from data_pipelines.image_pipeline import make_training_images, ordered_images
 from data_pipelines.latent_cache import encode_to_latent_cache
-from data_pipelines import mllm_documents, speech_corpus
+from data_pipelines import speech_corpus
 from data_pipelines.mllm_documents import tokenizer_training_texts
-from latent_lm import speech_stages, storage
+from latent_lm import mllm_stages, speech_stages, storage
 from latent_lm.config_validation import validate
 from latent_lm.errors import ConfigError, DataError, MissingInputError
 from latent_lm.evaluation import classifier as clf
-from latent_lm.evaluation import imagenet_fid, inception, text_metrics
-from latent_lm.evaluation import multimodal as mm
+from latent_lm.evaluation import imagenet_fid, inception
 from latent_lm.evaluation.frechet import feature_stats, frechet_distance
-from latent_lm.evaluation.grids import save_captioned_grid, save_image_grid
+from latent_lm.evaluation.grids import save_image_grid
 from latent_lm.evaluation.image_metrics import psnr, variance_collapse_ratio
 from latent_lm.latents import SIGMA_DIVISOR, LatentNormalization, LatentPosterior
 from latent_lm.models.sigma_vae import SigmaVAE
@@ -43,14 +42,13 @@ from latent_lm.parallel.device_prefetch import DevicePrefetcher
 from latent_lm.parallel.mesh import data_parallel_size, logical_rules, make_mesh
 from latent_lm.pixels import to_signed, to_uint8
 from latent_lm.sampling import SamplerSettings
-from latent_lm.text import captions
 from latent_lm.text.tokenizer import TOKENIZER_FILE, TextTokenizer, train_tokenizer
 from latent_lm.training.tasks import VAETask
 from latent_lm.training.train_loop import load_state, train
 from latent_lm.training.train_loop import log_process0 as _log
-from latent_lm.stage_inputs import (data_paths, generator_params as _generator_params, generator_task,
-                                    is_speech, latent_norm as _latent_norm, relative_to as _relative_to,
-                                    tokenizer_dir)
+from latent_lm.stage_inputs import (data_paths, embedded_classifier, generator_params as _generator_params,
+                                    generator_task, image_decoder, is_speech, latent_norm as _latent_norm,
+                                    tokenizer_dir, vae_dir, vae_params, check_latents_writable)
 
 def _atomic_write_json(path: str, obj) -> None:
     storage.write_json_atomic(path, obj, indent=2, sort_keys=True)
@@ -60,15 +58,13 @@ def _batched(fn, x: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([np.asarray(fn(x[i:i + batch])) for i in range(0, len(x), batch)])
 
 
-def _vae_params(config, workdir, mesh, rules):
-    state = load_state(VAETask.from_config(config), optim_config=config.vae_optim, train_config=config.vae_train,
-                       mesh=mesh, rules=rules, workdir=f"{tokenizer_dir(config, workdir)}/vae")
-    return state.params
-
-
 def _tokenizer_texts(config, workdir: str) -> list[str]:
     """The run's training text: for speech, the train split's phonemes or text (`tts.input`); else the image
-    dataset's captions, questions and English paragraphs."""
+    dataset's captions, questions and English paragraphs; at paper scale COCO's captions and web text."""
+    if (config.get("documents") or {}).get("source") == "coco":  # docs/experiments.md §10.4
+        from data_pipelines.coco_documents import tokenizer_training_texts as paper_texts
+
+        return paper_texts(config.documents)
     if not is_speech(config):
         return tokenizer_training_texts(config.data.dataset)
     train = speech_corpus.load_corpus(data_paths(config, workdir).speech_corpus, "train")
@@ -97,11 +93,18 @@ def train_text_tokenizer(config, workdir, mesh, rules):
 
 
 def train_vae(config, workdir, mesh, rules):
+    """Trains (or resumes) the σ-VAE in `<tokenizer dir>/vae`. A σ-VAE read from another run (`data.vae_workdir`,
+    docs/experiments.md §10.4) is never trained here: resuming it would write into that run (one ConfigError line)."""
+    out = vae_dir(config, workdir)
+    if out != f"{tokenizer_dir(config, workdir)}/vae":
+        raise ConfigError(f"data.vae_workdir={config.data.vae_workdir!r} names a σ-VAE this run reads and never "
+                          f"trains ({out}): drop train_vae from config.stages, or unset data.vae_workdir to train "
+                          f"the run's own")
     task = VAETask.from_config(config)
     # Each process reads its own slice and yields its rows (batch_size / process_count) of every global batch.
     it = iter(make_training_images(config.data, config.vae_train.batch_size, seed=config.vae_train.seed))
     res = train(task, it, optim_config=config.vae_optim, train_config=config.vae_train, mesh=mesh, rules=rules,
-                workdir=f"{tokenizer_dir(config, workdir)}/vae", meta={"config": config.to_json()},
+                workdir=out, meta={"config": config.to_json()},
                 checkpoint_config=config.checkpoint, log=_log)
     return {"vae_final_loss": res.final_metrics.get("loss")}
 
@@ -116,12 +119,17 @@ def encode(config, workdir, mesh, rules):
     the sigma points (μ + σ, μ − σ) [T, 2C], whose moments are those of z = μ + σ·ε: Var z = Var μ + E σ²
     (`sigma_vae.LatentPosterior.latent_variance`). An FSQ tokenizer (`vae.kind="fsq"`, §2.5) caches its quantized
     grid vectors [T, C]: exact codes, and Var z = Var(cache).
+
+    The σ-VAE is read from `vae_dir` (`data.vae_workdir`, else the tokenizer dir) and the caches are written to
+    `<tokenizer dir>/latents`; a cache there of another dataset is refused before anything is written
+    (`check_latents_writable`, docs/experiments.md §10.4).
     """
+    check_latents_writable(config, workdir)
     task = VAETask.from_config(config)
     posterior = LatentPosterior.from_vae_config(config.vae)
-    tok = tokenizer_dir(config, workdir)
+    tok, vae = tokenizer_dir(config, workdir), vae_dir(config, workdir)
     state = load_state(task, optim_config=config.vae_optim, train_config=config.vae_train, mesh=mesh, rules=rules,
-                       workdir=f"{tok}/vae")
+                       workdir=vae)
     vae_params = task.vae_variables(state.params)  # without the GAN's discriminator, if any
     params = (multihost_utils.process_allgather(vae_params, tiled=True) if jax.process_count() > 1
               else jax.device_get(vae_params))
@@ -141,7 +149,7 @@ def encode(config, workdir, mesh, rules):
         var = posterior.latent_variance(moments["std"])
         if var <= 0:  # e.g. an FSQ tokenizer that gives every token of every image one code (§2.5)
             raise DataError(f"the encoded train split has zero latent variance (every value is {moments['mean']:g}): "
-                            f"the tokenizer in {tok}/vae maps every image to one latent; train it (longer)")
+                            f"the tokenizer in {vae} maps every image to one latent; train it (longer)")
         norm = LatentNormalization(scale=float(var ** -0.5), bias=-float(moments["mean"]))
         return {"latent_norm": norm.to_dict()}
 
@@ -205,11 +213,6 @@ def eval_loss(config, workdir, mesh, rules):
     return {"eval_loss": result["eval_loss"], "train_flops": result["train_flops"]}
 
 
-def _decode_fn(config, params):
-    vae = VAETask.from_config(config).model
-    return jax.jit(lambda z: jnp.clip(vae.apply(params, z, method=SigmaVAE.decode), -1.0, 1.0))
-
-
 def sample(config, workdir, mesh, rules):
     """Samples `eval.samples_per_class` images per class with CFG and writes samples/final.{npz,png}."""
     task, params, _ = _generator_params(config, workdir, mesh, rules)
@@ -217,7 +220,7 @@ def sample(config, workdir, mesh, rules):
     settings = SamplerSettings(num_steps=d.num_sampling_steps, cfg_scale=d.cfg_scale,
                                prediction_type=d.prediction_type, x0_clip=d.x0_clip)
     sampler = task.make_sampler(settings)
-    decode = _decode_fn(config, _vae_params(config, workdir, mesh, rules))
+    decode = image_decoder(config, vae_params(config, workdir, mesh, rules))
     labels = np.repeat(np.arange(config.data.num_classes), config.eval.samples_per_class).astype(np.int32)
     rng = jax.random.PRNGKey(config.eval.seed)
     t0 = time.time()
@@ -257,17 +260,6 @@ def evaluate_fid(config, workdir):
     return {k: result[k] for k in ("fid", "inception_score", "num_samples")}
 
 
-def _classifier(config, workdir, train_x, train_y):
-    """The embedded-data classifier, trained once and cached in `eval.classifier_dir` (docs/method.md §10.1)."""
-    cpath = f"{_relative_to(workdir, config.eval.get('classifier_dir') or 'eval')}/classifier.msgpack"
-    if storage.exists(cpath):
-        return clf.load_classifier(cpath)
-    cparams = clf.train_classifier(train_x, train_y, config.data.num_classes, steps=config.eval.classifier_steps,
-                                   seed=0)
-    clf.save_classifier(cparams, cpath)
-    return cparams
-
-
 def evaluate(config, workdir, mesh, rules):
     """Classifier accuracy and Fréchet distance of the samples; σ-VAE PSNR and variance-collapse ratio (no ratio for
     an FSQ tokenizer, which has no posterior noise: docs/method.md §2.5).
@@ -279,7 +271,7 @@ def evaluate(config, workdir, mesh, rules):
     name, k = config.data.dataset, config.data.num_classes
     train_x, train_y = load_embedded(name, "train")
     test_x, test_y = load_embedded(name, "test")
-    cparams = _classifier(config, workdir, train_x, train_y)
+    cparams = embedded_classifier(config, workdir, train_x, train_y)
     test_logits, test_feats = clf.classify(cparams, test_x, k)
     ref_mu, ref_sigma = feature_stats(test_feats)
 
@@ -294,8 +286,8 @@ def evaluate(config, workdir, mesh, rules):
     # Baseline: decode latents drawn from N(0, I) in LM space (the normalised latent prior).
     norm = _latent_norm(config, workdir)
     vae = VAETask.from_config(config).model
-    vparams = _vae_params(config, workdir, mesh, rules)
-    decode = _decode_fn(config, vparams)
+    vparams = vae_params(config, workdir, mesh, rules)
+    decode = image_decoder(config, vparams)
     z = jax.random.normal(jax.random.PRNGKey(123), (len(data["images"]), config.model.max_len,
                                                     config.model.latent_dim))
     rand_images = to_uint8(_batched(lambda zz: decode(norm.denormalize(zz)), np.asarray(z), 500))
@@ -330,113 +322,13 @@ def evaluate(config, workdir, mesh, rules):
     return result
 
 
-def _multimodal(config, workdir, mesh, rules) -> tuple[mm.Generator, mllm_documents.MultimodalSplit]:
-    task, params, _ = _generator_params(config, workdir, mesh, rules)
-    decode = _decode_fn(config, _vae_params(config, workdir, mesh, rules))
-    d, e = config.diffusion, config.eval
-    arm = mm.GENERATORS[config.model.arch]
-    gen = arm(task=task, params=params, decode=lambda z: to_uint8(np.asarray(decode(task.norm.denormalize(z)))),
-              num_steps=d.num_sampling_steps, cfg_scale=d.cfg_scale, x0_clip=d.x0_clip, batch=e.sample_batch)
-    paths = data_paths(config, workdir)
-    split = mllm_documents.load_split(config.data.dataset, "test", f"{paths.latents}/test",
-                                      TextTokenizer.load(paths.text_tokenizer), task.seq_len)
-    return gen, split
-
-
-def generate(config, workdir, mesh, rules):
-    """Multimodal generation on held-out prompts (docs/method.md §10.5): samples/t2i.{npz,png} (images from the
-    captions of `eval.samples_per_class` test images per class), samples/i2t.{json,png} (captions of
-    `eval.caption_images` test images), samples/interleaved.{npz,png} (`eval.interleaved_samples` free documents)."""
-    gen, split = _multimodal(config, workdir, mesh, rules)
-    e = config.eval
-    t0 = time.time()
-    t2i = mm.text_to_image(gen, split, e.samples_per_class, e.seed)
-    t2i_seconds = time.time() - t0
-    storage.write_npz_atomic(f"{workdir}/samples/t2i.npz", images=t2i["images"], labels=t2i["labels"],
-                             captions=t2i["captions"], attributes=np.asarray([list(a) for a in t2i["attributes"]]),
-                             source_images=t2i["source_images"],
-                             **{k: t2i[k] for k in ("eoi_after_image",) if k in t2i})
-    per = min(e.samples_per_class, 10)
-    save_captioned_grid(t2i["images"][::max(1, e.samples_per_class // per)][:100],
-                        list(t2i["captions"][::max(1, e.samples_per_class // per)][:100]),
-                        f"{workdir}/samples/t2i.png")
-    i2t = mm.image_to_text(gen, split, e.caption_images, e.seed)
-    storage.write_json_atomic(f"{workdir}/samples/i2t.json", [
-        dict(image=int(i), label=int(y), caption=c, similarity=s)
-        for i, y, c, s in zip(i2t["source_images"], i2t["labels"], i2t["captions"], i2t["similarity"])], indent=1)
-    save_captioned_grid(split.images[i2t["source_images"][:40]], i2t["captions"][:40], f"{workdir}/samples/i2t.png")
-    free = mm.interleaved(gen, split, e.interleaved_samples, e.seed)  # None: the arm has no interleaved loop
-    if free is not None:
-        storage.write_npz_atomic(f"{workdir}/samples/interleaved.npz", **{k: np.asarray(v) for k, v in free.items()})
-    if free is not None and "first" in free:
-        pairs = np.stack([free["first"][:20], free["second"][:20]], 1).reshape(-1, *free["first"].shape[1:])
-        save_image_grid(pairs, f"{workdir}/samples/interleaved.png", ncols=10)
-    _log(f"generated {len(t2i['images'])} images in {t2i_seconds:.1f}s, {len(i2t['captions'])} captions, "
-         f"{0 if free is None else len(free['two_images'])} interleaved documents")
-    return {"t2i_images_per_sec": len(t2i["images"]) / t2i_seconds}
-
-
-def evaluate_multimodal(config, workdir, mesh, rules):
-    """Scores of samples/ and the held-out text perplexity → eval/mllm.json (docs/method.md §10.5)."""
-    gen, split = _multimodal(config, workdir, mesh, rules)
-    name = config.data.dataset
-    train_x, train_y = load_embedded(name, "train")
-    cparams = _classifier(config, workdir, train_x, train_y)
-    k = config.data.num_classes
-    _, ref_feats = clf.classify(cparams, split.images, k)
-    with storage.open_file(f"{workdir}/samples/t2i.npz") as f, np.load(f) as npz:
-        t2i = {key: npz[key] for key in npz.files}
-    logits, feats = clf.classify(cparams, t2i["images"], k)
-    wanted = [captions.Attributes(*a) for a in t2i["attributes"]]
-    measured = captions.image_attributes(t2i["images"], name)
-    result = {"t2i_class_accuracy": float((logits.argmax(-1) == t2i["labels"]).mean()),
-              "t2i_fd": float(frechet_distance(*feature_stats(feats), *feature_stats(ref_feats))),
-              **{f"t2i_{a}_accuracy": v for a, v in mm.attribute_accuracy(wanted, measured).items()}}
-    if "eoi_after_image" in t2i:  # arms that place <eoi> themselves
-        result["t2i_eoi_rate"] = float(t2i["eoi_after_image"].mean())
-    captions_out = json.loads(storage.read_text(f"{workdir}/samples/i2t.json"))
-    parsed = [captions.parse_caption(c["caption"], name) for c in captions_out]
-    truth = {int(i): (int(split.labels[i]), split.attributes[i]) for i in (c["image"] for c in captions_out)}
-    result.update(
-        i2t_parse_rate=text_metrics.mean([float(p is not None) for p in parsed]),
-        i2t_class_accuracy=text_metrics.mean([float(p is not None and p[0] == truth[c["image"]][0])
-                                    for p, c in zip(parsed, captions_out)]),
-        i2t_similarity=text_metrics.mean([c["similarity"] for c in captions_out]),
-        **{f"i2t_{a}_accuracy": text_metrics.mean([float(p is not None and getattr(p[1], a) == getattr(t[1], a))
-                                         for p, t in zip(parsed, (truth[c["image"]] for c in captions_out))])
-           for a in captions.Attributes._fields})
-    free = {}
-    if storage.exists(f"{workdir}/samples/interleaved.npz"):
-        with storage.open_file(f"{workdir}/samples/interleaved.npz") as f, np.load(f) as npz:
-            free = {key: npz[key] for key in npz.files}
-        result["interleaved_eoi_rate"] = float(free["eoi_hits"] / max(1, free["eoi_total"]))
-        result["interleaved_two_images"] = float(free["two_images"].mean())
-    if "first" in free:
-        a = clf.classify(cparams, free["first"], k)[0].argmax(-1)
-        b = clf.classify(cparams, free["second"], k)[0].argmax(-1)
-        result["interleaved_successor_accuracy"] = float(((a + 1) % k == b).mean())
-    result["text_perplexity"] = _text_perplexity(gen, split, config.eval.loss_batch)
-    _atomic_write_json(f"{workdir}/eval/mllm.json", result)
-    return result
-
-
-def _text_perplexity(gen: mm.Generator, split: mllm_documents.MultimodalSplit, batch: int) -> float:
-    """exp(mean NLL per token) over every chunk of the held-out Python-docs paragraphs, one per row."""
-    fn = jax.jit(lambda p, b: mm.text_nll(gen, p, b))
-    total, count = 0.0, 0.0
-    for rows in mm.paragraph_rows(split, batch):
-        nll, n = fn(gen.params, rows)
-        total, count = total + float(nll), count + float(n)
-    return text_metrics.perplexity(total, int(count))
-
-
 RUNNERS = {"train_tokenizer": train_text_tokenizer, "train_vae": train_vae, "encode": encode,
            # speech (docs/method.md §12): corpus, audio σ-VAE, its latent caches and scores, the judges
            "build_corpus": speech_stages.build_corpus, "train_audio_vae": speech_stages.train_audio_vae,
            "encode_audio": speech_stages.encode_audio, "eval_audio_vae": speech_stages.eval_audio_vae,
            "train_judges": speech_stages.train_judges,
-           "train": train_lm, "sample": sample, "eval": evaluate, "eval_loss": eval_loss, "generate": generate,
-           "eval_mllm": evaluate_multimodal,
+           "train": train_lm, "sample": sample, "eval": evaluate, "eval_loss": eval_loss, "generate": mllm_stages.generate,
+           "eval_mllm": mllm_stages.evaluate_multimodal, "eval_curve": mllm_stages.eval_curve,
            "generate_tts": speech_stages.generate_tts, "eval_tts": speech_stages.eval_tts}
 STAGES = tuple(RUNNERS)  # the stage names a config's `stages` may list, in pipeline order
 IMAGE_STAGES = ("train_vae", "encode", "train", "sample", "eval", "eval_loss")  # a class-conditional image run

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from latent_lm import cli, experiment, storage
+from latent_lm import cli, mllm_stages, stage_inputs, storage
 from latent_lm.errors import ConfigError, DataError, MissingInputError
 from latent_lm.evaluation.grids import save_image_grid
 from latent_lm.models.sigma_vae import SigmaVAE
@@ -57,7 +57,7 @@ def _image_latents(config, workdir: str, path: str, mesh, rules) -> np.ndarray:
     if image.shape != (size, size):
         raise DataError(f"--image={path} is {image.shape[1]}×{image.shape[0]}; the run's images are {size}×{size}")
     vae = VAETask.from_config(config).model
-    params = experiment._vae_params(config, workdir, mesh, rules)
+    params = stage_inputs.vae_params(config, workdir, mesh, rules)
     x = to_signed(image[None, :, :, None])
     return np.asarray(vae.apply(params, x, method=SigmaVAE.cache_latents))[0]
 
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     config.eval.sample_batch = args.num
     mesh = make_mesh(ml_collections.ConfigDict(dict(shape=(-1, 1, 1))), jax.devices()[:1])  # one device suffices
     rules = logical_rules(config.mesh)
-    gen, split = experiment._multimodal(config, args.workdir, mesh, rules)
+    gen, split = mllm_stages.multimodal_generator(config, args.workdir, mesh, rules)
     tok = split.tokenizer
     c = gen.task.model.config.latent_dim
     out_dir = args.out or f"{args.workdir}/prompts"

@@ -17,6 +17,10 @@ whole number of `audio_latents.bucket_frames` latent frames and batched with oth
 decoder are causal (μ_t reads samples < (t+1)·hop; the samples of frame t read latents ≤ t), so the kept frames
 n = ceil(len / hop) are those of the utterance padded to a multiple of the hop alone, and the kept samples are
 those of decoding the n frames alone.
+
+No stage holds a split's audio: `speech_corpus.load_corpus` keeps the text, ids and lengths and decodes an
+utterance when it is indexed; the σ-VAE trains on grain batches, encode_audio and eval_audio_vae code `_chunk`
+utterances at a time, the judges train and score a batch at a time (docs/experiments.md §11.1).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from data_pipelines.audio_latents import write_audio_latent_cache
 from latent_lm import storage
 from latent_lm.errors import ConfigError, DataError, MissingInputError
 from latent_lm.evaluation import speech_judges as judges
-from latent_lm.evaluation.audio_metrics import reconstruction_metrics
+from latent_lm.evaluation.audio_metrics import mean_stoi, mel_distance, sigma_vae_collapse_ratio
 from latent_lm.models.audio_vae import AudioVAE, frame_rate, hop_length
 from data_pipelines.tts_documents import load_speech_documents
 from latent_lm.evaluation import tts as tts_eval
@@ -201,6 +205,11 @@ class _Codec:
         return out
 
 
+def _chunk(codec: _Codec) -> int:
+    """Utterances read (and bucketed together) at a time by the stages that code a whole split."""
+    return max(codec.batch * 4, 64)
+
+
 def _codec(config, task: AudioVAETask, params) -> _Codec:
     c = config.audio_latents
     return _Codec(task.model, params, int(c.batch_size), int(c.bucket_frames))
@@ -240,7 +249,7 @@ def encode_audio(config, workdir, mesh, rules):
     fingerprint = {"audio_vae_step": step, "audio_vae_sha256": _digest(params), "audio_vae": a.to_dict(),
                    "corpus": corpus_meta["fingerprint"]}
     rate = frame_rate(int(a.sample_rate), task.model.strides)
-    chunk = max(codec.batch * 4, 64)  # utterances read (and bucketed together) at a time
+    chunk = _chunk(codec)
     norm: dict[str, float] = {}
     out: dict[str, Any] = {}
     t0 = time.time()
@@ -285,31 +294,41 @@ def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
 def eval_audio_vae(config, workdir, mesh, rules):
     """Reconstruction of held-out speakers (test_speakers): mel distance, STOI and the variance-collapse ratio
     (docs/method.md §12) → eval/audio_vae.json; `audio_vae_eval.wav_samples` real/reconstructed pairs →
-    samples/audio_vae/. Reconstructions decode μ (z = μ, no posterior noise)."""
+    samples/audio_vae/. Reconstructions decode μ (z = μ, no posterior noise). The utterances are read, coded and
+    scored `_chunk(codec)` at a time (the scores are means over utterances: the same as all at once)."""
     _corpus_meta(config, workdir)
     task, params, step = _load_audio_vae(config, workdir, mesh, rules)
     codec = _codec(config, task, params)
     e, a = config.audio_vae_eval, config.audio_vae
     split = speech_corpus.load_corpus(corpus_dir(config, workdir), "test_speakers")
     n = len(split) if int(e.utterances) <= 0 else min(int(e.utterances), len(split))
-    audio = split.audio[:n]
-    t0 = time.time()
-    mu = codec.encode(audio)
-    recon = [r[:len(x)] for r, x in zip(codec.decode(mu), audio)]
-    codec_seconds = time.time() - t0
-    seconds = sum(len(x) for x in audio) / split.sample_rate
-    metrics = reconstruction_metrics(audio, recon, split.sample_rate, mu=np.concatenate(mu), std=float(a.std))
-    result = {**metrics, "split": "test_speakers", "frame_rate": frame_rate(split.sample_rate, task.model.strides),
+    sr = split.sample_rate
+    mel, stoi, mus = [], [], []
+    codec_seconds = 0.0
+    for lo in range(0, n, _chunk(codec)):
+        audio = split.audio.take(range(lo, min(lo + _chunk(codec), n)))
+        t0 = time.time()
+        mu = codec.encode(audio)
+        recon = [r[:len(x)] for r, x in zip(codec.decode(mu), audio)]
+        codec_seconds += time.time() - t0
+        mus += mu
+        mel += [mel_distance([x], [r], sr) for x, r in zip(audio, recon)]
+        stoi += [mean_stoi([x], [r], sr) for x, r in zip(audio, recon)]
+        if jax.process_index() == 0:
+            for i in range(lo, min(int(e.wav_samples), lo + len(audio))):
+                name = f"{workdir}/samples/audio_vae/{i:02d}_speaker{int(split.speaker[i])}"
+                write_wav(f"{name}_real.wav", audio[i - lo], sr)
+                write_wav(f"{name}_recon.wav", recon[i - lo], sr)
+    seconds = float(split.samples[:n].sum()) / sr
+    metrics = {"mel_distance": float(np.mean(mel)), "stoi": float(np.mean(stoi)), "num_utterances": n,
+               "variance_collapse_ratio": sigma_vae_collapse_ratio(float(a.std), np.concatenate(mus))}
+    result = {**metrics, "split": "test_speakers", "frame_rate": frame_rate(sr, task.model.strides),
               "hop": task.model.hop, "latent_dim": task.model.latent_dim, "strides": list(task.model.strides),
               "std": float(a.std), "audio_vae_steps": step, "audio_seconds": round(seconds, 3),
               "codec_real_time_factor": codec_seconds / max(seconds, 1e-9),
               "audio_vae_params": int(sum(x.size for x in jax.tree.leaves(params)))}
     if jax.process_index() == 0:
         storage.write_json_atomic(f"{workdir}/eval/audio_vae.json", result, indent=2, sort_keys=True)
-        for i in range(min(int(e.wav_samples), n)):
-            name = f"{workdir}/samples/audio_vae/{i:02d}_speaker{int(split.speaker[i])}"
-            write_wav(f"{name}_real.wav", audio[i], split.sample_rate)
-            write_wav(f"{name}_recon.wav", recon[i], split.sample_rate)
     _log(f"audio σ-VAE on {n} test_speakers utterances: mel distance {metrics['mel_distance']:.4f}, STOI "
          f"{metrics['stoi']:.3f}, collapse ratio {metrics['variance_collapse_ratio']:.3f}")
     return {"audio_vae_mel_distance": metrics["mel_distance"], "audio_vae_stoi": metrics["stoi"],
@@ -345,7 +364,8 @@ def train_judges(config, workdir, mesh, rules):
     """Trains the judges on the train split (docs/method.md §12) — the CTC phoneme recogniser and the speaker model —
     and writes their floors on real held-out audio to judges/floors.json: PER/WER on test_speakers and
     test_sentences, same- and different-speaker cosine similarity on test_speakers. A judge whose corpus and config
-    are unchanged is kept."""
+    are unchanged is kept. The splits' audio is read a batch at a time (`speech_corpus.SpeechAudio`): memory holds
+    their text and lengths and a few batches, not the train split's audio (docs/experiments.md §11.1)."""
     corpus_meta = _corpus_meta(config, workdir)
     cdir, jdir = corpus_dir(config, workdir), judges_dir(config, workdir)
     j = config.judges
@@ -432,7 +452,7 @@ def generate_tts(config, workdir, mesh, rules):
             manifest.append(dict(
                 file=f"{name}.wav", prompt_file=f"{name}_prompt.wav", mode=mode, text=split.text[u],
                 phonemes=split.phonemes[u], speaker=int(split.speaker[u]), target=u, reference=r,
-                duration=len(speech) / split.sample_rate, real_duration=len(split.audio[u]) / split.sample_rate,
+                duration=len(speech) / split.sample_rate, real_duration=float(split.durations[u]),
                 generated_frames=len(g), prompt_frames=len(p),
                 ended_by_eod=bool(res["ended"][i])))
         _log(f"{mode}: {len(pairs)} utterances generated in {res['seconds']:.1f}s")

@@ -7,6 +7,7 @@ with the TPU compiler for a named TPU slice (issue #17), no accelerator needed.
       --config.train.batch_size=512          # XLA:TPU memory, compiled FLOPs/bytes, roofline (pip install -e '.[tpu]')
   python launch/plan.py --table          # docs/scaling_out.md §6.1: scaling family on TPU v5p (95 GB) and H100 (80 GB)
   python launch/plan.py --table --arch=dit --sizes=Base,Medium    # the same for the DiT twins
+  python launch/plan.py --table --family=mllm --per_device_batch=8   # the paper-scale multimodal 1.3B (2,048 positions)
   python launch/plan.py --table --hardware=v5p --cpu_compare     # §6.4: smallest v5p slice per size, TPU compiler
 
 The process gives itself `--num_devices` (or, with --table, `--max_devices`) fake XLA:CPU devices before jax is
@@ -78,7 +79,7 @@ from typing import Callable, Iterator  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from configs import imagenet  # noqa: E402
+from configs import imagenet, mllm  # noqa: E402
 from latent_lm import cli  # noqa: E402
 from latent_lm.errors import ConfigError, UserError  # noqa: E402
 from latent_lm.planning import (CHIPS, GB, USABLE_HBM_FRACTION, MemoryPlan, as_dict, format_plan,  # noqa: E402
@@ -102,8 +103,13 @@ _USABLE = flags.DEFINE_float("usable_fraction", USABLE_HBM_FRACTION, "Fraction o
 _JSON = flags.DEFINE_string("json", None, "Also write the plan(s) as JSON to this path.")
 _TABLE = flags.DEFINE_bool("table", False, "Print docs/scaling_out.md's scaling-family tables, not one plan.")
 _ARCH = flags.DEFINE_enum("arch", "latent_lm", ["latent_lm", "dit"], "Table: LatentLM or its DiT twin.")
+_FAMILY = flags.DEFINE_enum("family", "imagenet", ["imagenet", "mllm"],
+                            "Table: class-conditional ImageNet models (configs/imagenet.py:<size>, 256 tokens) or the "
+                            "paper-scale multimodal model (configs/mllm.py:scale=paper,size=<size>, packed rows of "
+                            "2,048 positions; default size 1.3B).")
 _SIZES = flags.DEFINE_list("sizes", ["Base", "Medium", "Large", "XL", "3B", "7B", "13B"],
-                           "Table: model sizes (configs/imagenet.py: B, L, H and the scaling family Base…13B).")
+                           "Table: model sizes (configs/imagenet.py: B, L, H and the scaling family Base…13B; "
+                           "--family=mllm: 1.3B too, and 1.3B alone by default).")
 _HARDWARE = flags.DEFINE_list("hardware", ["TPU v5p=95", "H100=80"],
                               "Table: name=HBM GB per device (fake XLA:CPU devices), or a TPU chip (v4, v5e, v5p, "
                               "v6e: its slices, compiled with the TPU compiler).")
@@ -123,7 +129,23 @@ _SCREEN = flags.DEFINE_float("screen_slack", 1.15,
 
 
 def _size_config(size: str):
+    if _FAMILY.value == "mllm":
+        if _ARCH.value != "latent_lm":
+            raise ConfigError("--family=mllm plans the multimodal LatentLM; it has no --arch=dit twin")
+        return mllm.get_config(f"scale=paper,size={size}")
     return imagenet.get_config(f"size={size},arch={_ARCH.value}")
+
+
+def _sizes() -> list[str]:
+    """--sizes, or the multimodal model's 1.3B when the family is mllm and no sizes were given."""
+    if _FAMILY.value == "mllm" and not flags.FLAGS["sizes"].present:
+        return ["1.3B"]
+    return list(_SIZES.value)
+
+
+def _tokens(plans: dict[str, tuple[str, MemoryPlan] | None]) -> int:
+    """Positions per sequence of the table's plans (256 for the ImageNet family, 2,048 for the multimodal rows)."""
+    return next((found[1].seq_len for found in plans.values() if found is not None), 256)
 
 
 def _table_config(size: str, n: int, tensor: int, per_shard: int):
@@ -207,7 +229,7 @@ def smallest_fitting(size: str, hardware: Hardware, *, per_shard: int, max_devic
 def table_markdown(hardware: Hardware, plans: dict[str, tuple[str, MemoryPlan] | None], per_shard: int,
                    usable: float) -> str:
     head = (f"**{hardware.name}** ({hardware.hbm_gb:g} GB HBM per device, a plan fits at ≤ {100 * usable:.0f}%; "
-            f"{per_shard} sequences × 256 tokens per data shard)\n\n"
+            f"{per_shard} sequences × {_tokens(plans)} tokens per data shard)\n\n"
             "| size | params | devices | mesh (data, fsdp, tensor) | global batch | params | AdamW μ,ν | EMA | "
             "temporaries | total / device | HBM used | peak phase |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
@@ -228,7 +250,7 @@ def tpu_table_markdown(hardware: Hardware, plans: dict[str, tuple[str, MemoryPla
                        cpu_temporaries: dict[str, float], per_shard: int, usable: float) -> str:
     """The TPU compiler's figures per size: memory, the XLA:CPU temporaries of the same mesh, the roofline."""
     head = (f"**{hardware.name}** ({hardware.hbm_gb:g} GB HBM per chip, a plan fits at ≤ {100 * usable:.0f}%; "
-            f"{per_shard} sequences × 256 tokens per data shard; GB = 1e9 bytes)\n\n"
+            f"{per_shard} sequences × {_tokens(plans)} tokens per data shard; GB = 1e9 bytes)\n\n"
             "| size | params | slice | mesh (data, fsdp, tensor) | global batch | state | temporaries XLA:TPU | "
             "XLA:CPU (same mesh) | padding + code | total / device | HBM used | step ≥ | bound | MFU ≤ |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -257,9 +279,9 @@ def run_table() -> list[dict]:
     t0 = time.perf_counter()
     for entry in _HARDWARE.value:
         hardware = Hardware.parse(entry)
-        print(f"{hardware.name}: searching {', '.join(_SIZES.value)}", flush=True)
+        print(f"{hardware.name}: searching {', '.join(_sizes())}", flush=True)
         plans, cpu_temporaries = {}, {}
-        for size in _SIZES.value:
+        for size in _sizes():
             found = smallest_fitting(size, hardware, per_shard=_PER_SHARD.value, max_devices=_MAX_DEVICES.value,
                                      tensors=tensors, usable=_USABLE.value, slack=_SCREEN.value, cache=cache,
                                      log=lambda s: print(s, flush=True))

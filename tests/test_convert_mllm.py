@@ -143,6 +143,25 @@ def test_every_what_finds_the_shared_vae_and_tokenizer(mllm_run, tmp_path):
     assert read_config(os.path.join(vae_out, "vae"))["architecture"] == "SigmaVAE"
 
 
+def test_export_reads_the_vae_from_data_vae_workdir(mllm_run, tmp_path, capsys):
+    """A run that reads another run's σ-VAE in place (`data.vae_workdir`, docs/experiments.md §10.4; its own
+    tokenizer dir has none) exports that one; a vae_workdir without checkpoints is one line naming the setting."""
+    config = mllm_run["config"].copy_and_resolve_references()
+    config.data.update(dict(tokenizer_workdir="", vae_workdir=mllm_run["tok"]))
+    run = tmp_path / "reader"
+    run.mkdir()
+    (run / "config.json").write_text(config.to_json())
+    to_torch.export_workdir(str(run), str(tmp_path / "out"), what="vae", mesh=_one_device_mesh())
+    source = read_config(str(tmp_path / "out" / "vae"))["source"]
+    assert source["checkpoint"] == os.path.join(mllm_run["tok"], "vae") and source["step"] == STEP
+    config.data.vae_workdir = "../nowhere"
+    (run / "config.json").write_text(config.to_json())
+    assert cli.run(to_torch.main, ["--workdir", str(run), "--what", "vae"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: no σ-VAE checkpoint under {tmp_path}/nowhere/vae/checkpoints (the run's "
+                   f"data.vae_workdir='../nowhere', relative to the workdir)"]
+
+
 def _packed_rows(tok: TextTokenizer, seq_len: int, n: int, c: int, rng):
     """Two rows: [t2i document | i2t document | padding] and [a text paragraph | padding], as the packer lays them
     out (data_pipelines/packing.py): one segment id per document, pads in segment 0."""

@@ -135,3 +135,16 @@ def test_tokenizer_workdir_is_relative_to_the_run(tok, workdir, expected):
     c = default.get_config()
     c.data.tokenizer_workdir = tok
     assert experiment.tokenizer_dir(c, workdir) == expected
+
+
+@pytest.mark.parametrize("tok,vae,expected", [
+    ("", "", "runs/a/vae"), ("../tok", "", "runs/tok/vae"), ("../tok", "../imagenet_vae", "runs/imagenet_vae/vae"),
+    ("", "gs://b/runs/imagenet_vae", "gs://b/runs/imagenet_vae/vae"),
+])
+def test_vae_workdir_defaults_to_the_tokenizer_dir(tok, vae, expected):
+    """The σ-VAE is read from `data.vae_workdir` (relative to the run, as tokenizer_workdir) or the tokenizer dir;
+    the latents stay in the tokenizer dir either way (docs/experiments.md §10.4)."""
+    c = default.get_config()
+    c.data.update(dict(tokenizer_workdir=tok, vae_workdir=vae))
+    assert experiment.vae_dir(c, "runs/a") == expected
+    assert experiment.data_paths(c, "runs/a").latents == f"{experiment.tokenizer_dir(c, 'runs/a')}/latents"

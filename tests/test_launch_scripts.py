@@ -213,11 +213,12 @@ def test_setup_clones_the_repo_or_copies_this_checkout(fake):
         assert _option(call, "worker") == "all" and "--internal-ip" in call
         remote = _option(call, "command")
         assert r"git clone --quiet --branch exp\ 1 https://example.com/me/lm.git latent_lm" in remote
-        assert r".venv/bin/pip install --quiet -e . jax\[tpu\] gcsfs" in remote
+        assert ".venv/bin/pip install --quiet -e '.[tpu]' gcsfs" in remote  # the pinned jax[tpu] of setup.py
         assert subprocess.run(["bash", "-n", "-c", remote], check=False).returncode == 0
 
-    fake.run(TPU / "setup.sh", TPU_NAME="lm", ZONE="z")
+    fake.run(TPU / "setup.sh", TPU_NAME="lm", ZONE="z", JAX_PIP="jax[tpu]>=0.11")
     scp, ssh = fake.calls()[2:]
+    assert r".venv/bin/pip install --quiet -e '.[tpu]' jax\[tpu\]\>=0.11" in _option(ssh, "command")
     assert scp[:4] == ["compute", "tpus", "tpu-vm", "scp"] and scp[5] == "lm:latent_lm_src.tgz"
     assert _option(scp, "worker") == "all" and _option(ssh, "worker") == "all"
     assert "tar -xzf latent_lm_src.tgz -C latent_lm" in _option(ssh, "command")

@@ -55,6 +55,12 @@ def test_tiny_study_trains_generates_and_scores_every_arm(tmp_path):
         assert scores["text_perplexity"] > 1.0 and np.isfinite(scores["t2i_fd"])
         assert ("t2i_eoi_rate" in scores) == (arm != "transfusion")  # Transfusion closes its images by construction
         assert (workdir / "samples" / "t2i.png").stat().st_size > 1000
+        # eval_curve: every kept checkpoint (tiny: steps 10 and 20), scored as eval_mllm scores the last one
+        curve = json.loads((workdir / "eval" / "curve.json").read_text())["points"]
+        assert [p["step"] for p in curve] == [10, 20] and curve[1]["tokens"] == 20 * 16 * 128
+        assert curve[1] == pytest.approx(dict(step=20, tokens=20 * 16 * 128, **scores), rel=1e-5), arm
     mllm_study.main(["--root", str(root)])
     table = (root / "mllm" / "mllm.md").read_text()
     assert all(name in table for name in ("LatentLM", "Transfusion", "VQ-MLLM"))
+    assert "| LatentLM | 10 | 20,480 |" in table  # the metrics against training tokens
+    assert (root / "mllm" / "mllm_curve.png").stat().st_size > 1000

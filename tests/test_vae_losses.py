@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 from configs import default, imagenet_vae
 from data_pipelines.embedded import load_embedded
 from data_pipelines.latent_cache import load_latent_cache
-from latent_lm import experiment
+from latent_lm import experiment, stage_inputs
 from latent_lm.checkpoint import Checkpointer
 from latent_lm.errors import ConfigError, DataError, MissingInputError
 from latent_lm.models.discriminator import PatchDiscriminator
@@ -376,7 +376,7 @@ def test_kl_vae_gan_checkpoint_encodes_sigma_points_and_the_loop_feeds_the_step(
     task = VAETask.from_config(c)
     _write_random_checkpoint(task, c, str(tmp_path), step=2)
     rules = logical_rules()
-    params = experiment._vae_params(c, str(tmp_path), mesh, rules)
+    params = stage_inputs.vae_params(c, str(tmp_path), mesh, rules)
     assert set(params) == {"params", "disc"}
     out = experiment.encode(c, str(tmp_path), mesh, rules)
     assert out["train_latents"] == [200, 49, 8] and out["test_latents"] == [200, 49, 8]

@@ -8,7 +8,8 @@ constructor `kwargs`), checks it against the experiment config, and writes `<wor
 `<tokenizer dir>/vae/checkpoints/<step>`) through the train loop's own `build_state_fns` + `Checkpointer.save`, so
 `--mode=train` resumes from it. A multimodal export's `tokenizer.json` goes to `<tokenizer dir>/text/`. The tokenizer
 dir is where training reads vae/ and text/: `data.tokenizer_workdir` (relative to the workdir) or the workdir
-(`experiment.tokenizer_dir`, docs/pytorch.md §2.1). The weights become both `params` and `ema_params`; the optimizer
+(`experiment.tokenizer_dir`, docs/pytorch.md §2.1); the σ-VAE goes to `<data.vae_workdir>/vae` instead when the
+config reads it from there (`stage_inputs.vae_dir`). The weights become both `params` and `ema_params`; the optimizer
 state is fresh (zero Adam moments, bias correction from the start) with the learning-rate schedule positioned at
 `step`. The experiment config defaults to the one embedded in the export's config.json.
 """
@@ -41,11 +42,12 @@ from latent_lm.convert.torch_files import (
     read_state_dict,
 )
 from latent_lm.errors import MissingInputError
-from latent_lm.experiment import data_paths, tokenizer_dir
+from latent_lm.experiment import data_paths
 from latent_lm.models.dit import DiTConfig
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.mesh import logical_rules, make_mesh
+from latent_lm.stage_inputs import vae_dir
 from latent_lm.latents import LatentNormalization
 from latent_lm.text.tokenizer import TOKENIZER_FILE, TextTokenizer
 from latent_lm.training.optimizer import make_optimizer
@@ -259,9 +261,10 @@ def _tokenizer_to_import(torch_dir: str, config, workdir: str) -> tuple[bytes, s
 
 def import_workdir(torch_dir: str, workdir: str, *, config: ml_collections.ConfigDict | None = None,
                    what: str = "all", step: int = 0, mesh=None) -> dict:
-    """Writes `<workdir>/lm` (from `torch_dir`) and `<tokenizer dir>/vae` (from `torch_dir/vae`) checkpoints, and for
-    a multimodal run `<tokenizer dir>/text/tokenizer.json` (a byte copy of the export's); tokenizer dir =
-    `experiment.tokenizer_dir(config, workdir)`, where training reads them.
+    """Writes `<workdir>/lm` (from `torch_dir`) and `<tokenizer dir>/vae` (from `torch_dir/vae`;
+    `<data.vae_workdir>/vae` when set) checkpoints, and for a multimodal run `<tokenizer dir>/text/tokenizer.json` (a
+    byte copy of the export's); tokenizer dir = `experiment.tokenizer_dir(config, workdir)`, where training reads them.
+    A checkpoints directory that holds one already is refused (`write_checkpoint`), so no run's σ-VAE is replaced.
 
     `mesh` defaults to the config's. `--mode=train` then starts the data afresh (the checkpoints hold no iterator
     state); a generator (LatentLM or DiT) import still needs `--mode=encode` (or copied latents) before training.
@@ -284,7 +287,7 @@ def import_workdir(torch_dir: str, workdir: str, *, config: ml_collections.Confi
         params, _ = read_torch_params(os.path.join(torch_dir, VAE_DIR), task.model)
         params = task.add_discriminator(params, jax.random.PRNGKey(0))  # a fresh discriminator when the GAN is on
         written["vae"] = write_checkpoint(params, task, optim_config=config.vae_optim, train_config=config.vae_train,
-                                          mesh=mesh, rules=rules, train_dir=f"{tokenizer_dir(config, workdir)}/vae",
+                                          mesh=mesh, rules=rules, train_dir=vae_dir(config, workdir),
                                           step=step, meta={"config": config.to_json(), "imported_from": torch_dir})
     if what in ("all", "lm"):
         lm_cfg = DiTConfig.from_config(config) if arch == "dit" else LatentLMConfig.from_config(config)

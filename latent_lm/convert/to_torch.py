@@ -9,11 +9,12 @@ multimodal run (`model.arch="mllm"`, docs/pytorch.md §2.1) also gets its text t
 byte for byte beside the weights, and a "multimodal" entry in config.json. A TTS run (`model.arch="tts"`,
 docs/pytorch.md §2.2) exports as a multimodal one, with its audio σ-VAE in `<out>/audio_vae/` instead of `vae/`. The
 σ-VAEs and the tokenizer are read where training reads them: under `data.tokenizer_workdir` when the run shares its
-tokenizer, else under the workdir (`experiment.tokenizer_dir`, `experiment.data_paths`,
-`speech_stages.audio_vae_dir`). The experiment config is read from the checkpoint's own metadata, so only the workdir
-is needed. Parameters are gathered to host one tensor at a time, and the scanned blocks one layer at a time (`x[i]`
-of the stacked arrays): devices hold their training shards plus one gathered tensor, never the whole model.
-Multi-host arrays are assembled with `process_allgather`; process 0 writes the files.
+tokenizer, else under the workdir, and the image σ-VAE under `data.vae_workdir` when the run reads another run's
+(`experiment.tokenizer_dir`, `stage_inputs.vae_dir`, `experiment.data_paths`, `speech_stages.audio_vae_dir`). The
+experiment config is read from the checkpoint's own metadata, so only the workdir is needed. Parameters are gathered
+to host one tensor at a time, and the scanned blocks one layer at a time (`x[i]` of the stacked arrays): devices hold
+their training shards plus one gathered tensor, never the whole model. Multi-host arrays are assembled with
+`process_allgather`; process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from latent_lm.checkpoint import Checkpointer
 from latent_lm.convert import param_mapping
 from latent_lm.convert.torch_files import AUDIO_VAE_DIR, DTYPES, TOKENIZER, VAE_DIR, ConversionError, write_export
 from latent_lm.errors import DataError, MissingInputError
-from latent_lm.experiment import data_paths, tokenizer_dir
+from latent_lm.experiment import data_paths
 from latent_lm.models.audio_vae import AudioVAE, frame_rate
 from latent_lm.models.dit import DiTConfig
 from latent_lm.models.latent_lm import LatentLMConfig
@@ -45,7 +46,7 @@ from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.mesh import logical_rules, make_mesh
 from latent_lm.latents import LatentNormalization
 from latent_lm.speech_stages import audio_vae_dir
-from latent_lm.stage_inputs import is_speech
+from latent_lm.stage_inputs import is_speech, vae_dir as image_vae_dir
 from latent_lm.training.optimizer import make_optimizer
 from latent_lm.text.tokenizer import TOKENIZER_FILE, TextTokenizer
 from latent_lm.training.tasks import DiTTask, VAETask, make_generator_task
@@ -320,9 +321,9 @@ def run_config(workdir: str) -> ml_collections.ConfigDict | None:
     return None
 
 
-def _shared_hint(config) -> str:
-    shared = config is not None and config.data.get("tokenizer_workdir")
-    return f" (the run's data.tokenizer_workdir={shared!r}, relative to the workdir)" if shared else ""
+def _shared_hint(config, key: str = "tokenizer_workdir") -> str:
+    shared = config is not None and config.data.get(key)
+    return f" (the run's data.{key}={shared!r}, relative to the workdir)" if shared else ""
 
 
 def read_text_tokenizer(config, workdir: str) -> bytes:
@@ -344,8 +345,9 @@ def export_workdir(workdir: str, out_dir: str, *, params: str = "ema", dtype: st
 
     The σ-VAE and a multimodal or TTS run's text tokenizer are read from `<tokenizer dir>/vae` (a speech run's:
     `<tokenizer dir>/audio_vae`) and `<tokenizer dir>/text/tokenizer.json`, tokenizer dir = `data.tokenizer_workdir`
-    (relative to the workdir) or the workdir, as training reads them (`experiment.tokenizer_dir`,
-    `experiment.data_paths`, `speech_stages.audio_vae_dir`); for `what="vae"` the run's config comes from
+    (relative to the workdir) or the workdir, the image σ-VAE from `data.vae_workdir` when set, as training reads
+    them (`experiment.tokenizer_dir`, `stage_inputs.vae_dir`, `experiment.data_paths`,
+    `speech_stages.audio_vae_dir`); for `what="vae"` the run's config comes from
     `run_config`. Every input is found before anything is restored or written. Arrays are restored
     onto `mesh` (default: the run's mesh if this machine can build it, else all local devices).
     """
@@ -370,12 +372,14 @@ def export_workdir(workdir: str, out_dir: str, *, params: str = "ema", dtype: st
         config = run_config(workdir)
     speech = config is not None and is_speech(config)  # its latents come from the audio σ-VAE
     if what in ("all", "vae"):
+        hint = _shared_hint(config)
         if speech:
             vae_dir, vae_name = audio_vae_dir(config, workdir), "audio σ-VAE"
         else:
-            vae_dir, vae_name = f"{tokenizer_dir(config, workdir) if config is not None else workdir}/vae", "σ-VAE"
+            vae_dir, vae_name = image_vae_dir(config, workdir) if config is not None else f"{workdir}/vae", "σ-VAE"
+            hint = _shared_hint(config, "vae_workdir") or hint
         if not storage.exists(f"{vae_dir}/checkpoints"):
-            raise MissingInputError(f"no {vae_name} checkpoint under {vae_dir}/checkpoints{_shared_hint(config)}")
+            raise MissingInputError(f"no {vae_name} checkpoint under {vae_dir}/checkpoints{hint}")
         vae_step, vae_meta = read_meta(vae_dir)
         vae_config = config_from_meta(vae_meta, vae_dir)
         if not speech and vae_config.vae.get("kind", "sigma") != "sigma":

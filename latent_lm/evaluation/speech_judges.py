@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import chex
@@ -39,6 +39,8 @@ WORD_BOUNDARY = " "
 _STRESS = frozenset("ˈˌ")
 _TIES = frozenset("\u0361\u035c")  # combining double inverted breve / double breve below: join two letters
 _TARGET_RMS = 0.1
+PREFETCH_THREADS = 2  # training batches read and padded ahead of the step (`_prefetched`)
+PREFETCH_BATCHES = 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,13 +203,13 @@ def _features(audio: jax.Array, lengths: jax.Array, c: Mapping[str, Any], norm: 
     return jnp.where(frame_mask[..., None], mel, 0.0), frame_mask
 
 
-def _pad_batch(audio_list: Sequence[np.ndarray], idx: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows idx of the list, zero-padded to the max length rounded up to `multiple`: (audio [B,T], lengths [B])."""
-    lengths = np.array([len(audio_list[i]) for i in idx], np.int32)
+def _pad_batch(waves: Sequence[np.ndarray], multiple: int) -> tuple[np.ndarray, np.ndarray]:
+    """The waveforms zero-padded to the max length rounded up to `multiple`: (audio [B,T], lengths [B])."""
+    lengths = np.array([len(a) for a in waves], np.int32)
     t = max(multiple, -(-int(lengths.max(initial=1)) // multiple) * multiple)
-    out = np.zeros((len(idx), t), np.float32)
-    for r, i in enumerate(idx):
-        out[r, :lengths[r]] = audio_list[i]
+    out = np.zeros((len(waves), t), np.float32)
+    for r, a in enumerate(waves):
+        out[r, :lengths[r]] = a
     return out, lengths
 
 
@@ -221,18 +223,55 @@ def _as_audio_list(audio_list: Sequence[Any]) -> list[np.ndarray]:
     return out
 
 
+class _Waveforms:
+    """Mono waveforms read a batch at a time: a list of arrays (checked once, kept), or a lazy reader, a sequence
+    with `lengths` and `take(indices)` (data_pipelines.speech_corpus.SpeechAudio) whose waveforms are decoded when a
+    batch reads them and dropped after it, so a split of any size trains and scores in bounded memory. The batches
+    are the same either way."""
+
+    def __init__(self, audio: Sequence[Any]):
+        if hasattr(audio, "lengths") and hasattr(audio, "take"):
+            self.lengths = np.asarray(audio.lengths, np.int64)
+            self._take = audio.take
+        else:
+            items = _as_audio_list(audio)
+            self.lengths = np.array([len(a) for a in items], np.int64)
+            self._take = lambda rows: [items[int(i)] for i in rows]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def read(self, rows: Sequence[int]) -> list[np.ndarray]:
+        return self._take([int(i) for i in rows])
+
+
+def _prefetched(plan: Sequence[Any], make: Callable[[Any], Any]) -> Iterable[Any]:
+    """make(p) for each p of `plan`, in order, built ahead in grain's background threads: reading and padding the
+    next batches overlaps the training step, and at most a few batches are held."""
+    if not len(plan):
+        return iter(())
+    import grain
+
+    ds = grain.MapDataset.source(plan).map(make)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=PREFETCH_THREADS,
+                                                     prefetch_buffer_size=PREFETCH_BATCHES)))
+
+
 def _pad_multiple(c: Mapping[str, Any]) -> int:
     return max(int(c["n_fft"]), int(c["hop"]), int(round(float(c["pad_seconds"]) * int(c["sample_rate"]))))
 
 
-def _norm_stats(audio_list: list[np.ndarray], c: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
-    """Per-mel-bin mean and std of (RMS-normalised) log-mels over up to `norm_examples` training utterances."""
+def _norm_stats(waves: _Waveforms, c: Mapping[str, Any], seed: int, rows: np.ndarray | None = None
+                ) -> dict[str, np.ndarray]:
+    """Per-mel-bin mean and std of (RMS-normalised) log-mels over up to `norm_examples` training utterances (of
+    `rows`, all when None)."""
+    rows = np.arange(len(waves)) if rows is None else rows
     rng = np.random.default_rng(seed)
-    pick = rng.permutation(len(audio_list))[:int(c["norm_examples"])]
+    pick = rows[rng.permutation(len(rows))[:int(c["norm_examples"])]]
     feats = _jit(lambda a, n: _features(a, n, c, None), c)
     total, sq, count = 0.0, 0.0, 0.0
     for i in range(0, len(pick), int(c["eval_batch_size"])):
-        a, n = _pad_batch(audio_list, pick[i:i + int(c["eval_batch_size"])], _pad_multiple(c))
+        a, n = _pad_batch(waves.read(pick[i:i + int(c["eval_batch_size"])]), _pad_multiple(c))
         mel, m = (np.asarray(x, np.float64) for x in feats(a, n))
         total = total + (mel * m[..., None]).sum((0, 1))
         sq = sq + (mel ** 2 * m[..., None]).sum((0, 1))
@@ -422,29 +461,29 @@ def _length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generat
 def train_recogniser(audio_list: Sequence[np.ndarray], phoneme_strings: Sequence[str], sample_rate: int,
                      config: Mapping[str, Any] | None = None, seed: int = 0) -> Bundle:
     """Trains the CTC phoneme recogniser (AdamW, warmup + cosine, `steps` length-bucketed batches) on mono float
-    waveforms and their IPA strings; returns the bundle (docs/method.md §12)."""
+    waveforms and their IPA strings; returns the bundle (docs/method.md §12). `audio_list` may be a lazy reader
+    (`_Waveforms`): only the lengths and a few prefetched batches are in memory, the labels are encoded per batch."""
     c = _merge(recogniser_config(), config)
     c.sample_rate = int(sample_rate)
-    audio_list = _as_audio_list(audio_list)
-    if len(audio_list) != len(phoneme_strings) or not audio_list:
-        raise DataError(f"train_recogniser: {len(audio_list)} waveforms, {len(phoneme_strings)} phoneme strings")
+    waves = _Waveforms(audio_list)
+    if len(waves) != len(phoneme_strings) or not len(waves):
+        raise DataError(f"train_recogniser: {len(waves)} waveforms, {len(phoneme_strings)} phoneme strings")
     vocab = phoneme_vocab(phoneme_strings)
-    labels = [encode_phonemes(p, vocab) for p in phoneme_strings]
-    ok = [i for i, (a, l) in enumerate(zip(audio_list, labels)) if 0 < _ctc_min_frames(l) <= _ctc_frames(len(a), c)]
-    if len(ok) < len(audio_list):
+    label_len, min_frames = np.zeros(len(waves), np.int64), np.zeros(len(waves), np.int64)
+    for i, p in enumerate(phoneme_strings):
+        ids = encode_phonemes(p, vocab)
+        label_len[i], min_frames[i] = len(ids), _ctc_min_frames(ids)
+    ok = np.array([i for i in range(len(waves)) if 0 < min_frames[i] <= _ctc_frames(int(waves.lengths[i]), c)],
+                  np.int64)
+    if len(ok) < len(waves):
         logging.warning("train_recogniser: %d of %d utterances skipped (empty, or more labels than CTC frames at "
-                        "conv_layers=%d)", len(audio_list) - len(ok), len(audio_list), c.conv_layers)
-    if len(ok) < 0.9 * len(audio_list):
-        raise DataError(f"train_recogniser: only {len(ok)} of {len(audio_list)} utterances fit CTC (more labels than "
+                        "conv_layers=%d)", len(waves) - len(ok), len(waves), c.conv_layers)
+    if len(ok) < 0.9 * len(waves):
+        raise DataError(f"train_recogniser: only {len(ok)} of {len(waves)} utterances fit CTC (more labels than "
                         f"frames); use fewer conv_layers or a smaller hop")
-    audio_list, labels = [audio_list[i] for i in ok], [labels[i] for i in ok]
-    max_label = -(-max(len(l) for l in labels) // 16) * 16
-    label_arr = np.zeros((len(labels), max_label), np.int32)
-    label_pad = np.ones((len(labels), max_label), np.float32)
-    for i, l in enumerate(labels):
-        label_arr[i, :len(l)], label_pad[i, :len(l)] = l, 0.0
+    max_label = -(-int(label_len[ok].max()) // 16) * 16
 
-    norm = _norm_stats(audio_list, c, seed)
+    norm = _norm_stats(waves, c, seed, rows=ok)
     model = _recogniser(c, len(vocab))
     rng = jax.random.PRNGKey(seed)
     dummy = jnp.zeros((1, 8, int(c.n_mels)))
@@ -467,17 +506,29 @@ def train_recogniser(audio_list: Sequence[np.ndarray], phoneme_strings: Sequence
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    lengths = np.array([len(a) for a in audio_list])
+    # The batches (positions in `ok`) are drawn up front from the seed and the lengths alone; each is then read,
+    # padded and labelled in the background.
+    lengths = waves.lengths[ok]
     np_rng = np.random.default_rng(seed)
+    plan: list[np.ndarray] = []
     batches: list[np.ndarray] = []
-    multiple = _pad_multiple(c)
-    for i in range(int(c.steps)):
+    for _ in range(int(c.steps)):
         if not batches:
             batches = _length_batches(lengths, int(c.batch_size), np_rng)
-        idx = batches.pop()
-        audio, lens = _pad_batch(audio_list, idx, multiple)
-        params, opt_state, loss = step(params, opt_state, audio, lens, label_arr[idx], label_pad[idx],
-                                       jax.random.fold_in(rng, i))
+        plan.append(batches.pop())
+    multiple = _pad_multiple(c)
+
+    def make(idx: np.ndarray) -> tuple[np.ndarray, ...]:
+        rows = ok[idx]
+        lab = np.zeros((len(rows), max_label), np.int32)
+        lab_pad = np.ones((len(rows), max_label), np.float32)
+        for r, row in enumerate(rows):
+            ids = encode_phonemes(phoneme_strings[row], vocab)
+            lab[r, :len(ids)], lab_pad[r, :len(ids)] = ids, 0.0
+        return (*_pad_batch(waves.read(rows), multiple), lab, lab_pad)
+
+    for i, (audio, lens, lab, lab_pad) in enumerate(_prefetched(plan, make)):
+        params, opt_state, loss = step(params, opt_state, audio, lens, lab, lab_pad, jax.random.fold_in(rng, i))
         if (i + 1) % max(int(c.steps) // 10, 1) == 0:
             logging.info("recogniser step %d: ctc loss per label %.4f", i + 1, float(loss))
     return dict(kind="recogniser", config=cfg, vocab=list(vocab), norm=norm, params=jax.device_get(params))
@@ -497,14 +548,14 @@ def _recogniser_apply(cfg_items: tuple, vocab_size: int):
     return apply
 
 
-def _batched(audio_list: list[np.ndarray], c: Mapping[str, Any], fn) -> list[Any]:
+def _batched(waves: _Waveforms, c: Mapping[str, Any], fn) -> list[Any]:
     """Runs fn(audio [B,T], lengths [B]) -> per-row results over length-sorted fixed-size batches; input order."""
-    order = np.argsort([len(a) for a in audio_list], kind="stable")
+    order = np.argsort(waves.lengths, kind="stable")
     bs, multiple = int(c["eval_batch_size"]), _pad_multiple(c)
-    out: list[Any] = [None] * len(audio_list)
+    out: list[Any] = [None] * len(waves)
     for s in range(0, len(order), bs):
         idx = order[s:s + bs]
-        audio, lengths = _pad_batch(audio_list, idx, multiple)
+        audio, lengths = _pad_batch(waves.read(idx), multiple)
         if len(idx) < bs:  # pad to the fixed batch: one compile per padded length
             audio = np.concatenate([audio, np.zeros((bs - len(idx), audio.shape[1]), np.float32)])
             lengths = np.concatenate([lengths, np.zeros(bs - len(idx), np.int32)])
@@ -538,7 +589,7 @@ def transcribe(params: Bundle, audio_list: Sequence[np.ndarray], sample_rate: in
             rows.append(decode_phonemes(keep[keep != 0], vocab))
         return rows
 
-    return _batched(_as_audio_list(audio_list), c, run)
+    return _batched(_Waveforms(audio_list), c, run)
 
 
 def recogniser_error_rates(params: Bundle, audio_list: Sequence[np.ndarray], phoneme_strings: Sequence[str],
@@ -555,18 +606,19 @@ def recogniser_error_rates(params: Bundle, audio_list: Sequence[np.ndarray], pho
 def train_speaker_model(audio_list: Sequence[np.ndarray], speakers: Sequence[int], sample_rate: int,
                         config: Mapping[str, Any] | None = None, seed: int = 0) -> Bundle:
     """Trains the speaker encoder with additive-margin softmax over the training speakers on random fixed-length
-    crops (speakers sampled uniformly); returns the bundle (docs/method.md §12)."""
+    crops (speakers sampled uniformly); returns the bundle (docs/method.md §12). `audio_list` may be a lazy reader
+    (`_Waveforms`): only the lengths and a few prefetched batches are in memory."""
     c = _merge(speaker_config(), config)
     c.sample_rate = int(sample_rate)
-    audio_list = _as_audio_list(audio_list)
+    waves = _Waveforms(audio_list)
     speakers = np.asarray(speakers)
-    if len(audio_list) != len(speakers) or not audio_list:
-        raise DataError(f"train_speaker_model: {len(audio_list)} waveforms, {len(speakers)} speaker ids")
+    if len(waves) != len(speakers) or not len(waves):
+        raise DataError(f"train_speaker_model: {len(waves)} waveforms, {len(speakers)} speaker ids")
     names, spk = np.unique(speakers, return_inverse=True)
     if len(names) < 2:
         raise DataError("train_speaker_model needs at least 2 speakers")
     by_speaker = [np.flatnonzero(spk == k) for k in range(len(names))]
-    norm = _norm_stats(audio_list, c, seed)
+    norm = _norm_stats(waves, c, seed)
     cfg = c.to_dict()
     model = _speaker_encoder(c)
     rng = jax.random.PRNGKey(seed)
@@ -592,19 +644,31 @@ def train_speaker_model(audio_list: Sequence[np.ndarray], speakers: Sequence[int
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    # Each step's speakers, utterances and crop offsets are drawn up front from the seed and the lengths alone;
+    # the crops are then read in the background.
     crop = int(round(float(c.crop_seconds) * c.sample_rate))
     np_rng = np.random.default_rng(seed)
     bs = int(c.batch_size)
-    for i in range(int(c.steps)):
+    plan: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for _ in range(int(c.steps)):
         labels = np_rng.integers(0, len(names), bs)
+        rows, offsets = np.zeros(bs, np.int64), np.zeros(bs, np.int64)
+        for r, k in enumerate(labels):
+            rows[r] = by_speaker[k][np_rng.integers(len(by_speaker[k]))]
+            offsets[r] = np_rng.integers(0, max(int(waves.lengths[rows[r]]) - crop, 0) + 1)
+        plan.append((labels.astype(np.int32), rows, offsets))
+
+    def make(p: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
+        labels, rows, offsets = p
         audio = np.zeros((bs, crop), np.float32)
         lengths = np.zeros(bs, np.int32)
-        for r, k in enumerate(labels):
-            a = audio_list[by_speaker[k][np_rng.integers(len(by_speaker[k]))]]
-            off = np_rng.integers(0, max(len(a) - crop, 0) + 1)
+        for r, (a, off) in enumerate(zip(waves.read(rows), offsets)):
             seg = a[off:off + crop]
             audio[r, :len(seg)], lengths[r] = seg, len(seg)
-        params, opt_state, loss = step(params, opt_state, audio, lengths, labels.astype(np.int32))
+        return audio, lengths, labels
+
+    for i, (audio, lengths, labels) in enumerate(_prefetched(plan, make)):
+        params, opt_state, loss = step(params, opt_state, audio, lengths, labels)
         if (i + 1) % max(int(c.steps) // 10, 1) == 0:
             logging.info("speaker model step %d: am-softmax loss %.4f", i + 1, float(loss))
     return dict(kind="speaker_model", config=cfg, norm=norm, params=jax.device_get(params["encoder"]),
@@ -624,11 +688,11 @@ def speaker_embeddings(params: Bundle, audio_list: Sequence[np.ndarray], sample_
     """L2-normalised embeddings [N, D] of whole waveforms (at the bundle's sample rate, checked when given)."""
     _check_bundle(params, "speaker_model", sample_rate)
     c = params["config"]
-    audio_list = _as_audio_list(audio_list)
-    if not audio_list:
+    waves = _Waveforms(audio_list)
+    if not len(waves):
         return np.zeros((0, int(c["embed_dim"])), np.float32)
     apply = _speaker_apply(tuple((k, c[k]) for k in _SPEAKER_KEYS))
-    rows = _batched(audio_list, c, lambda a, n: list(np.asarray(apply(params["params"], params["norm"], a, n))))
+    rows = _batched(waves, c, lambda a, n: list(np.asarray(apply(params["params"], params["norm"], a, n))))
     return np.stack(rows).astype(np.float32)
 
 

@@ -5,8 +5,11 @@ Each finished generator run of the sweep (`configs/mllm.py`'s `get_sweep`) holds
 generations and its text perplexity) and `eval/loss.json` (held-out loss, parameters, exact training FLOPs). Runs of
 one arm (e.g. seeds) are averaged and their spread reported as ± one standard deviation.
 
-CLI: `python -m latent_lm.studies.mllm --root=runs/mllm [--out=...]` writes `mllm.png`, `.json` and `.md` into --out
-(default `<root>/mllm`) and prints the table.
+Runs that also hold `eval/curve.json` (the eval_curve stage: the same scores at every kept checkpoint) give the metrics
+against training tokens: a second table and `mllm_curve.png`.
+
+CLI: `python -m latent_lm.studies.mllm --root=runs/mllm [--out=...]` writes `mllm.png`, `mllm_curve.png`, `.json` and
+`.md` into --out (default `<root>/mllm`) and prints the tables.
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ COLUMNS = (
     ("params", "params", "{:,.0f}"),
 )
 ATTRIBUTES = ("thickness", "slant", "size")
+# The metrics against training tokens (eval/curve.json, written by the eval_curve stage): one panel each.
+CURVE_COLUMNS = (
+    ("text_perplexity", "text PPL ↓", "{:.2f}"),
+    ("t2i_class_accuracy", "T2I class acc ↑", "{:.1%}"),
+    ("t2i_fd", "T2I FD ↓", "{:.1f}"),
+    ("i2t_class_accuracy", "I2T class acc ↑", "{:.1%}"),
+)
 
 
 def collect(root: str) -> dict[str, list[dict[str, float]]]:
@@ -55,8 +65,52 @@ def collect(root: str) -> dict[str, list[dict[str, float]]]:
         for side in ("t2i", "i2t"):
             scores[f"{side}_attribute_accuracy"] = float(np.mean([scores[f"{side}_{a}_accuracy"] for a in ATTRIBUTES]))
         scores["name"] = os.path.basename(run)
+        curve = os.path.join(run, "eval", "curve.json")
+        if os.path.exists(curve):
+            scores["curve"] = read_json(curve)["points"]
         by_arch[arch].append(scores)
     return dict(by_arch)
+
+
+def curves(by_arch: dict[str, list[dict]]) -> dict[str, list[dict[str, float]]]:
+    """arch → one point per checkpoint step: the mean over the arm's runs that scored that step."""
+    out = {}
+    for arch, runs in by_arch.items():
+        steps: dict[int, list[dict]] = collections.defaultdict(list)
+        for run in runs:
+            for point in run.get("curve", []):
+                steps[point["step"]].append(point)
+        if steps:
+            out[arch] = [{"step": step, "tokens": points[0]["tokens"], "runs": len(points),
+                          **{k: float(np.mean([p[k] for p in points])) for k, _, _ in CURVE_COLUMNS}}
+                         for step, points in sorted(steps.items())]
+    return out
+
+
+def curve_table(by_step: dict[str, list[dict[str, float]]]) -> str:
+    """Markdown: the curve's points, one row per arm and checkpoint."""
+    lines = ["| arm | step | tokens | " + " | ".join(t for _, t, _ in CURVE_COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(CURVE_COLUMNS)]
+    for arch in sorted(by_step, key=list(ARCH_LABELS).index):
+        for p in by_step[arch]:
+            lines.append(f"| {ARCH_LABELS[arch]} | {p['step']} | {p['tokens']:,} | "
+                         + " | ".join(fmt.format(p[k]) for k, _, fmt in CURVE_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(by_step: dict[str, list[dict[str, float]]], path: str) -> None:
+    """One panel per CURVE_COLUMNS metric against training tokens, a line per arm (paper Fig. 8's axes)."""
+    fig = new_figure(4 * len(CURVE_COLUMNS), 3.4)
+    for i, (key, title, _) in enumerate(CURVE_COLUMNS):
+        ax = fig.add_subplot(1, len(CURVE_COLUMNS), i + 1)
+        for arch in sorted(by_step, key=list(ARCH_LABELS).index):
+            ax.plot([p["tokens"] for p in by_step[arch]], [p[key] for p in by_step[arch]], "o-",
+                    label=ARCH_LABELS[arch])
+        ax.set_xlabel("training tokens")
+        ax.set_title(title, fontsize=9)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    fig.axes[0].legend(fontsize=8)
+    save_png(fig, path)
 
 
 def summarize(by_arch: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float, int]]]:
@@ -121,11 +175,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary = summarize(by_arch)
     plot(summary, os.path.join(out, "mllm.png"))
     text = table(summary)
-    write_json(os.path.join(out, "mllm.json"), {"runs": by_arch, "summary": {
+    by_step = curves(by_arch)
+    if by_step:
+        plot_curves(by_step, os.path.join(out, "mllm_curve.png"))
+        text += "\nAgainst training tokens (every kept checkpoint, scored as the last):\n\n" + curve_table(by_step)
+    write_json(os.path.join(out, "mllm.json"), {"runs": by_arch, "curves": by_step, "summary": {
         arch: {k: dict(mean=m, std=sd, runs=n) for k, (m, sd, n) in cols.items()} for arch, cols in summary.items()}})
     write_text(os.path.join(out, "mllm.md"), text)
     print(text, end="")
-    print(f"wrote {out}/mllm.{{png,json,md}}")
+    print(f"wrote {out}/mllm.{{png,json,md}}" + (" and mllm_curve.png" if by_step else ""))
 
 
 if __name__ == "__main__":

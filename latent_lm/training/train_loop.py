@@ -196,13 +196,29 @@ def train(task: Task, data: Iterator[dict], *, optim_config, train_config, mesh:
                        steps_per_sec=steps_per_sec)
 
 
-def load_state(task: Task, *, optim_config, train_config, mesh: Mesh, rules, workdir: str) -> TrainState:
-    """Restores the latest train state in `workdir` onto `mesh` (for sampling / evaluation / export)."""
+def load_state(task: Task, *, optim_config, train_config, mesh: Mesh, rules, workdir: str,
+               step: int | None = None) -> TrainState:
+    """Restores the train state in `workdir` onto `mesh` (for sampling / evaluation / export): the latest, or the
+    checkpoint of `step`."""
     tx = make_optimizer(optim_config, int(train_config.steps))
     _, abstract, _ = build_state_fns(task, tx, mesh, rules, train_config.get("seed", 0))
     ckpt = Checkpointer(f"{workdir}/checkpoints", async_save=False)
-    restored = ckpt.restore(abstract)
-    ckpt.close()
+    try:
+        if step is not None and step not in ckpt.all_steps():
+            raise MissingInputError(f"no checkpoint of step {step} under {workdir}/checkpoints (it holds "
+                                    f"{ckpt.all_steps()})")
+        restored = ckpt.restore(abstract, step=step)
+    finally:
+        ckpt.close()
     if restored is None:
         raise MissingInputError(f"no checkpoint under {workdir}/checkpoints: run the training mode first")
     return restored[0]
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps of the checkpoints kept in `workdir` (`checkpoint.max_to_keep` of them), oldest first."""
+    ckpt = Checkpointer(f"{workdir}/checkpoints", async_save=False)
+    try:
+        return ckpt.all_steps()
+    finally:
+        ckpt.close()

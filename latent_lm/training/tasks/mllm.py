@@ -14,8 +14,9 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from data_pipelines import coco_captions, coco_documents
 from data_pipelines.mllm_documents import load_split
-from data_pipelines.packing import make_document_dataset, packed_batch_shapes
+from data_pipelines.packing import make_document_dataset, make_packed_dataset, packed_batch_shapes
 from latent_lm.diffusion import NoiseSchedule, make_schedule
 from latent_lm.latents import LatentNormalization, LatentPosterior
 from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
@@ -79,7 +80,23 @@ class MultimodalTask:
                                  f"<eoi> <eos>"),
             (n <= m.get("head_capacity", 0) <= m.max_len,
              f"model.head_capacity={m.get('head_capacity')} must lie in [{n} (one image), model.max_len={m.max_len}]"),
-        ]
+        ] + cls.source_checks(config)
+
+    @staticmethod
+    def source_checks(config) -> list[tuple[bool, str]]:
+        """Where the documents come from: the embedded data (default) or, at paper scale, COCO and web text
+        (`documents.source="coco"`, docs/experiments.md §10.4)."""
+        documents = config.get("documents") or {}
+        source = documents.get("source", "embedded")
+        if source not in ("embedded", coco_documents.SOURCE):
+            return [(False, f"documents.source={source!r} must be 'embedded' or {coco_documents.SOURCE!r}")]
+        if source == "embedded":
+            return []
+        problem = coco_documents.config_problem(documents)
+        return [(config.data.dataset == coco_captions.NAME,
+                 f"documents.source={source!r} reads images of data.dataset={coco_captions.NAME!r}, not "
+                 f"{config.data.dataset!r}"),
+                (problem is None, problem or "")]
 
     def init_params(self, rng):
         t, c = self.seq_len, self.model.config.latent_dim
@@ -87,10 +104,16 @@ class MultimodalTask:
 
     def make_dataset(self, paths: DataPaths, split: str, batch_size: int, seed: int, num_workers: int = 0):
         """Packed rows of documents built from the latent cache, the images' captions and English text
-        (data_pipelines/mllm_documents.py, data_pipelines/packing.py); "test" keeps every caption (no CFG drop)."""
-        data = load_split(self.dataset, split, f"{paths.latents}/{split}", TextTokenizer.load(paths.text_tokenizer),
-                          self.seq_len)
+        (data_pipelines/mllm_documents.py, data_pipelines/packing.py); "test" keeps every caption (no CFG drop).
+        `documents.source="coco"`: COCO pairs and web text at paper scale (data_pipelines/coco_documents.py)."""
+        tokenizer = TextTokenizer.load(paths.text_tokenizer)
         train = split == "train"
+        if self.documents.get("source", "embedded") == coco_documents.SOURCE:
+            source = coco_documents.document_source(self.documents, split, f"{paths.latents}/{split}", tokenizer,
+                                                    self.seq_len, seed, train)
+            return make_packed_dataset(source, self.seq_len, batch_size, seed, latent_capacity=self.head_capacity,
+                                       shuffle=train, repeat=train, num_workers=num_workers if train else 0)
+        data = load_split(self.dataset, split, f"{paths.latents}/{split}", tokenizer, self.seq_len)
         return make_document_dataset(data, batch_size, seed, mix=self.documents["mix"],
                                      latent_capacity=self.head_capacity,
                                      null_prompt_rate=self.documents["null_prompt_rate"] if train else 0.0,
