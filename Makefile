@@ -62,8 +62,8 @@ test-all: venv-test test-tpu
 	$(PYTEST)
 
 # The TPU compiler's tests (tests/test_tpu_aot.py, docs/scaling_out.md §6.4: AOT plans for named TPU topologies, no
-# TPU needed) in a venv of their own with the `tpu` extra: libtpu in .venv would slow every process start. There a
-# missing libtpu fails those tests rather than skipping them.
+# TPU needed) in a venv of their own with the `tpu` extra: with libtpu in .venv every jax start would first try a TPU
+# backend. There a missing libtpu fails those tests rather than skipping them.
 TPU_VENV := .venv-tpu
 TPU_STAMP := $(TPU_VENV)/.installed
 $(TPU_STAMP): setup.py
