@@ -56,8 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Packed documents (data_pipelines/mllm_documents.py): kinds and their weights, the rate at which a
     # text-to-image caption is dropped to <null> (classifier-free guidance, docs/method.md §8.3).
     c.documents = ml_collections.ConfigDict(dict(
-        mix=(("text_to_image", 0.3), ("image_to_text", 0.4), ("question", 0.1), ("successor", 0.05),
-             ("paragraph", 0.1), ("caption", 0.05)),
+        mix=(("text_to_image", 0.3), ("image_to_text", 0.3), ("question", 0.1), ("successor", 0.1),
+             ("paragraph", 0.1), ("caption", 0.1)),
         null_prompt_rate=0.1))
     c.model.update(dict(arch="mllm", num_classes=0, text_vocab_size=c.text.vocab_size, max_len=seq_len,
                         class_dropout=0.0))
@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # λ of L = CE + λ·MSE (docs/method.md §6.3): 5, the Transfusion paper's value, for both continuous arms. Measured
     # here (docs/experiments.md §10.3): λ = 1 → text-to-image 60% / image-to-text 87.5% / PPL 32.1; λ = 5 → 90.5% /
     # 82% / 34.3.
-    c.diffusion.diffusion_weight = 3.0
+    c.diffusion.diffusion_weight = 5.0
     if a.arm == "transfusion":  # whole-image diffusion in the backbone (docs/method.md §9.3)
         c.model.arch = "transfusion"
     if a.arm == "vq":

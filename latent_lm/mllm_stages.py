@@ -147,8 +147,14 @@ def evaluate_multimodal(config, workdir, mesh, rules):
     if storage.exists(f"{workdir}/samples/interleaved.npz"):
         with storage.open_file(f"{workdir}/samples/interleaved.npz") as f, np.load(f) as npz:
             free = {key: npz[key] for key in npz.files}
-    result = _Scorer(config, workdir, split)(t2i, i2t, free)
+    scorer = _Scorer(config, workdir, split)
+    result = scorer(t2i, i2t, free)
     result["text_perplexity"] = _text_perplexity(gen, split, config.eval.loss_batch)
+    shown = mm.caption_prompt_images(gen, split, config.eval.caption_images, config.eval.seed)
+    if shown is not None:  # what the captions' class could be read from (docs/method.md §10.5)
+        labels = split.labels[:len(shown)]
+        result["i2t_prompt_class_accuracy"] = float((clf.classify(scorer.cparams, shown, scorer.k)[0].argmax(-1)
+                                                     == labels).mean())
     storage.write_json_atomic(f"{workdir}/eval/mllm.json", result, indent=2, sort_keys=True)
     return result
 

@@ -58,6 +58,8 @@ def test_tiny_study_trains_generates_and_scores_every_arm(tmp_path):
         # eval_curve: every kept checkpoint (tiny: steps 10 and 20), scored as eval_mllm scores the last one
         curve = json.loads((workdir / "eval" / "curve.json").read_text())["points"]
         assert [p["step"] for p in curve] == [10, 20] and curve[1]["tokens"] == 20 * 16 * 128
+        # eval_mllm alone adds what the caption prompts show (the σ-noised latents decoded; not the VQ arm's codes)
+        assert (0.0 <= scores.pop("i2t_prompt_class_accuracy", -1.0) <= 1.0) == (arm != "vq"), arm
         assert curve[1] == pytest.approx(dict(step=20, tokens=20 * 16 * 128, **scores), rel=1e-5), arm
     mllm_study.main(["--root", str(root)])
     table = (root / "mllm" / "mllm.md").read_text()

@@ -238,6 +238,22 @@ def image_to_text(gen: Generator, split: docs.MultimodalSplit, count: int, seed:
                 source_images=np.asarray(chosen, np.int32))
 
 
+def caption_prompt_images(gen: Generator, split: docs.MultimodalSplit, count: int, seed: int) -> np.ndarray | None:
+    """The images `image_to_text`'s prompts show the model, decoded (uint8 [count, H, W, 1]): each prompt's latents
+    σ-noised with the keys the LatentLM arm's prompts use, through the σ-VAE decoder. The classifier's accuracy on them
+    bounds what a captioner can read from its prompts. None for the VQ arm (its prompts hold the codes)."""
+    if not hasattr(gen.task, "model_latents"):
+        return None
+    rng = jax.random.PRNGKey(seed + 1)
+    shown = []
+    for i in range(min(count, len(split.labels))):
+        d = docs.prompt(docs.image_to_text(split, np.random.default_rng([seed, i]), image=i))
+        z = gen.task.model_latents(jax.random.fold_in(rng, i), jnp.asarray(d["latents"])[None],
+                                   jnp.asarray(d["is_latent"])[None])[0]
+        shown.append(np.asarray(z)[d["is_latent"]])
+    return np.concatenate([gen.decode(np.stack(shown[i:i + gen.batch])) for i in range(0, len(shown), gen.batch)])
+
+
 def interleaved(gen: Generator, split: docs.MultimodalSplit, count: int, seed: int) -> dict | None:
     """Free generation from "<bos> the digit after": both images come from the model's own `<boi>`s (None for an arm
     without an interleaved loop)."""
