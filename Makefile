@@ -38,9 +38,10 @@ tokenizer-variance: venv
 		--root=runs/tokenizer_variance
 	$(VENV)/bin/python -m latent_lm.studies.tokenizer_variance --root=runs/tokenizer_variance
 
-# The multimodal study (docs/experiments.md §10): LatentLM, Transfusion and VQ-MLLM on the same data, then the table.
+# The multimodal study (docs/experiments.md §10): LatentLM (two seeds: the spread of its row), Transfusion and VQ-MLLM
+# on the same data, then the tables and plots.
 mllm: venv
-	$(VENV)/bin/python -m latent_lm.sweep --config=configs/mllm.py --root=runs/mllm
+	$(VENV)/bin/python -m latent_lm.sweep --config=configs/mllm.py:seeds=2 --root=runs/mllm
 	$(VENV)/bin/python -m latent_lm.studies.mllm --root=runs/mllm
 
 # The speech study (docs/experiments.md §11): corpus → audio σ-VAE → judges → TTS model → zero-shot TTS of held-out

@@ -137,7 +137,7 @@ def table(summary: dict[str, dict[str, tuple[float, float, int]]]) -> str:
                 continue
             mean, std, n = summary[arch][key]
             runs = max(runs, n)
-            cells.append(fmt.format(mean) + (f" ± {fmt.format(std)}" if n > 1 else ""))
+            cells.append(fmt.format(mean) + (f" ± {fmt.format(std)}" if n > 1 and std > 0 else ""))  # not for FLOPs
         lines.append(f"| {ARCH_LABELS[arch]} | {runs} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
