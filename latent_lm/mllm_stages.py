@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -24,7 +24,8 @@ from latent_lm.evaluation import text_metrics
 from latent_lm.evaluation.frechet import feature_stats, frechet_distance
 from latent_lm.evaluation.grids import save_captioned_grid, save_image_grid
 from latent_lm.pixels import to_uint8
-from latent_lm.stage_inputs import data_paths, embedded_classifier, generator_params, image_decoder, vae_params
+from latent_lm.stage_inputs import (data_paths, embedded_classifier, generator_params, generator_task, image_decoder,
+                                    vae_params)
 from latent_lm.text import captions
 from latent_lm.text.tokenizer import TextTokenizer
 from latent_lm.training.train_loop import checkpoint_steps
@@ -33,19 +34,29 @@ from latent_lm.training.train_loop import log_process0 as _log
 CURVE_FILE = "eval/curve.json"
 
 
-def multimodal_generator(config, workdir, mesh, rules, step: int | None = None
-                         ) -> tuple[mm.Generator, mllm_documents.MultimodalSplit]:
-    """The arm's generator (`model.arch`) at the latest checkpoint or `step`'s, and the held-out split."""
-    task, params, _ = generator_params(config, workdir, mesh, rules, step=step)
+def multimodal_generators(config, workdir, mesh, rules
+                          ) -> tuple[Callable[[int | None], mm.Generator], mllm_documents.MultimodalSplit]:
+    """(step → the arm's generator (`model.arch`) at that checkpoint, None for the latest; the held-out split). The
+    σ-VAE decoder and the split load once: each call reads only the LM checkpoint (eval_curve scores many)."""
     decode = image_decoder(config, vae_params(config, workdir, mesh, rules))
     d, e = config.diffusion, config.eval
     arm = mm.GENERATORS[config.model.arch]
-    gen = arm(task=task, params=params, decode=lambda z: to_uint8(np.asarray(decode(task.norm.denormalize(z)))),
-              num_steps=d.num_sampling_steps, cfg_scale=d.cfg_scale, x0_clip=d.x0_clip, batch=e.sample_batch)
+
+    def at(step: int | None = None) -> mm.Generator:
+        task, params, _ = generator_params(config, workdir, mesh, rules, step=step)
+        return arm(task=task, params=params, decode=lambda z: to_uint8(np.asarray(decode(task.norm.denormalize(z)))),
+                   num_steps=d.num_sampling_steps, cfg_scale=d.cfg_scale, x0_clip=d.x0_clip, batch=e.sample_batch)
+
     paths = data_paths(config, workdir)
     split = mllm_documents.load_split(config.data.dataset, "test", f"{paths.latents}/test",
-                                      TextTokenizer.load(paths.text_tokenizer), task.seq_len)
-    return gen, split
+                                      TextTokenizer.load(paths.text_tokenizer), generator_task(config, workdir).seq_len)
+    return at, split
+
+
+def multimodal_generator(config, workdir, mesh, rules) -> tuple[mm.Generator, mllm_documents.MultimodalSplit]:
+    """The arm's generator at the latest checkpoint, and the held-out split."""
+    at, split = multimodal_generators(config, workdir, mesh, rules)
+    return at(), split
 
 
 def _samples(gen: mm.Generator, split: mllm_documents.MultimodalSplit, e) -> dict[str, Any]:
@@ -166,14 +177,13 @@ def eval_curve(config, workdir, mesh, rules):
     path = f"{workdir}/{CURVE_FILE}"
     old = json.loads(storage.read_text(path))["points"] if storage.exists(path) else []
     points = {p["step"]: p for p in old}
-    steps = checkpoint_steps(f"{workdir}/lm")
-    scorer = None
-    for step in steps:
-        if step in points:
-            continue
+    missing = [step for step in checkpoint_steps(f"{workdir}/lm") if step not in points]
+    if missing:
+        generator_at, split = multimodal_generators(config, workdir, mesh, rules)
+        scorer = _Scorer(config, workdir, split)
+    for step in missing:
         t0 = time.time()
-        gen, split = multimodal_generator(config, workdir, mesh, rules, step=step)
-        scorer = scorer or _Scorer(config, workdir, split)
+        gen = generator_at(step)
         s = _samples(gen, split, config.eval)
         scores = scorer(s["t2i"], s["i2t"], s["free"])
         scores["text_perplexity"] = _text_perplexity(gen, split, config.eval.loss_batch)
