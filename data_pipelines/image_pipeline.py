@@ -1,4 +1,5 @@
-"""grain pipeline over the embedded 28×28 image datasets, sliced per JAX process (data_pipelines.sharding)."""
+"""grain pipeline over the embedded 28×28 image datasets, each JAX process yielding its rows of every global batch
+(data_pipelines.sharding, global order)."""
 
 from __future__ import annotations
 
@@ -41,19 +42,19 @@ def make_image_dataset(name: str, split: str, batch_size: int, seed: int, shuffl
                        process_count: int | None = None, num_workers: int = 0) -> grain.IterDataset:
     """Yields this process's {"image": float32 [b,28,28,1] in [-1,1], "label": int32 [b]}, reshuffled every epoch.
 
-    `batch_size` is the global batch; b = batch_size / process_count, each process reading its own slice.
+    `batch_size` is the global batch; b = batch_size / process_count: process p yields rows [p·b, (p+1)·b) of every
+    global batch, which do not depend on the process count (data_pipelines.sharding, global order).
     """
     shard = sharding.process_shard(process_index, process_count)
     local = sharding.local_batch_size(batch_size, shard.shard_count)
-    ds = grain.MapDataset.source(EmbeddedImageSource(name, split))
-    ds = sharding.shard_dataset(ds, shard).seed(sharding.process_seed(seed, shard))
+    ds = grain.MapDataset.source(EmbeddedImageSource(name, split)).seed(sharding.global_seed(seed))
     if shuffle:
         ds = ds.shuffle()
     if repeat:
         ds = ds.repeat()
     # Scale after batching: one vectorised op per batch instead of one per example.
-    ds = ds.batch(local, drop_remainder=drop_remainder).map(_to_float)
-    return sharding.with_workers(ds.to_iter_dataset(), num_workers)
+    ds = sharding.global_rows(ds, batch_size, shard, drop_remainder).batch(local, drop_remainder=drop_remainder)
+    return sharding.GlobalOrder(sharding.with_workers(ds.map(_to_float).to_iter_dataset(), num_workers))
 
 
 def _is_embedded(name: str) -> bool:

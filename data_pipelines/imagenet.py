@@ -15,9 +15,11 @@ short side is ≥ 2·size, BICUBIC-resize so the short side is `size`, center cr
 then [0, 255] → [-1, 1]. Crops and flips run per example in the grain workers, on uint8; the float conversion runs
 once per batch.
 
-Pipeline. Each source is sliced per JAX process (data_pipelines.sharding), shuffled every epoch and repeated;
-several sources are mixed with weights (`grain.MapDataset.mix`: exact proportions, e.g. for σ-VAE training on a
-mixture); each process yields its rows (global batch / process_count) of every global batch.
+Pipeline. Each source is shuffled as a whole every epoch and repeated; several sources are mixed with weights
+(`grain.MapDataset.mix`: exact proportions, e.g. for σ-VAE training on a mixture); the stream is cut into global
+batches and each process yields its rows (global batch / process_count) of every one (data_pipelines.sharding,
+global order), flips drawn from each example's global position, so the global batches do not depend on the process
+count.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def make_imagenet_dataset(split: str, global_batch_size: int, seed: int, *, imag
     parts = []
     for k, name in enumerate(names):
         ds = grain.MapDataset.source(tfds_image_source(name, tfds_split(name, split), data_dir))
-        ds = sharding.shard_dataset(ds, shard).seed(sharding.process_seed(seed + k, shard))
+        ds = ds.seed(sharding.global_seed(seed + k))
         if shuffle:
             ds = ds.shuffle()
         parts.append(ds.repeat() if repeat else ds)
@@ -148,9 +150,9 @@ def make_imagenet_dataset(split: str, global_batch_size: int, seed: int, *, imag
     ds = ds.map(CenterCrop(image_size))
     if random_flip:
         # An explicit seed: the mixture has no pipeline seed, and the flips must not repeat the shuffle's stream.
-        ds = ds.random_map(RandomFlip(), seed=sharding.process_seed(seed + 1_000_000_007, shard))
-    ds = ds.batch(batch, drop_remainder=True).map(to_float_batch)
-    return sharding.with_workers(ds.to_iter_dataset(), num_workers)
+        ds = ds.random_map(RandomFlip(), seed=sharding.global_seed(seed + 1_000_000_007))
+    ds = sharding.global_rows(ds, global_batch_size, shard).batch(batch, drop_remainder=True).map(to_float_batch)
+    return sharding.GlobalOrder(sharding.with_workers(ds.to_iter_dataset(), num_workers))
 
 
 class CenterCroppedSource(grain.sources.RandomAccessDataSource):

@@ -18,8 +18,9 @@ shard is written to a local temporary file and then uploaded, and ArrayRecord re
 sharding, sidecar and meta-last machinery is `data_pipelines.sharded_records`, shared with the audio latent cache
 and the speech corpus.
 
-Reading (`make_latent_dataset`): each process reads its contiguous slice of the examples (data_pipelines.sharding)
-and yields its rows (global batch / process_count) of every global batch; the grain iterator checkpoints.
+Reading (`make_latent_dataset`): the cache is shuffled as a whole and cut into global batches; each process yields
+its rows (global batch / process_count) of every one (data_pipelines.sharding, global order), so a run resumes on
+any number of processes; the grain iterator checkpoints.
 """
 
 from __future__ import annotations
@@ -241,8 +242,9 @@ def make_latent_dataset(path: str, batch_size: int, seed: int, shuffle: bool = T
                         num_workers: int = 0) -> grain.IterDataset:
     """Yields this process's {"latents": float32 [b,T,C], "label": int32 [b]}, b = batch_size / processes.
 
-    `batch_size` is the global batch. Each process reads a contiguous, equal-sized slice of the cache
-    (`process_index/process_count` default to JAX's), reshuffled every epoch with its own seed.
+    `batch_size` is the global batch. The cache is shuffled with `seed` (reshuffled every epoch) and cut into
+    global batches; process p yields rows [p·b, (p+1)·b) of each (`process_index/process_count` default to JAX's),
+    so the global batches do not depend on the process count (data_pipelines.sharding, global order).
     """
     meta = read_latent_cache_meta(path)
     shape = _checked_shape(path, meta, expected_shape)
@@ -252,13 +254,14 @@ def make_latent_dataset(path: str, batch_size: int, seed: int, shuffle: bool = T
     if len(source) != meta["count"]:
         raise DataError(f"latent cache at {path} holds {len(source)} records but meta.json says {meta['count']}: "
                          f"re-run --mode=encode")
-    ds = sharding.shard_dataset(grain.MapDataset.source(source), shard).seed(sharding.process_seed(seed, shard))
+    ds = grain.MapDataset.source(source).seed(sharding.global_seed(seed))
     if shuffle:
         ds = ds.shuffle()
     if repeat:
         ds = ds.repeat()
-    ds = ds.map(_Decode(shape)).batch(local, drop_remainder=drop_remainder)
-    return sharding.with_workers(ds.to_iter_dataset(), num_workers)
+    ds = sharding.global_rows(ds.map(_Decode(shape)), batch_size, shard, drop_remainder)
+    ds = ds.batch(local, drop_remainder=drop_remainder)
+    return sharding.GlobalOrder(sharding.with_workers(ds.to_iter_dataset(), num_workers))
 
 
 def make_split_dataset(path: str, split: str, batch_size: int, seed: int, expected_shape: Sequence[int],

@@ -135,7 +135,10 @@ def make_packed_dataset(source: DocumentStream, seq_len: int, batch_size: int, s
     segment_ids int32, positions int32}, each [b, T, ...], b = batch_size / processes, T = seq_len.
 
     Each process reads a contiguous slice of the source's record indices (data_pipelines.sharding), shuffled per epoch
-    with its own seed; with `repeat`, epoch e's record i is document i + e·len(source), so epochs differ.
+    with its own seed; with `repeat`, epoch e's record i is document i + e·len(source), so epochs differ. The packer
+    is stateful and per process, so this order is per process (not `sharding.GlobalOrder`): a checkpoint of it resumes
+    on the same number of processes only; another count stops with one `ProcessCountChangedError` line
+    (latent_lm/checkpoint.py, docs/scaling_out.md §4.1).
     `packing_bins` open rows (default b) are filled first fit. `iter(...)` is a grain iterator whose
     get_state/set_state the train loop checkpoints (latent_lm/training/train_loop.py).
     """

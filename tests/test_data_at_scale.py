@@ -188,6 +188,15 @@ def test_imagenet_pipeline_process_sharding_flip_and_resume(tfds_dir):
     assert (same | mirrored).all() and 4 <= mirrored.sum() <= 20
     np.testing.assert_array_equal(next(iter(make_imagenet_dataset("train", 24, 5, **flip)))["image"], flipped)
 
+    # The global order (data_pipelines/sharding.py): the mixture and the flips follow each example's global position,
+    # so two processes' rows make the one-process batches.
+    mixed = dict(flip, names=("imagenet2012", "imagenette"), weights=(0.5, 0.5))
+    one = _take(iter(make_imagenet_dataset("train", 8, 2, **mixed)), 4)
+    two = [_take(iter(make_imagenet_dataset("train", 8, 2, process_index=p, process_count=2, **mixed)), 4)
+           for p in range(2)]
+    for whole, first, second in zip(one, *two):
+        np.testing.assert_array_equal(whole["image"], np.concatenate([first["image"], second["image"]]))
+
     it = iter(make_imagenet_dataset("train", 4, 1, **flip))
     _take(it, 7)  # past the first epoch (6 batches)
     state = it.get_state()
@@ -338,17 +347,22 @@ def cache(tmp_path_factory):
     return path
 
 
-def test_cache_reader_per_process_slices(cache):
+def test_cache_reader_per_process_rows(cache):
+    """Each of two processes yields its half of every global batch of the shuffled cache (the global order,
+    data_pipelines/sharding.py): 10 full global batches of the 103 examples, disjoint halves, shuffled."""
     x, _ = load_latent_cache(cache)
     key = {row.tobytes(): i for i, row in enumerate(x)}
     per_process = []
     for p in range(2):
         batches = list(make_latent_dataset(cache, batch_size=10, seed=0, repeat=False, process_index=p,
                                            process_count=2, expected_shape=SHAPE))
-        assert [len(b["label"]) for b in batches] == [5] * 10  # 51 examples each, local batches of 10 / 2
-        per_process.append([key[r.tobytes()] for b in batches for r in b["latents"]])
-    a, b = per_process
-    assert set(a) <= set(range(51)) and set(b) <= set(range(51, 102)) and not set(a) & set(b)
+        assert [len(b["label"]) for b in batches] == [5] * 10  # the 10 full global batches, local batches of 10 / 2
+        per_process.append([[key[r.tobytes()] for r in b["latents"]] for b in batches])
+    one = [[key[r.tobytes()] for r in b["latents"]]
+           for b in make_latent_dataset(cache, batch_size=10, seed=0, repeat=False, expected_shape=SHAPE)]
+    assert [a + b for a, b in zip(*per_process)] == one[:10]
+    a, b = (sum(rows, []) for rows in per_process)
+    assert len(set(a) | set(b)) == 100 and not set(a) & set(b)
     assert a != sorted(a)  # shuffled
 
 
@@ -418,14 +432,14 @@ meta = encode_to_latent_cache(path, num_examples=37, read_batches=read_batches, 
 mine = set().union(*(range(*b) for i, b in enumerate(shard_bounds(37, 5)) if i % 2 == pid))
 assert set(seen) == mine, (pid, sorted(seen))
 assert meta["count"] == 37
-it = iter(make_latent_dataset(path, batch_size=8, seed=0, shuffle=False, repeat=False))  # ShardByJaxProcess
+it = iter(make_latent_dataset(path, batch_size=8, seed=0, shuffle=False, repeat=False))  # rows of the global batch
 local = next(it)
 assert local["latents"].shape == (4, 3, 2)
 batch = shard_batch(local, make_mesh())
 assert batch["latents"].shape == (8, 3, 2) and len(jax.devices()) == 4
 full = multihost_utils.process_allgather(batch["latents"], tiled=True)
 x, _ = load_latent_cache(path)
-np.testing.assert_array_equal(full, np.concatenate([x[0:4], x[18:22]]))
+np.testing.assert_array_equal(full, x[0:8])  # the first global batch, whatever the process count
 print("OK", pid)
 """
 

@@ -87,13 +87,18 @@ def test_image_dataset_single_pass():
 
 
 def test_image_dataset_process_slices():
-    """Two simulated processes: each reads its own half of the split and yields half of every global batch."""
-    epochs = [np.concatenate([b["label"] for b in make_image_dataset(
-        "mnist", "test", batch_size=100, seed=0, repeat=False, process_index=p, process_count=2)]) for p in range(2)]
-    assert [len(e) for e in epochs] == [500, 500]
+    """Two simulated processes: each yields its half of every global batch (the global order,
+    data_pipelines/sharding.py): together the one-process batches, disjoint halves covering the split."""
+    one = list(make_image_dataset("mnist", "test", batch_size=100, seed=0, repeat=False))
+    halves = [list(make_image_dataset("mnist", "test", batch_size=100, seed=0, repeat=False, process_index=p,
+                                      process_count=2)) for p in range(2)]
+    assert [len(h) for h in halves] == [10, 10] and {len(b["label"]) for h in halves for b in h} == {50}
+    for whole, first, second in zip(one, *halves):
+        np.testing.assert_array_equal(whole["image"], np.concatenate([first["image"], second["image"]]))
+        np.testing.assert_array_equal(whole["label"], np.concatenate([first["label"], second["label"]]))
     _, y = load_embedded("mnist", "test")
-    np.testing.assert_array_equal(np.sort(epochs[0]), np.sort(y[:500]))
-    np.testing.assert_array_equal(np.sort(epochs[1]), np.sort(y[500:]))
+    epoch = np.concatenate([b["label"] for b in one])
+    np.testing.assert_array_equal(np.sort(epoch), np.sort(y))
 
 
 def test_training_images_and_ordered_reader_for_embedded_data():

@@ -5,6 +5,11 @@
   `--coordinator_address --num_processes --process_id`). CPU processes talk through gloo collectives.
 After initialization every process sees all devices of the job (`jax.devices()`) and its own
 (`jax.local_devices()`); global batches are assembled with `jax.make_array_from_process_local_data`.
+
+Preemption (docs/scaling_out.md §4.1): `jax.distributed.initialize` also starts JAX's preemption sync manager
+(`jax_enable_preemption_service`, on by default), whose notifier catches SIGTERM on any process; the train loop's
+`Checkpointer.reached_preemption` then gives every process the same step to save. Nothing else is needed here, and the
+loop installs no SIGTERM handler of its own with several processes, which would take the signal from the notifier.
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ checkpoint (state, data iterator and all) bit-exactly, onto whatever mesh the cu
 Preemption: SIGTERM (one process) or JAX's preemption sync point (multi-host; the coordination service turns a
 SIGTERM or a TPU maintenance notice on any host into the same step on every host) ⇒ checkpoint at the next step
 boundary and raise `Preempted`; rerunning the same command resumes.
+
+Another process count (docs/scaling_out.md §4.1): a pipeline with the global order (data_pipelines/sharding.py,
+its iterator has `global_order = True`) continues the same global batches on any number of processes; the meta of
+every checkpoint records which order the run had (`data_order`), and a per-process order refuses to resume on
+another count with one error line (latent_lm/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from latent_lm.checkpoint import Checkpointer, abstract_with_shardings
+from latent_lm.checkpoint import GLOBAL_ORDER, Checkpointer, abstract_with_shardings
 from latent_lm.errors import ConfigError, MissingInputError
 from latent_lm.parallel.device_prefetch import DevicePrefetcher
 from latent_lm.parallel.mesh import data_parallel_size, logical_shardings, replicated
@@ -130,6 +135,8 @@ def train(task: Task, data: Iterator[dict], *, optim_config, train_config, mesh:
 
     `data` yields this process's rows of each global batch of `train_config.batch_size` (numpy); when it is a
     grain iterator (has get_state/set_state) its position is checkpointed with the state and restored on resume.
+    When its `global_order` is true (data_pipelines.sharding.GlobalOrder) the run may resume on another number of
+    processes.
     """
     total = int(train_config.steps)
     dp = data_parallel_size(mesh)
@@ -145,9 +152,12 @@ def train(task: Task, data: Iterator[dict], *, optim_config, train_config, mesh:
                         async_save=ckpt_cfg.get("async_save", True) if ckpt_cfg else True)
     batches = DevicePrefetcher(data, mesh, size=int(train_config.get("prefetch", 2)))
     data_state = batches if hasattr(data, "get_state") and hasattr(data, "set_state") else None
-    meta = dict(meta or {}, mesh={"shape": dict(mesh.shape), "process_count": jax.process_count()})
+    # The global batches of a global-order pipeline do not depend on the process count; checked on resume.
+    global_order = bool(getattr(data, "global_order", False))
+    meta = dict(meta or {}, mesh={"shape": dict(mesh.shape), "process_count": jax.process_count()},
+                data_order=GLOBAL_ORDER if global_order else "per_process")
     state = None
-    restored = ckpt.restore(abstract, data_iter=data_state)
+    restored = ckpt.restore(abstract, data_iter=data_state, global_order=global_order)
     if restored is not None:
         state, _ = restored
         log(f"resumed from step {int(state.step)}")
