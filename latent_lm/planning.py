@@ -22,6 +22,8 @@ program compiled for CPU holds f32 temporaries where TPU/GPU keep bf16 ones. Mea
 The CPU figure is therefore an estimate of the accelerator's, on the high side for bf16 configs; TPU/GPU compilers
 also fuse and schedule differently.
 
+The sampler of the sample stage is planned the same way by `latent_lm/sampler_planning.py` (docs/scaling_out.md §6.4).
+
 The fake devices must exist before jax is imported: `launch/plan.py` sets
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` itself before its imports.
 """
@@ -547,6 +549,24 @@ def _count(n: float) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
+def hbm_line(total: float, hbm_bytes: float, fits: bool | None, usable_fraction: float) -> str:
+    """The "HBM … used, fits" line of a plan (train step or sampler)."""
+    verdict = "fits" if fits else "does NOT fit"
+    return (f"  HBM {hbm_bytes / GB:g} GB: {100 * total / hbm_bytes:.0f}% used, {verdict} "
+            f"(usable {100 * usable_fraction:.0f}%)")
+
+
+def roofline_line(roof: Roofline, per: str) -> str:
+    """The roofline line of a plan: compute and memory time `per` step or call, the bound, the MFU it allows."""
+    return (f"  roofline on {roof.chip.name} ({roof.chip.bf16_flops / 1e12:g} TFLOP/s bf16, "
+            f"{roof.chip.hbm_bandwidth / 1e9:g} GB/s): compute {1e3 * roof.compute_seconds:.3g} ms, "
+            f"memory {1e3 * roof.memory_seconds:.3g} ms → ≥ {1e3 * roof.seconds:.3g} ms per {per}, "
+            f"{roof.bound}-bound ({roof.intensity:.0f} FLOPs/byte, ridge "
+            f"{roof.chip.bf16_flops / roof.chip.hbm_bandwidth:.0f})"
+            + (f", MFU ≤ {100 * roof.mfu:.0f}% ({100 * roof.compute_mfu:.0f}% if compute-bound)"
+               if roof.model_flops else ""))
+
+
 def format_plan(plan: MemoryPlan, title: str = "", usable_fraction: float = USABLE_HBM_FRACTION) -> str:
     """A readable per-device breakdown (GB = 1e9 bytes), with the compiled cost and the roofline when present."""
     m = plan.mesh_shape
@@ -575,9 +595,8 @@ def format_plan(plan: MemoryPlan, title: str = "", usable_fraction: float = USAB
     if plan.num_devices > 1:
         lines.append("  largest fully replicated param: " + (f"{path} ({_bytes(nbytes).strip()})" if path else "none"))
     if plan.hbm_bytes is not None:
-        verdict = "fits" if plan.fits(usable_fraction=usable_fraction) else "does NOT fit"
-        lines.append(f"  HBM {plan.hbm_bytes / GB:g} GB: {100 * plan.total / plan.hbm_bytes:.0f}% used, {verdict} "
-                     f"(usable {100 * usable_fraction:.0f}%)")
+        lines.append(hbm_line(plan.total, plan.hbm_bytes, plan.fits(usable_fraction=usable_fraction),
+                              usable_fraction))
     per_device = plan.model_flops / plan.num_devices
     if plan.compiled_flops is not None:
         lines.append("  FLOPs per device and step: " + (f"model count {per_device:.3g}; " if per_device else "")
@@ -590,13 +609,7 @@ def format_plan(plan: MemoryPlan, title: str = "", usable_fraction: float = USAB
                         if plan.step_flops < per_device else ""))
     roof = plan.roofline()
     if roof is not None:
-        lines.append(f"  roofline on {roof.chip.name} ({roof.chip.bf16_flops / 1e12:g} TFLOP/s bf16, "
-                     f"{roof.chip.hbm_bandwidth / 1e9:g} GB/s): compute {1e3 * roof.compute_seconds:.3g} ms, "
-                     f"memory {1e3 * roof.memory_seconds:.3g} ms → ≥ {1e3 * roof.seconds:.3g} ms per step, "
-                     f"{roof.bound}-bound ({roof.intensity:.0f} FLOPs/byte, ridge "
-                     f"{roof.chip.bf16_flops / roof.chip.hbm_bandwidth:.0f})"
-                     + (f", MFU ≤ {100 * roof.mfu:.0f}% ({100 * roof.compute_mfu:.0f}% if compute-bound)"
-                        if roof.model_flops else ""))
+        lines.append(roofline_line(roof, "step"))
     timing = [f"lowered in {plan.lower_seconds:.1f} s"] if plan.lower_seconds is not None else []
     if plan.compile_seconds is not None:
         timing.append(f"compiled in {plan.compile_seconds:.1f} s")

@@ -51,11 +51,14 @@ def with_null_prefix(model: LatentLM, prefix: jax.Array, null_prefix: jax.Array 
 
 
 def sample_latents(model: LatentLM, params, prefix: jax.Array, noise: jax.Array, schedule: NoiseSchedule,
-                   settings: SamplerSettings, null_prefix: jax.Array | None = None) -> jax.Array:
+                   settings: SamplerSettings, null_prefix: jax.Array | None = None,
+                   cache_slots: int | None = None) -> jax.Array:
     """Generates N latents after a token prefix [B, P]; `noise` [N, B, C] is the initial x_T per position.
 
     `settings.cfg_scale=None` disables guidance (no doubled batch). Returns latents [B, N, C] (fp32).
     Jit it with `make_sampler` (or under an outer jit); it has no Python loop over tokens or solver steps.
+    `cache_slots`: the static KV cache's length, default P + N; longer only for the planner's cost probes, which
+    run fewer latents against the full-length cache (docs/scaling_out.md §6.4).
     """
     chex.assert_rank([prefix, noise], [2, 3])
     cfg = model.config
@@ -64,7 +67,10 @@ def sample_latents(model: LatentLM, params, prefix: jax.Array, noise: jax.Array,
     tokens = prefix if settings.cfg_scale is None else with_null_prefix(model, prefix, null_prefix)
     rows = tokens.shape[0]
     dtype = jnp.dtype(cfg.dtype)
-    caches = init_cache(cfg, rows, p + n, dtype)  # one spare slot so the last (unused) write stays in bounds
+    slots = p + n if cache_slots is None else cache_slots
+    if slots < p + n:
+        raise ValueError(f"cache_slots={slots} is shorter than the prefix and latents ({p} + {n})")
+    caches = init_cache(cfg, rows, slots, dtype)  # one spare slot so the last (unused) write stays in bounds
 
     def embed_and_run(toks, lats, is_lat, positions, caches):
         h = model.apply(params, toks, lats, is_lat, method=LatentLM.embed)
@@ -90,13 +96,16 @@ def sample_latents(model: LatentLM, params, prefix: jax.Array, noise: jax.Array,
     return jnp.swapaxes(samples, 0, 1)
 
 
-def make_sampler(model: LatentLM, schedule: NoiseSchedule, settings: SamplerSettings, num_latents: int):
-    """Returns jitted `sample(params, labels [B], rng) -> latents [B, N, C]` for class-conditional generation."""
+def make_sampler(model: LatentLM, schedule: NoiseSchedule, settings: SamplerSettings, num_latents: int,
+                 cache_slots: int | None = None):
+    """Returns jitted `sample(params, labels [B], rng) -> latents [B, N, C]` for class-conditional generation
+    (`cache_slots`: see `sample_latents`)."""
 
     @jax.jit
     def sample(params, labels, rng):
         noise = jax.random.normal(rng, (num_latents, labels.shape[0], model.config.latent_dim))
-        return sample_latents(model, params, labels[:, None].astype(jnp.int32), noise, schedule, settings)
+        return sample_latents(model, params, labels[:, None].astype(jnp.int32), noise, schedule, settings,
+                              cache_slots=cache_slots)
 
     return sample
 

@@ -5,6 +5,8 @@ with the TPU compiler for a named TPU slice (issue #17), no accelerator needed.
       --config.train.batch_size=2048 --hbm_gb=95
   python launch/plan.py --config=configs/imagenet.py:L --topology=v5p:2x4x4 '--config.mesh.shape=(1,-1,1)' \\
       --config.train.batch_size=512          # XLA:TPU memory, compiled FLOPs/bytes, roofline (pip install -e '.[tpu]')
+  python launch/plan.py --config=configs/imagenet.py:L --topology=v5p:2x2x1 --what=sampler --sample_batch=256
+                                         # one sampler call (256 images): memory, cost, roofline, images/s bound
   python launch/plan.py --table          # docs/scaling_out.md §6.1: scaling family on TPU v5p (95 GB) and H100 (80 GB)
   python launch/plan.py --table --arch=dit --sizes=Base,Medium    # the same for the DiT twins
   python launch/plan.py --table --family=mllm --per_device_batch=8   # the paper-scale multimodal 1.3B (2,048 positions)
@@ -16,6 +18,9 @@ runs, and prints per-device params, optimizer state, EMA, batch and temporaries 
 (`latent_lm/planning.py` says how each figure is obtained and what the CPU compile can and cannot tell). With
 `--topology` (or a TPU chip name in `--hardware`) the mesh is built from the compile-only devices of that TPU slice
 (`planning.tpu_topology`) and the step compiles with XLA:TPU; the roofline adds two small probe compiles.
+`--what=sampler` plans one call of the sample stage's sampler instead (`latent_lm/sampler_planning.py`): params,
+inputs, outputs, temporaries with the KV cache, the cost with every loop iteration counted (five small unrolled
+probes, three for the DiT) and, on a TPU chip, the roofline time per call and the images/s it bounds.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ from latent_lm import cli  # noqa: E402
 from latent_lm.errors import ConfigError, UserError  # noqa: E402
 from latent_lm.planning import (CHIPS, GB, USABLE_HBM_FRACTION, MemoryPlan, as_dict, format_plan,  # noqa: E402
                                 plan_memory, step_cost, tpu_topology)
+from latent_lm.sampler_planning import format_sampler_plan, plan_sampler, sampler_as_dict  # noqa: E402
 
 assert set(TPU_CHIP_NAMES) == set(CHIPS)
 
@@ -93,8 +99,14 @@ _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices in the mesh (f
                                     "default all of the slice's).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Compile with the TPU compiler for this TPU slice, e.g. v5p:2x2x1, "
                                 "v5e:2x4, v6e:4x4, v4:2x2x2 (needs pip install -e '.[tpu]'; no TPU needed).")
+_WHAT = flags.DEFINE_enum("what", "train", ["train", "sampler"],
+                          "train: the train step; sampler: one call of the class-conditional image sampler (the "
+                          "sample stage's, docs/scaling_out.md §6.4) for --sample_batch images.")
+_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", None, "--what=sampler: images per sampler call, split over "
+                                     "data×fsdp (default config.eval.sample_batch).")
 _ROOFLINE = flags.DEFINE_bool("roofline", True, "On a TPU chip: also count every layer's FLOPs and bytes (two "
-                              "unrolled probe compiles at depth 1 and 2) for the roofline step time and MFU.")
+                              "unrolled probe compiles at depth 1 and 2; the sampler: five, or three for the DiT) "
+                              "for the roofline time and MFU.")
 _HBM_GB = flags.DEFINE_float("hbm_gb", None, "HBM per device in GB (1e9 bytes); says whether the plan fits "
                              "(default with --topology: the chip's).")
 _STAGE = flags.DEFINE_enum("stage", "compile", ["shapes", "lower", "compile"],
@@ -315,6 +327,12 @@ def run_table() -> list[dict]:
 
 def main(argv):
     logging.set_verbosity(logging.WARNING)
+    sampler = _WHAT.value == "sampler"
+    if sampler and (_TABLE.value or _STAGE.value != "compile"):
+        raise UserError("--what=sampler plans one compiled sampler call: no --table, no --stage=shapes/lower")
+    if _SAMPLE_BATCH.value is not None and not sampler:
+        raise UserError("--sample_batch goes with --what=sampler (the train step's batch is "
+                        "--config.train.batch_size)")
     if _TABLE.value:
         records = run_table()
     else:
@@ -323,12 +341,18 @@ def main(argv):
         devices = tpu_topology(_TOPOLOGY.value)[1] if _TOPOLOGY.value else None
         num_devices = _NUM_DEVICES.value or len(devices)
         hbm = _HBM_GB.value * GB if _HBM_GB.value else None
-        plan = plan_memory(_CONFIG.value, num_devices, stage=_STAGE.value, hbm_bytes=hbm, devices=devices,
-                           roofline=_ROOFLINE.value and devices is not None and _STAGE.value == "compile")
         where = f" on {_TOPOLOGY.value}" if _TOPOLOGY.value else ""
-        print(format_plan(plan, title=f"train step of {flags.FLAGS['config'].config_filename}{where}",
-                          usable_fraction=_USABLE.value))
-        records = [as_dict(plan)]
+        name = flags.FLAGS["config"].config_filename
+        if sampler:
+            plan = plan_sampler(_CONFIG.value, num_devices, sample_batch=_SAMPLE_BATCH.value, hbm_bytes=hbm,
+                                devices=devices, roofline=_ROOFLINE.value and devices is not None)
+            print(format_sampler_plan(plan, title=f"sampler of {name}{where}", usable_fraction=_USABLE.value))
+            records = [sampler_as_dict(plan)]
+        else:
+            plan = plan_memory(_CONFIG.value, num_devices, stage=_STAGE.value, hbm_bytes=hbm, devices=devices,
+                               roofline=_ROOFLINE.value and devices is not None and _STAGE.value == "compile")
+            print(format_plan(plan, title=f"train step of {name}{where}", usable_fraction=_USABLE.value))
+            records = [as_dict(plan)]
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump(records, f, indent=1, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o)

@@ -153,3 +153,71 @@ def test_tokenizer_only_config_plans_its_vae_step():
     assert plan.global_batch == 16 and plan.model_flops == 0  # no model FLOP count for the σ-VAE
     assert plan.opt_state == 2 * plan.params + 8 and plan.activation_source == "lowered only (analytic)"
     assert plan.peak_phase == "update" and plan.activations > 0
+
+
+@pytest.mark.slow  # seven XLA:CPU compiles, ≈ 45 s here
+def test_sampler_plan_holds_the_kv_cache_and_counts_every_iteration():
+    """The sample stage's sampler compiled for 16 and 32 images on 8 fake devices (data-parallel mesh): exact params
+    and inputs, the latents out, the KV cache in the temporaries growing with the batch; the compiled cost counts
+    each loop body once, the fit of the five unrolled probes every latent, step and layer (close to the model's own
+    count). Slow sibling: test_sampler_cost_fit_matches_a_fully_unrolled_sampler."""
+    from latent_lm.models.latent_lm import LatentLMConfig
+    from latent_lm.sampler_planning import format_sampler_plan, plan_sampler
+
+    config = tiny_config((-1, 1, 1))
+    small = plan_sampler(config, 8, sample_batch=16, roofline=True)
+    large = plan_sampler(config, 8, sample_batch=32)
+    cfg = LatentLMConfig.from_config(config)
+    for plan, per_shard in ((small, 2), (large, 4)):
+        assert plan.images_per_shard == per_shard and plan.source == "compiled (XLA:CPU)"
+        assert plan.params == 4 * plan.num_params  # replicated fp32 params under the data-parallel mesh
+        assert plan.inputs == 4 * per_shard + 8 and plan.outputs == per_shard * 49 * 4 * 4  # labels + key; latents
+        # keys and values [depth, 2 rows per image (CFG), 1 + 49 slots, kv heads, head dim], fp32
+        assert plan.kv_cache == 2 * cfg.depth * 2 * per_shard * 50 * cfg.kv_heads * (cfg.width // cfg.num_heads) * 4
+        assert plan.temporaries > plan.kv_cache
+    assert large.temporaries - small.temporaries >= small.kv_cache  # the cache doubles with the batch
+    per_device = small.model_flops / 8
+    assert small.compiled_flops < 0.01 * per_device  # one latent, one step, one layer of 49 × 20 × 4
+    assert 0.9 < small.call_flops / per_device < 1.15  # the real call: 49 latents × 20 steps × 4 layers
+    assert small.call_bytes > 100 * small.compiled_bytes_accessed
+    assert 0.9 < small.compiled_flops / small.once_flops < 1.15  # the compile counts each loop body once
+    assert large.call_flops is None and small.roofline() is None  # no probes asked; no chip on XLA:CPU
+    text = format_sampler_plan(small)
+    assert "of which the KV cache" in text and "every iteration counted" in text
+
+
+@pytest.mark.slow
+def test_sampler_cost_fit_matches_a_fully_unrolled_sampler():
+    """Slow (six compiles). The probes' fit extrapolates: a sampler with all its loops unrolled at 4 layers, 3 latents
+    and 3 steps (the last latent's backbone step dead code there) costs what the fit says, FLOPs and bytes.
+    Fast sibling: test_sampler_plan_holds_the_kv_cache_and_counts_every_iteration."""
+    from latent_lm.sampler_planning import fit_sampler_cost, probe_cost
+
+    config = tiny_config((-1, 1, 1))
+    fits = fit_sampler_cost(config, 8, 16)
+    unrolled = probe_cost(config, jax.devices()[:8], 16, depth=4, num_latents=3, num_steps=3, cache_slots=50)
+    for fitted, measured in zip(fits, unrolled):
+        assert fitted.call(4, 3, 3, backbone_steps=2) == pytest.approx(measured, rel=0.02)
+
+
+def test_dit_sampler_plan_counts_every_solver_step_and_layer():
+    """The DiT twin's whole-image sampler: no KV cache; its probes (3 compiles) count K model calls of every layer,
+    close to the model's own count, where the compiled cost counts one call of one layer."""
+    from latent_lm.sampler_planning import plan_sampler
+
+    plan = plan_sampler(tiny_config((-1, 1, 1), arch="dit"), 8, sample_batch=16, roofline=True)
+    assert plan.arch == "dit" and plan.kv_cache == 0 and plan.outputs == 2 * 49 * 4 * 4
+    per_device = plan.model_flops / 8
+    assert plan.compiled_flops < 0.1 * per_device < plan.call_flops
+    assert 0.9 < plan.call_flops / per_device < 1.15
+    assert 0.9 < plan.compiled_flops / plan.once_flops < 1.1  # the compile counts one call of one layer
+
+
+def test_cli_plans_the_sampler_and_a_bad_batch_is_one_error_line():
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch", "plan.py"), "--config=configs/default.py", "--num_devices=8",
+         "--what=sampler", "--sample_batch=12"], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == ("error: sample batch 12 is not a positive multiple of the "
+                                                   "data-parallel size 8 (mesh data×fsdp {'data': 8, 'fsdp': 1, "
+                                                   "'tensor': 1})")

@@ -118,6 +118,31 @@ def test_tpu_compiler_plans_a_tiny_config_on_v5e_2x2():
     assert plan.roofline() is None  # needs step_cost's probes
 
 
+@needs_libtpu
+def test_tpu_compiler_plans_a_tiny_sampler_on_v5e_2x2():
+    """The sample stage's sampler for 16 images compiled by XLA:TPU for 4 v5e chips with its five probes (≈ 15 s
+    here): the TPU executable's memory (tile padding, generated code, the KV cache among the temporaries), its
+    compiled cost counting one loop body, every iteration near the model's count, a memory-bound roofline."""
+    from latent_lm.sampler_planning import format_sampler_plan, plan_sampler
+
+    chip, devices = tpu_topology("v5e:2x2")
+    plan = plan_sampler(tiny_config((-1, 1, 1)), 4, sample_batch=16, devices=devices, roofline=True)
+    assert plan.source == "compiled (XLA:TPU)" and plan.device_kind.startswith("TPU v5")
+    assert plan.chip == chip and plan.hbm_bytes == 16e9 and plan.fits()
+    assert plan.mesh_shape == {"data": 4, "fsdp": 1, "tensor": 1} and plan.images_per_shard == 4
+    assert plan.params == 4 * plan.num_params and plan.inputs == 4 * 4 + 8
+    assert plan.generated_code > 0 and plan.layout_padding > 0  # XLA:CPU reports neither
+    assert plan.kv_cache < plan.temporaries < 100e6
+    per_device = plan.model_flops / 4
+    assert plan.compiled_flops < 0.01 * per_device  # one latent, one solver step, one layer
+    assert 0.8 < plan.call_flops / per_device < 1.2 and plan.call_bytes > 20 * plan.compiled_bytes_accessed
+    assert 0.9 < plan.compiled_flops / plan.once_flops < 1.2  # each loop body once: what the compile counts
+    roof = plan.roofline()
+    assert roof.bound == "memory"  # 0.7 M params, 8 rows per chip: a few FLOPs per byte
+    assert plan.images_per_second() == pytest.approx(16 / roof.seconds)
+    assert "images/s" in format_sampler_plan(plan)
+
+
 @pytest.mark.slow
 @needs_libtpu
 def test_roofline_counts_every_layer():
