@@ -160,12 +160,10 @@ class Checkpointer:
             f"process(es) (--num_processes={written_by}), or start over in a new --workdir")
 
     def _quarantine(self, step: int, error: Exception) -> None:
-        message = (f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
-                   f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); moved aside as corrupt.{step}.*, "
-                   f"falling back to the previous one")
-        logging.warning(message)
+        _warn(f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
+              f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); moved aside as corrupt.{step}.*, "
+              f"falling back to the previous one")
         if jax.process_index() == 0:
-            print(message, flush=True)
             storage.replace(storage.join(self.directory, str(step)),
                             storage.join(self.directory, f"corrupt.{step}.{int(time.time())}"))
         if jax.process_count() > 1:
@@ -183,6 +181,13 @@ class Checkpointer:
         self.manager.close()
 
 
+def _warn(message: str) -> None:
+    """A warning every process logs and process 0 also prints (the user reads stdout, not the absl log)."""
+    logging.warning(message)
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
 def _data_file_name() -> str:
     """This process's data-position file, as grain's checkpoint handler names it."""
     return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -193,12 +198,9 @@ def _warn_if_order_changed(step: int, meta: dict) -> None:
     process count continues from the same position of the global order, which holds other batches: say so."""
     written_by = int((meta.get("mesh") or {}).get("process_count", 1))
     if "data_order" not in meta and written_by > 1:
-        message = (f"WARNING: checkpoint step {step} predates the global data order (docs/scaling_out.md §4.1): its "
-                   f"{written_by} processes read per-process slices; the run continues at the same position of the "
-                   f"global order, whose batches differ")
-        logging.warning(message)
-        if jax.process_index() == 0:
-            print(message, flush=True)
+        _warn(f"WARNING: checkpoint step {step} predates the global data order (docs/scaling_out.md §4.1): its "
+              f"{written_by} processes read per-process slices; the run continues at the same position of the "
+              f"global order, whose batches differ")
 
 
 def _set_data_state(data_iter, text: str) -> None:
