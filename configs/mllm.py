@@ -87,10 +87,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.update(dict(arch="vq", latent_dim=c.vae.latent_dim,
                             text_vocab_size=c.text.vocab_size + codebook_size(c.vae.fsq_levels)))
     # generate / eval_mllm (docs/method.md §10.5): text-to-image from the captions of `samples_per_class` held-out
-    # images per class, captions of `caption_images` held-out images, `interleaved_samples` free documents.
+    # images per class, captions of `caption_images` held-out images, `interleaved_samples` free documents. Caption
+    # prompts show the σ-VAE's mean μ: on LatentLM seed 0, held-out test images 200–999 (not the scored 0–199) were
+    # captioned 89.4% right from μ against 87.6% from latents σ-noised as in training (docs/experiments.md §10.3).
     c.eval.update(dict(loss_batch=16 if a.tiny else 32, samples_per_class=2 if a.tiny else 20,
                        caption_images=8 if a.tiny else 200, interleaved_samples=4 if a.tiny else 50,
-                       sample_batch=20 if a.tiny else 100))
+                       sample_batch=20 if a.tiny else 100, prompt_latents="mean"))
     # eval_curve scores every checkpoint the run keeps (the study's metrics against training tokens): keep them all.
     c.checkpoint.max_to_keep = -(-c.train.steps // c.checkpoint.every)
     if a.scale != "embedded":

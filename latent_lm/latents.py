@@ -69,12 +69,13 @@ class LatentPosterior:
         """Channels per cached token: C for the σ-VAE and FSQ, 2C for the KL-VAE."""
         return latent_dim * (2 if self.kind == "kl" else 1)
 
-    def sample(self, rng: jax.Array, cached: jax.Array, example_ids: jax.Array | None = None) -> jax.Array:
-        """Cached rows [B, T, cache_dim] → sampled latents z [B, T, C] (fp32); `example_ids` as in
-        `sample_latent` (packed rows of several images)."""
+    def sample(self, rng: jax.Array, cached: jax.Array, example_ids: jax.Array | None = None,
+               sampling_std: float | None = None) -> jax.Array:
+        """Cached rows [B, T, cache_dim] → sampled latents z [B, T, C] (fp32); `example_ids` and `sampling_std` as in
+        `sample_latent` (packed rows of several images; a fixed σ, 0 for the mean μ; σ-VAE only)."""
         cached = cached.astype(jnp.float32)
         if self.kind == "sigma":
-            return sample_latent(rng, cached, self.std, example_ids=example_ids)
+            return sample_latent(rng, cached, self.std, sampling_std=sampling_std, example_ids=example_ids)
         if self.kind == "fsq":  # a deterministic tokenizer: the cached grid vector is z
             return cached
         mu, sigma = from_sigma_points(cached)

@@ -45,7 +45,8 @@ def multimodal_generators(config, workdir, mesh, rules
     def at(step: int | None = None) -> mm.Generator:
         task, params, _ = generator_params(config, workdir, mesh, rules, step=step)
         return arm(task=task, params=params, decode=lambda z: to_uint8(np.asarray(decode(task.norm.denormalize(z)))),
-                   num_steps=d.num_sampling_steps, cfg_scale=d.cfg_scale, x0_clip=d.x0_clip, batch=e.sample_batch)
+                   num_steps=d.num_sampling_steps, cfg_scale=d.cfg_scale, x0_clip=d.x0_clip, batch=e.sample_batch,
+                   prompt_std=mm.prompt_latent_std(e))
 
     paths = data_paths(config, workdir)
     split = mllm_documents.load_split(config.data.dataset, "test", f"{paths.latents}/test",

@@ -3,13 +3,17 @@ arm has several runs, "–" for what an arm does not have) and one plot."""
 
 import json
 
+import pytest
+
+from latent_lm.errors import DataError
 from latent_lm.studies import mllm
 
 
-def _run(root, name, arch, accuracy, with_loop=True):
+def _run(root, name, arch, accuracy, with_loop=True, prompt_latents="mean"):
     d = root / name
     (d / "eval").mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps({"model": {"arch": arch}, "stages": ["train", "eval_mllm"]}))
+    (d / "config.json").write_text(json.dumps({"model": {"arch": arch}, "stages": ["train", "eval_mllm"],
+                                               "eval": {"prompt_latents": prompt_latents, "seed": 0}}))
     (d / "done.json").write_text("{}")
     scores = {"text_perplexity": 5.0, "t2i_class_accuracy": accuracy, "t2i_fd": 50.0, "i2t_class_accuracy": 0.9,
               "i2t_similarity": 0.8, **{f"{s}_{a}_accuracy": 0.5 for s in ("t2i", "i2t") for a in mllm.ATTRIBUTES}}
@@ -45,3 +49,10 @@ def test_table_and_plot_of_three_arms(tmp_path, capsys):
     assert "| VQ-MLLM | 200 | 819,200 | 7.00 | 70.0% |" in text
     assert summary["mllm"]["t2i_class_accuracy"]["runs"] == 2
     assert (tmp_path / "mllm" / "mllm_curve.png").stat().st_size > 1000
+
+
+def test_runs_scored_with_other_eval_settings_are_refused(tmp_path):
+    _run(tmp_path, "latentlm", "mllm", 0.90)
+    _run(tmp_path, "transfusion", "transfusion", 0.80, with_loop=False, prompt_latents="sampled")
+    with pytest.raises(DataError, match="eval.prompt_latents='sampled'"):
+        mllm.main(["--root", str(tmp_path)])

@@ -107,6 +107,20 @@ def test_make_batch_noises_and_normalises_latents_only():
     np.testing.assert_array_equal(np.flatnonzero(out["latent_mask"][0]), [1, 2])
 
 
+def test_prompt_latents_at_the_mean_are_the_normalised_mu_whatever_the_key():
+    """eval.prompt_latents="mean" (σ = 0): a prompt's image is the σ-VAE's μ, normalised; "sampled" draws σ."""
+    norm = LatentNormalization(scale=2.0, bias=-1.0)
+    task = MultimodalTask.from_config(get_config("tiny=1"), norm)
+    _, is_latent, _ = _row([BOS, BOI, L, L, L, EOI], length=8)
+    mu = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 4)), jnp.float32)
+    mask = jnp.asarray(is_latent)[None]
+    at_mean = [np.asarray(task.model_latents(jax.random.PRNGKey(k), mu, mask, 0.0)) for k in (0, 1)]
+    np.testing.assert_array_equal(at_mean[0], at_mean[1])
+    np.testing.assert_allclose(at_mean[0][0, is_latent], np.asarray(norm.normalize(mu))[0, is_latent], rtol=1e-6)
+    drawn = [np.asarray(task.model_latents(jax.random.PRNGKey(k), mu, mask)) for k in (0, 1)]
+    assert not np.allclose(drawn[0], drawn[1])
+
+
 def test_mllm_config_validates_and_rejects_what_cannot_train():
     config = get_config("tiny=1")
     validate(config, STAGES)
@@ -116,5 +130,9 @@ def test_mllm_config_validates_and_rejects_what_cannot_train():
         bad.model[key] = value
         with pytest.raises(ConfigError, match=words):
             validate(bad, STAGES)
+    bad = get_config("tiny=1")
+    bad.eval.prompt_latents = "median"
+    with pytest.raises(ConfigError, match="prompt_latents"):
+        validate(bad, STAGES)
     with pytest.raises(ConfigError, match="arm"):
         get_config("arm=vqgan")

@@ -26,7 +26,7 @@ from latent_lm.sampling import SamplerSettings
 from latent_lm.text import captions
 from latent_lm.text.tokenizer import SPECIAL_TOKENS
 from latent_lm.training.batches import document_targets
-from latent_lm.training.tasks.mllm import NULL_ID, PAD_ID
+from latent_lm.training.tasks.mllm import NULL_ID, PAD_ID, PROMPT_LATENTS
 
 Decode = Callable[[np.ndarray], np.ndarray]  # normalised latents [B, N, C] → uint8 images [B, H, W, 1]
 
@@ -37,7 +37,8 @@ class Generator:
     settings of the config (`diffusion.num_sampling_steps`, `cfg_scale`, `prediction_type`, `x0_clip`). Each arm
     implements `images` (text-to-image), `captions` (image-to-text) and `free` (interleaved generation, or None where
     the arm has no such loop); prompts go in batches of `batch`, one compiled shape (padded to the longest prompt,
-    the last batch filled with repeats that are dropped)."""
+    the last batch filled with repeats that are dropped). `prompt_std`: the σ of the prompts' image latents (None:
+    drawn per image as in training; 0: the σ-VAE's mean μ; `prompt_latent_std`)."""
 
     task: Any
     params: Any
@@ -46,10 +47,11 @@ class Generator:
     cfg_scale: float
     x0_clip: float | None
     batch: int
+    prompt_std: float | None = None
 
     def model_prompts(self, documents: Sequence[dict], rng: jax.Array) -> list[Prompt]:
         """Prompt forms of documents in batches, left-aligned in the longest's width; image latents become model
-        latents as in training (σ-noised, normalised: `task.model_latents`)."""
+        latents (σ-noised at `prompt_std`, normalised: `task.model_latents`)."""
         width = max(len(d["tokens"]) for d in documents)
         out = []
         for i in range(0, len(documents), self.batch):
@@ -59,7 +61,7 @@ class Generator:
             for j, d in enumerate(part):
                 key = jax.random.fold_in(rng, i + j)
                 z = d["latents"] if not d["is_latent"].any() else np.asarray(self.task.model_latents(
-                    key, jnp.asarray(d["latents"])[None], jnp.asarray(d["is_latent"])[None]))[0]
+                    key, jnp.asarray(d["latents"])[None], jnp.asarray(d["is_latent"])[None], self.prompt_std))[0]
                 items.append([z[k] if d["is_latent"][k] else int(d["tokens"][k]) for k in range(len(d["tokens"]))])
             out.append(make_prompt(items, self.task.model.config.latent_dim, width))
         return out
@@ -185,6 +187,11 @@ class VQGenerator(LatentLMGenerator):
 GENERATORS = {"mllm": LatentLMGenerator, "transfusion": TransfusionGenerator, "vq": VQGenerator}
 
 
+def prompt_latent_std(eval_config) -> float | None:
+    """`eval.prompt_latents` → `Generator.prompt_std` (`training.tasks.mllm.PROMPT_LATENTS`)."""
+    return PROMPT_LATENTS[eval_config.get("prompt_latents", "sampled")]
+
+
 def _eoi_after_images(g: Generation, n: int, eoi_id: int) -> tuple[int, int]:
     """(images followed by `<eoi>`, complete images) over every element: the `<eoi>` placement of generation."""
     hits = total = 0
@@ -240,7 +247,7 @@ def image_to_text(gen: Generator, split: docs.MultimodalSplit, count: int, seed:
 
 def caption_prompt_images(gen: Generator, split: docs.MultimodalSplit, count: int, seed: int) -> np.ndarray | None:
     """The images `image_to_text`'s prompts show the model, decoded (uint8 [count, H, W, 1]): each prompt's latents
-    σ-noised with the keys the LatentLM arm's prompts use, through the σ-VAE decoder. The classifier's accuracy on them
+    σ-noised with the keys and `prompt_std` the LatentLM arm's prompts use, through the σ-VAE decoder. The classifier's accuracy on them
     bounds what a captioner can read from its prompts. None for the VQ arm (its prompts hold the codes)."""
     if not hasattr(gen.task, "model_latents"):
         return None
@@ -249,7 +256,7 @@ def caption_prompt_images(gen: Generator, split: docs.MultimodalSplit, count: in
     for i in range(min(count, len(split.labels))):
         d = docs.prompt(docs.image_to_text(split, np.random.default_rng([seed, i]), image=i))
         z = gen.task.model_latents(jax.random.fold_in(rng, i), jnp.asarray(d["latents"])[None],
-                                   jnp.asarray(d["is_latent"])[None])[0]
+                                   jnp.asarray(d["is_latent"])[None], gen.prompt_std)[0]
         shown.append(np.asarray(z)[d["is_latent"]])
     return np.concatenate([gen.decode(np.stack(shown[i:i + gen.batch])) for i in range(0, len(shown), gen.batch)])
 

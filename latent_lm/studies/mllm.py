@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from latent_lm import cli
-from latent_lm.errors import MissingInputError
+from latent_lm.errors import DataError, MissingInputError
 from latent_lm.studies import config_value, finished_run_dirs, new_figure, read_json, save_png, write_json, write_text
 
 ARCH_LABELS = {"mllm": "LatentLM", "transfusion": "Transfusion", "vq": "VQ-MLLM"}
@@ -52,13 +52,24 @@ CURVE_COLUMNS = (
 
 
 def collect(root: str) -> dict[str, list[dict[str, float]]]:
-    """arch → one dict of figures per finished run (eval/mllm.json + eval/loss.json, attribute accuracies averaged)."""
+    """arch → one dict of figures per finished run (eval/mllm.json + eval/loss.json, attribute accuracies averaged).
+    Every run must have been scored with the same `eval` settings (prompts, their latents, counts, seed): a
+    DataError names the first setting that differs."""
     by_arch: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
+    scored_with: tuple[str, dict] | None = None  # (first run, its eval settings)
     for run in finished_run_dirs(root):
         config = read_json(os.path.join(run, "config.json"))
         arch = config_value(config, "model.arch", f"{run}/config.json")
         if arch not in ARCH_LABELS:
             continue
+        settings = config.get("eval", {})
+        if scored_with is None:
+            scored_with = (run, settings)
+        elif settings != scored_with[1]:
+            key = sorted(k for k in set(settings) | set(scored_with[1]) if settings.get(k) != scored_with[1].get(k))[0]
+            raise DataError(f"{run} was scored with eval.{key}={settings.get(key)!r} but {scored_with[0]} with "
+                            f"{scored_with[1].get(key)!r}: rerun the stale run's eval stages (the sweep does when its "
+                            "config changed) before comparing them")
         scores = dict(read_json(os.path.join(run, "eval", "mllm.json")))
         loss = read_json(os.path.join(run, "eval", "loss.json"))
         scores.update(eval_loss=loss["eval_loss"], train_flops=loss["train_flops"], params=loss["params"])

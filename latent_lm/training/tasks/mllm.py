@@ -28,6 +28,9 @@ from latent_lm.training.tasks.registry import DataPaths, latent_grid_tokens, reg
 
 PAD_ID, NULL_ID = SPECIAL_TOKENS.index("<pad>"), SPECIAL_TOKENS.index("<null>")
 BYTE_TOKENS = 256  # byte-level BPE holds every byte as a token
+# eval.prompt_latents → the σ of a prompt's image latents in `model_latents` (docs/method.md §10.5): "sampled" draws
+# one per image as training does, "mean" shows the σ-VAE's posterior mean μ (σ = 0).
+PROMPT_LATENTS = {"sampled": None, "mean": 0.0}
 
 
 @register_generator("mllm")
@@ -80,6 +83,8 @@ class MultimodalTask:
                                  f"<eoi> <eos>"),
             (n <= m.get("head_capacity", 0) <= m.max_len,
              f"model.head_capacity={m.get('head_capacity')} must lie in [{n} (one image), model.max_len={m.max_len}]"),
+            (config.eval.get("prompt_latents", "sampled") in PROMPT_LATENTS,
+             f"eval.prompt_latents={config.eval.get('prompt_latents')!r} must be one of {list(PROMPT_LATENTS)}"),
         ] + cls.source_checks(config)
 
     @staticmethod
@@ -124,10 +129,10 @@ class MultimodalTask:
         train step on them)."""
         return packed_batch_shapes(batch_size, self.seq_len, self.model.config.latent_dim)
 
-    def model_latents(self, rng, latents, is_latent):
+    def model_latents(self, rng, latents, is_latent, sampling_std: float | None = None):
         """Cached μ at the latent positions of rows [B, T, C] → the model's latents: z = μ + σ·ε with one σ per image
-        (as training sees them, also for prompts), normalised; 0 elsewhere."""
-        z = self.posterior.sample(rng, latents, example_ids=image_span_ids(is_latent))
+        as training draws it (`sampling_std` fixes σ instead: 0 for prompts of the mean μ), normalised; 0 elsewhere."""
+        z = self.posterior.sample(rng, latents, example_ids=image_span_ids(is_latent), sampling_std=sampling_std)
         return jnp.where(is_latent[..., None], self.norm.normalize(z), 0.0)
 
     def make_batch(self, batch, rng):
