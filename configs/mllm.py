@@ -68,9 +68,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.update(dict(width=128, depth=4, num_heads=4))
         c.train.update(dict(steps=2000, batch_size=32))
         # Peak learning rate for every arm (cosine to 0.05·lr after 100 warm-up steps). Measured on LatentLM seed 0
-        # (docs/experiments.md §10.3): 1e-3 (configs/default.py's) left image-to-text underfit (82% held out, 86.5% on
-        # train images); 2e-3 → text-to-image 88.0% / image-to-text 89.5% / PPL 27.0 (seed 1: 86.0% / 87.5% / 25.3);
-        # 3e-3 → 84.0% / 90.5% / 24.4.
+        # with training-noised caption prompts (docs/experiments.md §10.3): 1e-3 (configs/default.py's) left
+        # image-to-text underfit (82% held out, 86.5% on train images); 2e-3 → text-to-image 88.0% / image-to-text
+        # 89.5% / PPL 27.0 (seed 1: 86.0% / 87.5% / 25.3); 3e-3 → 84.0% / 90.5% / 24.4. The study at 2e-3 with
+        # mean prompts: 91.5% / 92.0% / 26.8 (seed 1: 88.5% / 92.0% / 25.4).
         c.optim.lr = 2e-3
     # λ of L = CE + λ·MSE (docs/method.md §6.3): 5, the Transfusion paper's value, for both continuous arms. Measured
     # here (docs/experiments.md §10.3): λ = 1 → text-to-image 60% / image-to-text 87.5% / PPL 32.1; λ = 5 → 90.5% /
