@@ -3,10 +3,10 @@
 Text-to-image: a held-out image's caption → `<boi>` → N latents with text CFG (null prompt `<bos> <null> <boi>`) →
 the model's next token (must be `<eoi>`) → decoded image, scored by the class of the caption (classifier), the caption's
 attributes measured on the generated pixels, and the Fréchet distance to the held-out images. Image-to-text: a
-held-out image (σ-noised like training latents) → greedy caption, parsed exactly for the class and attributes, and
-its word F1 against every caption of the true image. Interleaved: "the digit after" → the model opens an image
-itself, writes it, closes it, continues "is", opens and writes a second image; scored by `<eoi>` placement and
-whether the second digit follows the first. Text: held-out perplexity of the Python-docs paragraphs.
+held-out image (its σ-VAE latents as `eval.prompt_latents` says) → greedy caption, parsed exactly for the class and
+attributes, and its word F1 against every caption of the true image. Interleaved: "the digit after" → the model opens
+an image itself, writes it, closes it, continues "is", opens and writes a second image; scored by `<eoi>` placement
+and whether the second digit follows the first. Text: held-out perplexity of the Python-docs paragraphs.
 """
 
 from __future__ import annotations
@@ -247,8 +247,9 @@ def image_to_text(gen: Generator, split: docs.MultimodalSplit, count: int, seed:
 
 def caption_prompt_images(gen: Generator, split: docs.MultimodalSplit, count: int, seed: int) -> np.ndarray | None:
     """The images `image_to_text`'s prompts show the model, decoded (uint8 [count, H, W, 1]): each prompt's latents
-    σ-noised with the keys and `prompt_std` the LatentLM arm's prompts use, through the σ-VAE decoder. The classifier's accuracy on them
-    bounds what a captioner can read from its prompts. None for the VQ arm (its prompts hold the codes)."""
+    σ-noised with the keys and `prompt_std` the LatentLM arm's prompts use, through the σ-VAE decoder. The
+    classifier's accuracy on them bounds what a captioner can read from its prompts. None for the VQ arm (its prompts
+    hold the codes)."""
     if not hasattr(gen.task, "model_latents"):
         return None
     rng = jax.random.PRNGKey(seed + 1)
