@@ -19,10 +19,9 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from latent_lm import cli, experiment
-from latent_lm.errors import UserError
 from latent_lm.parallel import distributed
 from latent_lm.planning import GB, device_chip, format_plan, plan_memory, tpu_topology
-from latent_lm.sampler_planning import format_sampler_plan, plan_sampler
+from latent_lm.sampler_planning import check_plan_flags, format_sampler_plan, plan_sampler
 from latent_lm.training.train_loop import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
@@ -60,8 +59,7 @@ def main(argv) -> None:
 
 
 def _plan() -> None:
-    if _SAMPLE_BATCH.value is not None and _WHAT.value != "sampler":
-        raise UserError("--sample_batch goes with --what=sampler (the train step's batch is --config.train.batch_size)")
+    check_plan_flags(_WHAT.value, _SAMPLE_BATCH.value)
     devices = tpu_topology(_TOPOLOGY.value)[1] if _TOPOLOGY.value else jax.devices()
     hbm = _HBM_GB.value * GB if _HBM_GB.value else None
     # On a TPU chip of planning.CHIPS the roofline's probe compiles are worth their time.

@@ -150,8 +150,25 @@ def device_chip(devices: Sequence[jax.Device]) -> Chip | None:
     return CHIPS[name].per_device(max(len(devices) // max(chips, 1), 1))
 
 
+class HBMBudget:
+    """What a plan of `total` bytes per device says against the chip's `hbm_bytes` (train step or sampler)."""
+
+    total: int
+    hbm_bytes: float | None
+
+    def fits(self, hbm_bytes: float | None = None, usable_fraction: float = USABLE_HBM_FRACTION) -> bool | None:
+        hbm = hbm_bytes if hbm_bytes is not None else self.hbm_bytes
+        return None if hbm is None else self.total <= usable_fraction * hbm
+
+    def hbm_line(self, usable_fraction: float = USABLE_HBM_FRACTION) -> str:
+        """The "HBM … used, fits" line of the plan's report (needs `hbm_bytes`)."""
+        verdict = "fits" if self.fits(usable_fraction=usable_fraction) else "does NOT fit"
+        return (f"  HBM {self.hbm_bytes / GB:g} GB: {100 * self.total / self.hbm_bytes:.0f}% used, {verdict} "
+                f"(usable {100 * usable_fraction:.0f}%)")
+
+
 @dataclasses.dataclass(frozen=True)
-class MemoryPlan:
+class MemoryPlan(HBMBudget):
     """Per-device bytes of one train step; `activations` comes from `activation_source`."""
 
     num_devices: int
@@ -196,10 +213,6 @@ class MemoryPlan:
     @property
     def sequences_per_shard(self) -> int:
         return self.global_batch // (self.mesh_shape["data"] * self.mesh_shape["fsdp"])
-
-    def fits(self, hbm_bytes: float | None = None, usable_fraction: float = USABLE_HBM_FRACTION) -> bool | None:
-        hbm = hbm_bytes if hbm_bytes is not None else self.hbm_bytes
-        return None if hbm is None else self.total <= usable_fraction * hbm
 
     def roofline(self) -> "Roofline | None":
         """Step time bounded by the chip's peaks, from `step_cost`'s figures (None without a chip or the probe).
@@ -549,13 +562,6 @@ def _count(n: float) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
-def hbm_line(total: float, hbm_bytes: float, fits: bool | None, usable_fraction: float) -> str:
-    """The "HBM … used, fits" line of a plan (train step or sampler)."""
-    verdict = "fits" if fits else "does NOT fit"
-    return (f"  HBM {hbm_bytes / GB:g} GB: {100 * total / hbm_bytes:.0f}% used, {verdict} "
-            f"(usable {100 * usable_fraction:.0f}%)")
-
-
 def roofline_line(roof: Roofline, per: str) -> str:
     """The roofline line of a plan: compute and memory time `per` step or call, the bound, the MFU it allows."""
     return (f"  roofline on {roof.chip.name} ({roof.chip.bf16_flops / 1e12:g} TFLOP/s bf16, "
@@ -595,8 +601,7 @@ def format_plan(plan: MemoryPlan, title: str = "", usable_fraction: float = USAB
     if plan.num_devices > 1:
         lines.append("  largest fully replicated param: " + (f"{path} ({_bytes(nbytes).strip()})" if path else "none"))
     if plan.hbm_bytes is not None:
-        lines.append(hbm_line(plan.total, plan.hbm_bytes, plan.fits(usable_fraction=usable_fraction),
-                              usable_fraction))
+        lines.append(plan.hbm_line(usable_fraction))
     per_device = plan.model_flops / plan.num_devices
     if plan.compiled_flops is not None:
         lines.append("  FLOPs per device and step: " + (f"model count {per_device:.3g}; " if per_device else "")
@@ -620,10 +625,13 @@ def format_plan(plan: MemoryPlan, title: str = "", usable_fraction: float = USAB
 
 def as_dict(plan: MemoryPlan) -> dict[str, Any]:
     """JSON-friendly record with the derived totals."""
-    roof = plan.roofline()
     return dict(dataclasses.asdict(plan), state=plan.state, total=plan.total, fits=plan.fits(),
-                sequences_per_shard=plan.sequences_per_shard,
-                roofline=None if roof is None else dict(
-                    seconds=roof.seconds, compute_seconds=roof.compute_seconds,
-                    memory_seconds=roof.memory_seconds, bound=roof.bound, mfu=roof.mfu,
-                    compute_mfu=roof.compute_mfu if roof.flops else None, intensity=roof.intensity))
+                sequences_per_shard=plan.sequences_per_shard, roofline=roofline_record(plan.roofline()))
+
+
+def roofline_record(roof: Roofline | None) -> dict[str, Any] | None:
+    """A plan's roofline as JSON-friendly figures (train step or sampler)."""
+    return None if roof is None else dict(
+        seconds=roof.seconds, compute_seconds=roof.compute_seconds, memory_seconds=roof.memory_seconds,
+        bound=roof.bound, mfu=roof.mfu, compute_mfu=roof.compute_mfu if roof.flops else None,
+        intensity=roof.intensity)

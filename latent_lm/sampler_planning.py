@@ -54,13 +54,13 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from latent_lm.errors import ConfigError
+from latent_lm.errors import ConfigError, UserError
 from latent_lm.latents import LatentNormalization
 from latent_lm.models.dit import DiTConfig
 from latent_lm.parallel.mesh import batch_sharding, data_parallel_size, logical_rules, make_mesh
-from latent_lm.planning import (USABLE_HBM_FRACTION, Chip, Roofline, _bytes, _cost, _count, _devices,
-                                _planning_config, _unrolled_scans, device_chip, hbm_line, per_device_bytes,
-                                plans_vae, roofline_line)
+from latent_lm.planning import (USABLE_HBM_FRACTION, Chip, HBMBudget, Roofline, _bytes, _cost, _count, _devices,
+                                _planning_config, _unrolled_scans, device_chip, per_device_bytes, plans_vae,
+                                roofline_line, roofline_record)
 from latent_lm.sampling import SamplerSettings, make_dit_sampler, make_sampler
 from latent_lm.training.flops import dit_train_flops_per_step, latent_lm_sample_flops_per_image
 from latent_lm.training.optimizer import make_optimizer
@@ -69,7 +69,7 @@ from latent_lm.training.train_loop import build_state_fns
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplerPlan:
+class SamplerPlan(HBMBudget):
     """Per-device bytes and cost of one sampler call (`global_batch` images); see the module docstring."""
 
     arch: str                        # "latent_lm" or "dit"
@@ -109,10 +109,6 @@ class SamplerPlan:
     def images_per_shard(self) -> int:
         return self.global_batch // (self.mesh_shape["data"] * self.mesh_shape["fsdp"])
 
-    def fits(self, hbm_bytes: float | None = None, usable_fraction: float = USABLE_HBM_FRACTION) -> bool | None:
-        hbm = hbm_bytes if hbm_bytes is not None else self.hbm_bytes
-        return None if hbm is None else self.total <= usable_fraction * hbm
-
     def roofline(self) -> Roofline | None:
         """Time of one call bounded by the chip's peaks (None without a chip or the probes); FLOPs never below the
         model's count, as in `MemoryPlan.roofline`."""
@@ -125,6 +121,12 @@ class SamplerPlan:
         """The roofline's bound on throughput: the global batch over the call's roofline time."""
         roof = self.roofline()
         return None if roof is None else self.global_batch / roof.seconds
+
+
+def check_plan_flags(what: str, sample_batch: int | None) -> None:
+    """The planners' `--what` / `--sample_batch` rule, one error line (latent_lm.main --mode=plan, launch/plan.py)."""
+    if sample_batch is not None and what != "sampler":
+        raise UserError("--sample_batch goes with --what=sampler (the train step's batch is --config.train.batch_size)")
 
 
 def sampler_settings(config: ml_collections.ConfigDict) -> SamplerSettings:
@@ -368,8 +370,7 @@ def format_sampler_plan(plan: SamplerPlan, title: str = "", usable_fraction: flo
     width = max(len(r[0]) for r in rows) + 2
     lines += [f"  {name:<{width}}{_bytes(value)}" for name, value in rows]
     if plan.hbm_bytes is not None:
-        lines.append(hbm_line(plan.total, plan.hbm_bytes, plan.fits(usable_fraction=usable_fraction),
-                              usable_fraction))
+        lines.append(plan.hbm_line(usable_fraction))
     per_device = plan.model_flops / plan.num_devices
     lines.append(f"  FLOPs per device and call: model count {per_device:.3g}; compiled {plan.compiled_flops:.3g} "
                  f"(each loop body counted once: one latent, one solver step, one layer), "
@@ -391,9 +392,6 @@ def format_sampler_plan(plan: SamplerPlan, title: str = "", usable_fraction: flo
 
 def sampler_as_dict(plan: SamplerPlan) -> dict[str, Any]:
     """JSON-friendly record with the derived totals."""
-    roof = plan.roofline()
+    roof = roofline_record(plan.roofline())
     return dict(dataclasses.asdict(plan), total=plan.total, fits=plan.fits(), images_per_shard=plan.images_per_shard,
-                roofline=None if roof is None else dict(
-                    seconds=roof.seconds, compute_seconds=roof.compute_seconds, memory_seconds=roof.memory_seconds,
-                    bound=roof.bound, mfu=roof.mfu, intensity=roof.intensity,
-                    images_per_second=plan.images_per_second()))
+                roofline=None if roof is None else dict(roof, images_per_second=plan.images_per_second()))

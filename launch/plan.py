@@ -89,7 +89,8 @@ from latent_lm import cli  # noqa: E402
 from latent_lm.errors import ConfigError, UserError  # noqa: E402
 from latent_lm.planning import (CHIPS, GB, USABLE_HBM_FRACTION, MemoryPlan, as_dict, format_plan,  # noqa: E402
                                 plan_memory, step_cost, tpu_topology)
-from latent_lm.sampler_planning import format_sampler_plan, plan_sampler, sampler_as_dict  # noqa: E402
+from latent_lm.sampler_planning import (check_plan_flags, format_sampler_plan, plan_sampler,  # noqa: E402
+                                        sampler_as_dict)
 
 assert set(TPU_CHIP_NAMES) == set(CHIPS)
 
@@ -330,9 +331,7 @@ def main(argv):
     sampler = _WHAT.value == "sampler"
     if sampler and (_TABLE.value or _STAGE.value != "compile"):
         raise UserError("--what=sampler plans one compiled sampler call: no --table, no --stage=shapes/lower")
-    if _SAMPLE_BATCH.value is not None and not sampler:
-        raise UserError("--sample_batch goes with --what=sampler (the train step's batch is "
-                        "--config.train.batch_size)")
+    check_plan_flags(_WHAT.value, _SAMPLE_BATCH.value)
     if _TABLE.value:
         records = run_table()
     else:

@@ -221,3 +221,13 @@ def test_cli_plans_the_sampler_and_a_bad_batch_is_one_error_line():
     assert out.stderr.strip().splitlines()[-1] == ("error: sample batch 12 is not a positive multiple of the "
                                                    "data-parallel size 8 (mesh data×fsdp {'data': 8, 'fsdp': 1, "
                                                    "'tensor': 1})")
+
+
+def test_sample_batch_without_the_sampler_is_refused():
+    """Both planners share the `--what` / `--sample_batch` rule (latent_lm.main --mode=plan, launch/plan.py)."""
+    from latent_lm.errors import UserError
+    from latent_lm.sampler_planning import check_plan_flags
+    check_plan_flags("sampler", 16)
+    check_plan_flags("train", None)
+    with pytest.raises(UserError, match="--sample_batch goes with --what=sampler"):
+        check_plan_flags("train", 16)
