@@ -53,22 +53,18 @@ def command(workdir: str, over: dict, *extra_flags: str) -> list[str]:
             "--mode=train", *flags, *extra_flags]
 
 
-def env(num_devices: int = 1, fast_compile: bool = False) -> dict:
-    """`fast_compile`: XLA with most optimisations off in the subprocess, as conftest's `fast_compile` fixture does
-    in this one (compile-bound tiny runs; compare runs only with runs compiled the same way)."""
+def env(num_devices: int = 1) -> dict:
+    """This process's environment (conftest's compilation cache and XLA settings) with `num_devices` fake CPUs."""
     e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     e["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={num_devices} "
                       "--xla_cpu_enable_concurrency_optimized_scheduler=false")
-    if fast_compile:
-        e["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
     return e
 
 
-def start(workdir: str, over: dict, log_path: str, *extra_flags: str, num_devices: int = 1,
-          fast_compile: bool = False) -> subprocess.Popen:
+def start(workdir: str, over: dict, log_path: str, *extra_flags: str, num_devices: int = 1) -> subprocess.Popen:
     log = open(log_path, "a")
     return subprocess.Popen(command(workdir, over, *extra_flags), stdout=log, stderr=subprocess.STDOUT,
-                            env=env(num_devices, fast_compile), cwd=ROOT)
+                            env=env(num_devices), cwd=ROOT)
 
 
 def trained_params(workdir: str, over: dict):

@@ -35,7 +35,6 @@ from latent_lm.training.tasks.audio_vae import AudioVAETask
 PHONEMES = ["ðə kwɪk bɹaʊn fɒks dʒʌmps oʊvɚ ðə leɪzi dɑːɡ", "hiː sɛd ðæt ðə tɹeɪn wʊd biː leɪt",
             "ʃiː sɛlz siː ʃɛlz baɪ ðə siː ʃɔːɹ", "ðə bʊk ɪz ɑːn ðə teɪbəl", "wʌn tuː θɹiː fɔːɹ faɪv",
             "ɪt ɪz ə bjuːtɪfəl deɪ"] * 3
-pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: compiling is most of the cost
 STEP = 7
 FRAMES = 6  # latent frames of the parity audio
 TOL = 1e-5
@@ -150,7 +149,7 @@ def write_tiny_tts_run(root: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tts_run(tmp_path_factory, fast_compile):
+def tts_run(tmp_path_factory):
     return write_tiny_tts_run(str(tmp_path_factory.mktemp("tts_run")))
 
 

@@ -12,10 +12,8 @@ from latent_lm.diffusion import (NoiseSchedule, add_noise, dpm_solver_coefficien
                                  predict_x0, solver_timesteps, training_target, velocity)
 from reference_samplers import ddpm_sample, ddpm_timesteps
 
-# diffusers' own numpy-2 deprecation noise (np.array on a torch tensor inside set_timesteps); small programs, so
-# compiling is most of this file's cost (conftest.fast_compile).
-pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-              pytest.mark.usefixtures("fast_compile")]
+# diffusers' own numpy-2 deprecation noise (np.array on a torch tensor inside set_timesteps).
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 SCHEDULE = make_schedule("cosine")
 AB = np.asarray(SCHEDULE.alphas_cumprod)

@@ -34,8 +34,6 @@ from latent_lm.training.tasks import DiTTask, make_generator_task
 from latent_lm.latents import LatentNormalization
 from latent_lm.training.train_loop import build_state_fns, jit_train_step, train
 
-# Tiny models: compiling is most of this file's cost (conftest.fast_compile).
-pytestmark = pytest.mark.usefixtures("fast_compile")
 
 CLASSES, TOKENS, CHANNELS = 4, 16, 4
 CLASS_MEANS = np.array([-1.5, -0.5, 0.5, 1.5], np.float32)
@@ -191,7 +189,7 @@ TRAIN_STEPS = 400
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, fast_compile):
+def trained(tmp_path_factory):
     """400 steps of the real train loop on the toy class-conditional latents (one device; ≈ 3 s of steps, the rest
     is compilation)."""
     task = make_task()
@@ -374,10 +372,7 @@ def test_cli_trains_and_samples_the_dit_twin(tmp_path):
             "eval.sample_batch": 20, "eval.loss_batch": 32, "eval.loss_repeats": 1}
     cmd = cli_runs.command(workdir, over, "--config.stages=('train_vae', 'train', 'sample', 'eval_loss')")
     cmd = [a if a != "--mode=train" else "--mode=all" for a in cmd]
-    # The subprocess compiles a dozen programs and runs each a few times: XLA's optimisations off halve its compiles
-    # (conftest.fast_compile).
-    env = dict(cli_runs.env(), JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cli_runs.ROOT, timeout=600)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=cli_runs.env(), cwd=cli_runs.ROOT, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     _check_stage_outputs(workdir, cli_runs.make_config(over), num_images=20, steps=4)

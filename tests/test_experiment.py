@@ -24,8 +24,6 @@ from latent_lm.training.optimizer import make_optimizer
 from latent_lm.training.tasks import VAETask, make_generator_task
 from latent_lm.training.train_loop import build_state_fns
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 
 def tiny_config(steps=2):
     c = default.get_config()

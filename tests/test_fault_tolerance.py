@@ -25,9 +25,6 @@ from latent_lm.training.train_loop import Preempted
 
 STEPS = 24
 
-# XLA with most optimisations off (conftest.fast_compile; the CLI runs get it through cli_runs.start).
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300.0, poll: float = 0.002):
     t0 = time.time()
@@ -69,7 +66,7 @@ def test_kill9_and_sigterm_resume_bit_exact(tmp_path):
     ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
     for w in (ref, run):
         cli_runs.write_synthetic_cache(w)
-    proc = cli_runs.start(ref, over, str(tmp_path / "ref.log"), fast_compile=True)
+    proc = cli_runs.start(ref, over, str(tmp_path / "ref.log"))
     assert proc.wait(timeout=600) == 0, open(tmp_path / "ref.log").read()[-3000:]
 
     log = str(tmp_path / "run.log")
@@ -77,7 +74,7 @@ def test_kill9_and_sigterm_resume_bit_exact(tmp_path):
     events = []
     for moment in ["random", "during_async_save", "sigterm", "random"]:
         before = _last_step(log)
-        proc = cli_runs.start(run, over, log, fast_compile=True)
+        proc = cli_runs.start(run, over, log)
         if moment == "during_async_save":
             # let the restarted run get going, then kill the instant orbax has a step directory half written
             _wait_for(lambda: _last_step(log) > before, proc)
@@ -95,7 +92,7 @@ def test_kill9_and_sigterm_resume_bit_exact(tmp_path):
         assert rc == (0 if moment == "sigterm" else -signal.SIGKILL), (moment, rc, open(log).read()[-3000:])
         if moment == "sigterm":
             assert "preempted: checkpoint of step" in open(log).read()
-    assert cli_runs.start(run, over, log, fast_compile=True).wait(timeout=600) == 0, open(log).read()[-3000:]
+    assert cli_runs.start(run, over, log).wait(timeout=600) == 0, open(log).read()[-3000:]
 
     resumed = _resumed_steps(log)
     assert len(resumed) == 4 and resumed == sorted(resumed) and 0 < resumed[0], (resumed, events)

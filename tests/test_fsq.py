@@ -119,7 +119,6 @@ def test_codebook_usage_and_perplexity():
                                rtol=1e-6)
 
 
-@pytest.mark.usefixtures("fast_compile")
 def test_fsq_vae_encodes_to_the_grid_without_noise():
     vae = SigmaVAE(image_size=28, in_channels=1, patch_size=4, width=32, depth=1, num_heads=4, latent_dim=4,
                    kind="fsq", fsq_levels=LEVELS)
@@ -150,7 +149,6 @@ def test_fsq_vae_encodes_to_the_grid_without_noise():
     np.testing.assert_array_equal(training_latents(jax.random.key(4), cached, post, norm), (cached + 0.25) * 2.0)
 
 
-@pytest.mark.usefixtures("fast_compile")
 def test_tiny_fsq_vae_task_trains_its_encoder_through_the_quantizer():
     task = VAETask.from_config(_config())
     images = jnp.asarray(_mnist("train", 48).reshape(3, 16, 28, 28, 1))
@@ -200,17 +198,8 @@ def test_fsq_config_validates_and_a_mismatched_latent_dim_errors():
         assert "\n" not in str(err.value)
 
 
-@pytest.fixture
-def xla_optimizations():
-    """XLA's optimisations on, whatever `fast_compile` set for the fast tests above: a long run executes faster."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-
-
 @pytest.mark.slow
-@pytest.mark.usefixtures("xla_optimizations")
+@pytest.mark.usefixtures("full_optimization")  # 600 steps: execution, not compiling, is the cost
 def test_fsq_vae_learns_mnist_and_uses_its_codebook():
     """The embedded default's ViT (width 96, depth 2) as FSQ (8, 5, 5, 5), 600 Adam steps at batch 32
     (docs/method.md §2.5): held-out PSNR of decode(ẑ) far above the untrained model's, and the held-out tokens

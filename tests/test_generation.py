@@ -22,8 +22,6 @@ from latent_lm.generation import (BOI_ID, EOS_ID, GenerationSettings, guided_cod
 from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
 from latent_lm.text.tokenizer import SPECIAL_TOKENS
 
-# Small programs: compiling is most of this file's cost (conftest.fast_compile).
-pytestmark = pytest.mark.usefixtures("fast_compile")
 
 CFG = LatentLMConfig(width=32, depth=2, num_heads=4, num_kv_heads=2, latent_dim=3, head_depth=1, text_vocab_size=16,
                      max_len=64)
@@ -234,7 +232,7 @@ GREEDY = GenerationSettings(max_new=MAX_NEW, num_latents=N, num_steps=2, predict
 
 
 @pytest.fixture(scope="module")
-def programmed(fast_compile):
+def programmed():
     params = _programmed_params()
     out = make_generator(MODEL, SCHEDULE, GREEDY)(params, make_prompt(PROMPTS, C), jax.random.PRNGKey(1))
     return params, jax.device_get(out)

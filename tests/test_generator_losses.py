@@ -16,8 +16,6 @@ from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
 from latent_lm.training.batches import drop_class_tokens, drop_labels
 from latent_lm.training.generator_losses import dit_loss, latent_lm_loss
 
-# Tiny models: compiling is most of this file's cost (conftest.fast_compile).
-pytestmark = pytest.mark.usefixtures("fast_compile")
 
 SCHEDULE = make_schedule("cosine", 1000)
 # 3 classes (ids 0..2), the null class 3, text ids from 4: [class][text text][latents ...] sequences.

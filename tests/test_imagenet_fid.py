@@ -415,6 +415,7 @@ def test_cli_scores_with_the_statistics_of_its_inputs(weights, images, tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 10 samples: a rank-9 covariance, as expected
+@pytest.mark.usefixtures("full_optimization")  # Inception over images: executing is the cost (55 s unoptimised, 27 s)
 def test_cli_end_to_end(weights, images, tmp_path, capsys):
     """Slow (the 2048-dimensional matrix square root of the FID). Fast sibling:
     test_cli_scores_with_the_statistics_of_its_inputs."""

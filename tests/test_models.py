@@ -13,8 +13,6 @@ from latent_lm.models.diffusion_head import DiffusionHead, timestep_sinusoid
 from latent_lm.models.latent_lm import init_cache, LatentLM, LatentLMConfig
 from latent_lm.models.presets import EXPECTED_PARAMS, PRESETS
 
-# Tiny models: compiling is most of this file's cost (conftest.fast_compile).
-pytestmark = pytest.mark.usefixtures("fast_compile")
 
 TINY = LatentLMConfig(width=64, depth=2, num_heads=4, num_kv_heads=2, latent_dim=4, head_depth=2,
                       num_classes=10, max_len=16)

@@ -25,9 +25,6 @@ from latent_lm.training.train_loop import train
 
 STEPS = 4
 
-# XLA with most optimisations off here and in the processes (conftest.fast_compile, cli_runs.env): compile-bound.
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -84,7 +81,7 @@ def test_two_processes_assemble_the_global_batch_on_a_hybrid_mesh(tmp_path):
     script = tmp_path / "process.py"
     script.write_text(_PROCESS_SCRIPT)
     port = _free_port()
-    env = dict(cli_runs.env(4, fast_compile=True), PYTHONPATH=cli_runs.ROOT)
+    env = dict(cli_runs.env(4), PYTHONPATH=cli_runs.ROOT)
     procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), f"{cache}/latents/train",
                                str(tmp_path / "run")], cwd=cli_runs.ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -119,7 +116,7 @@ def test_two_processes_match_one_process(tmp_path):
     over = cli_runs.overrides(STEPS, **{"mesh.shape": (1, 2, 2), "mesh.dcn_shape": (2, 1, 1)})
     port = _free_port()
     procs = [cli_runs.start(hosts, over, str(tmp_path / f"process{i}.log"), f"--coordinator_address=127.0.0.1:{port}",
-                            "--num_processes=2", f"--process_id={i}", num_devices=4, fast_compile=True)
+                            "--num_processes=2", f"--process_id={i}", num_devices=4)
              for i in range(2)]
     for i, p in enumerate(procs):
         assert p.wait(timeout=600) == 0, open(tmp_path / f"process{i}.log").read()[-3000:]

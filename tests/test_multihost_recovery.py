@@ -37,9 +37,6 @@ from data_pipelines.packing import make_packed_dataset
 from latent_lm.checkpoint import ProcessCountChangedError
 from latent_lm.training.metrics_writer import read_metrics
 
-# XLA with most optimisations off here and in the CLI processes (conftest.fast_compile, cli_runs.env).
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 
 def _take(it, n: int) -> list[dict]:
     return [next(it) for _ in range(n)]
@@ -240,10 +237,10 @@ OVER = cli_runs.overrides(STEPS, **{"mesh.shape": (-1, 1, 1), "checkpoint.every"
 
 def _start(workdir: str, log: str, processes: int) -> list[subprocess.Popen]:
     if processes == 1:
-        return [cli_runs.start(workdir, OVER, f"{log}0.log", num_devices=4, fast_compile=True)]
+        return [cli_runs.start(workdir, OVER, f"{log}0.log", num_devices=4)]
     port = _free_port()
     return [cli_runs.start(workdir, OVER, f"{log}{i}.log", f"--coordinator_address=127.0.0.1:{port}",
-                           "--num_processes=2", f"--process_id={i}", num_devices=2, fast_compile=True)
+                           "--num_processes=2", f"--process_id={i}", num_devices=2)
             for i in range(processes)]
 
 

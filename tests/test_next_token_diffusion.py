@@ -32,10 +32,6 @@ def bimodal_sequences(rng: np.random.Generator, n: int) -> np.ndarray:
     return x
 
 
-# Tiny models, a few hundred steps: compiling is most of the cost (conftest.fast_compile).
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
-
 def _fit(loss_fn, params, steps, lr=2e-3, seed=0, warmup=50):
     tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr * 0.1))
     opt = jax.jit(tx.init)(params)  # one program, not one eager op per parameter shape

@@ -23,8 +23,6 @@ from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
 from latent_lm.training.tasks import make_generator_task
 from latent_lm.training.train_loop import build_state_fns, jit_train_step
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 
 def _optim(**over):
     base = dict(lr=3e-3, warmup_steps=5, final_lr_ratio=0.1, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,

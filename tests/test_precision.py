@@ -21,8 +21,6 @@ from latent_lm.sampling import SamplerSettings, sample_latents
 from latent_lm.training.tasks import make_generator_task
 
 TOKENS, CHANNELS = 16, 4
-# Programs that run once: compiling is most of this file's cost (conftest.fast_compile).
-pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _task(dtype: str):

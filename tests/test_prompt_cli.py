@@ -12,8 +12,6 @@ from data_pipelines.latent_cache import write_latent_cache
 from latent_lm import cli, prompt_cli
 from test_convert_mllm import write_tiny_mllm_run
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

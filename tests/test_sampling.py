@@ -12,8 +12,6 @@ from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
 from latent_lm.sampling import SamplerSettings, make_sampler, sample_latents
 from reference_samplers import make_reference_sampler
 
-# Small programs: compiling is most of this file's cost (conftest.fast_compile).
-pytestmark = pytest.mark.usefixtures("fast_compile")
 
 # 5 classes (ids 0–4), the null class 5, text ids 6–9; grouped-query attention (4 query heads, 2 KV heads).
 CFG = LatentLMConfig(width=32, depth=2, num_heads=4, num_kv_heads=2, latent_dim=3, head_depth=1, num_classes=5,

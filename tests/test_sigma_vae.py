@@ -17,16 +17,12 @@ from latent_lm.training.vae_losses import mu_regularizer, pixel_loss, posterior_
 from latent_lm.latents import sample_latent
 
 
-# Small models: compiling is most of this file's cost (conftest.fast_compile).
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
-
 def _boxed_leaves(variables):
     return jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 @pytest.fixture(scope="module")
-def mnist_like(fast_compile):
+def mnist_like():
     model = SigmaVAE(image_size=28, in_channels=1, patch_size=4, width=64, depth=2, num_heads=4, latent_dim=4)
     x = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1), minval=-1.0, maxval=1.0)
     variables = jax.jit(lambda x: model.init({"params": jax.random.key(1)}, x, rng=jax.random.key(2)))(x)

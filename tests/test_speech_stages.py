@@ -25,7 +25,6 @@ from latent_lm.training.tasks.audio_vae import AudioVAETask
 from conftest import ESPEAK_PROBLEM, requires_espeak
 
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
 STAGES = ("build_corpus", "train_audio_vae", "encode_audio", "eval_audio_vae")
 
 
@@ -53,7 +52,7 @@ def one_device():
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, fast_compile, one_device):
+def pipeline(tmp_path_factory, one_device):
     if ESPEAK_PROBLEM is not None:
         pytest.skip(ESPEAK_PROBLEM)
     workdir = str(tmp_path_factory.mktemp("tts") / "run")

@@ -50,8 +50,6 @@ from latent_lm.parallel.mesh import DEFAULT_RULES, make_mesh
 from latent_lm.training.metrics_writer import MetricsWriter, read_metrics
 from latent_lm.training.train_loop import Preempted, load_state
 
-# XLA with most optimisations off: these tests are compile-bound (conftest.fast_compile).
-pytestmark = pytest.mark.usefixtures("fast_compile")
 
 # ----------------------------------------------------------------------------------------------------------------
 # The fake bucket.

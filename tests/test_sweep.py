@@ -233,9 +233,8 @@ def test_sweep_runs_skips_and_resumes_with_the_real_cli(tmp_path, monkeypatch):
             f"    c.stages = ('train',)\n    c.data.tokenizer_workdir = {str(tok)!r}\n")
     cfg = _config_file(tmp_path, "[{'train.seed': 1}]", config_body=body)
     root = tmp_path / "root"
-    # env(1) carries conftest's run-wide compilation cache: the resumed run loads the first one's program. XLA without
-    # its expensive passes compiles it ~2.5× cheaper; what is checked here does not depend on the code's speed.
-    run_env = dict(env(1), JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    # env(1) carries conftest's run-wide compilation cache: the resumed run loads the first one's program.
+    run_env = env(1)
     command = [sys.executable, "-m", "latent_lm.sweep", f"--config={cfg}", f"--root={root}"]
     proc = subprocess.Popen(command, cwd=ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

@@ -25,8 +25,6 @@ from latent_lm.training.metrics_writer import read_metrics
 from latent_lm.training.optimizer import learning_rate_schedule, make_optimizer
 from latent_lm.training.train_loop import build_state_fns, jit_train_step, train
 
-# XLA with most optimisations off: these tests are compile-bound (conftest.fast_compile).
-pytestmark = pytest.mark.usefixtures("fast_compile")
 
 MODEL = LatentLMConfig(width=32, depth=2, num_heads=4, latent_dim=2, head_depth=1, num_classes=4, max_len=8)
 
@@ -148,14 +146,7 @@ def train_toy(workdir, data=None, mesh_shape=(1, 1, 1), *, task=None, every=REF_
 def reference_run(workdir) -> types.SimpleNamespace:
     """The uninterrupted toy run on one device: final state on the host, metric rows, and its workdir (checkpoints
     at REF_EVERY, 2·REF_EVERY, REF_STEPS; copy them before resuming from them)."""
-    # Built as the tests that compare against it bit for bit run (their modules use conftest's fast_compile),
-    # whichever module's test happens to build it first.
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        res = train_toy(workdir)
-    finally:
-        jax.config.update("jax_disable_most_optimizations", before)
+    res = train_toy(workdir)
     return types.SimpleNamespace(state=jax.device_get(res.state), rows=read_metrics(str(workdir)),
                                  workdir=str(workdir))
 

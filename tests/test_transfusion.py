@@ -27,8 +27,6 @@ from latent_lm.training.flops import (transfusion_matmul_params, transfusion_sam
 from latent_lm.training.tasks.transfusion import TransfusionTask
 from latent_lm.transfusion_sampling import NULL_PROMPT, greedy_text, sample_image
 
-# Small programs: compiling is most of this file's cost (conftest.fast_compile).
-pytestmark = pytest.mark.usefixtures("fast_compile")
 
 PAD, BOS, EOS, BOI, EOI, NULL = (SPECIAL_TOKENS.index(t) for t in ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>",
                                                                    "<null>"))

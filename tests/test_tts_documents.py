@@ -87,7 +87,7 @@ def test_packed_rows_keep_documents_whole():
             assert batch["is_latent"][row].sum() <= 40
 
 
-def test_tts_task_trains_the_stop_on_packed_rows(fast_compile):
+def test_tts_task_trains_the_stop_on_packed_rows():
     """The task's batch marks every latent but each span's last as `continue_mask` (the last predicts `<eod>` by
     CE), and its loss carries the LM head's stop term (`stop_accuracy`) beside CE and the diffusion term."""
     import jax

@@ -20,7 +20,7 @@ from latent_lm.parallel import mesh as mesh_lib
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_tts_run_writes_wavs_manifest_and_scores(tmp_path, fast_compile, monkeypatch):
+def test_tiny_tts_run_writes_wavs_manifest_and_scores(tmp_path, monkeypatch):
     one_device = mesh_lib.make_mesh(None, jax.devices()[:1])  # the tiny batches are smaller than the 8 test devices
     monkeypatch.setattr(experiment, "make_mesh", lambda cfg: one_device)
     config = get_config("tiny=1")

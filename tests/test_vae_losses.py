@@ -40,9 +40,6 @@ from latent_lm.training.train_loop import build_state_fns, train
 
 DISC_START = 10  # imagenet_vae:tiny switches the GAN on after half of its 20 steps
 
-# Small models, few steps: compiling is most of this file's cost (conftest.fast_compile).
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 
 def _mnist(split: str, n: int) -> np.ndarray:
     return load_embedded("mnist", split)[0][:n].astype(np.float32) / 127.5 - 1.0
@@ -211,7 +208,7 @@ def _gan_setup(perceptual: bool):
 
 
 @pytest.fixture(scope="module")
-def gan_setup(fast_compile):
+def gan_setup():
     return _gan_setup(perceptual=False)
 
 

@@ -28,8 +28,6 @@ from latent_lm.training.flops import (latent_lm_sample_flops_per_image, vq_matmu
 from latent_lm.training.tasks import GENERATOR_TASKS, MultimodalTask, VQMultimodalTask, make_generator_task
 from latent_lm.training.tasks.vq_mllm import CODE_LM_PARAMS, token_logits
 
-# Small programs: compiling is most of this file's cost (conftest.fast_compile).
-pytestmark = pytest.mark.usefixtures("fast_compile")
 
 PAD, BOS, EOS, BOI, EOI, NULL = (SPECIAL_TOKENS.index(t) for t in ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>",
                                                                    "<null>"))
