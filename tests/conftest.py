@@ -151,12 +151,12 @@ def toy_reference(tmp_path_factory):
 
 
 @pytest.fixture
-def full_optimization():
+def full_optimization(monkeypatch):
     """XLA with its optimisations on (the suite turns most of them off, above) for a test whose cost is executing, not
-    compiling (a long training run), or that measures compiled programs. CLI subprocesses keep the suite's setting
-    unless their env says otherwise."""
+    compiling (a long training run): in this process and in the subprocesses it starts with this environment."""
     import jax
 
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")
     before = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
     yield

@@ -35,16 +35,16 @@ def test_train_tokenizer_stage_writes_once_and_checks_the_model_vocabulary(tmp_p
 
 
 @pytest.mark.slow
+# Five runs that train and generate: executing, not compiling, is their cost (437 s with XLA's optimisations off, 341 s
+# on, 2026-12-07).
+@pytest.mark.usefixtures("full_optimization")
 def test_tiny_study_trains_generates_and_scores_every_arm(tmp_path):
     """`make mllm` at `tiny=1`: both tokenizer runs, the three arms (LatentLM, Transfusion, VQ-MLLM) through every
     stage, then the study's table. The samples and scores are where docs/experiments.md §10 says, with the shapes
     and ranges a user reads."""
     root = tmp_path / "study"
     config_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mllm.py")
-    # Five runs that train and generate: executing, not compiling, is their cost (437 s with XLA's optimisations off,
-    # 341 s on, 2026-12-07), so the sweep's subprocesses get them back (conftest turns them off).
-    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="0")
-    assert sweep.run_sweep(f"{config_file}:tiny=1", str(root), env=env) == 0
+    assert sweep.run_sweep(f"{config_file}:tiny=1", str(root)) == 0
     for arm in ("latentlm", "transfusion", "vq"):
         workdir = root / arm
         with np.load(workdir / "samples" / "t2i.npz") as npz:
