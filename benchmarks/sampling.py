@@ -1,8 +1,15 @@
-"""Compiled KV-cache sampler vs the no-cache reference (recomputes the prefix every position), side by side.
+"""Sampler throughput side by side in one run: the compiled KV-cache sampler against the no-cache reference (which
+recomputes the prefix at every position) or against the PyTorch twin's eager sampler (docs/benchmarks.md §1).
 
-  python benchmarks/sampling.py                    # embedded default size: 49 tokens, K=20, CFG
-  python benchmarks/sampling.py --size=B --batch=256 --dtype=bfloat16 --skip_reference   # GPU throughput
+  python benchmarks/sampling.py                    # embedded default size: 49 tokens, K=20, CFG, vs the reference
+  python benchmarks/sampling.py --preset=official_small --against=torch --batch=1,16,100,256   # vs PyTorch
+  python benchmarks/sampling.py --size=B --batch=256 --dtype=bfloat16 --against=none   # GPU throughput
   python benchmarks/sampling.py --width=32 --depth=1 --head_depth=1 --tokens=4 --batch=2 --steps=2   # smoke test
+
+`--against=torch` exports the same random weights to a PyTorch directory and samples with the twin as the official
+code does: `Transformer.sample_with_cfg` (eager `forward_recurrent` with a KV cache, then DPM-Solver++ per token on
+the CFG-doubled batch), at 1 and 2 torch threads, reporting the better. Both sides report the best of `--repeats`
+timed calls; JAX's first call (the compile) is reported apart.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import add_model_flags, apply_model_flags, random_model, time_fn
+from benchmarks.common import add_model_flags, apply_model_flags, matmul_peak_flops, random_model, time_fn
 from configs import default
 from latent_lm.diffusion import make_schedule
 from latent_lm.models.latent_lm import LatentLMConfig
@@ -25,46 +33,117 @@ from latent_lm.models.presets import apply_preset
 from latent_lm.sampling import SamplerSettings, make_sampler
 from tests.reference_samplers import make_reference_sampler
 
+# The official code's small setting (issue #17): 7×7×4 latents, width 128, depth 4, 4 heads, head depth 3.
+PRESETS = {"official_small": dict(width=128, depth=4, num_heads=4, latent_dim=4, max_len=49, num_classes=1000,
+                                  head_depth=3)}
+TORCH_THREADS = (1, 2)
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--size", default=None)
-    p.add_argument("--batch", type=int, default=100)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--skip_reference", action="store_true")
-    p.add_argument("--tokens", type=int, default=None, help="sequence length (default: the config's)")
-    add_model_flags(p)
-    args = p.parse_args(argv)
+
+def build_config(args: argparse.Namespace) -> LatentLMConfig:
     c = default.get_config()
     if args.size:
         apply_preset(c.model, c.head, args.size)
         c.model.update(dict(max_len=256, latent_dim=16, num_classes=1000))
+    if args.preset:
+        preset = dict(PRESETS[args.preset])
+        c.head.depth = preset.pop("head_depth")
+        c.model.update(preset)
     if args.tokens:
         c.model.max_len = args.tokens
     apply_model_flags(c, args)
     c.model.dtype = args.dtype
-    cfg = LatentLMConfig.from_config(c)
+    return LatentLMConfig.from_config(c)
+
+
+def best_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def torch_twin(params, cfg: LatentLMConfig):
+    """The PyTorch twin with the same weights, loaded from an export as a user would load one."""
+    from latent_lm.convert import to_torch
+    from latent_lm.convert.torch_files import load_model
+
+    with tempfile.TemporaryDirectory() as out:
+        to_torch.export_latent_lm(params, cfg, out)
+        model, _ = load_model(out)
+    return model
+
+
+def torch_images_per_s(model, batch: int, args: argparse.Namespace) -> dict[int, float]:
+    """images/s of the official-protocol eager sampler at each torch thread count."""
+    import torch
+
+    from latent_lm.convert import torch_sampling
+
+    labels = torch.arange(batch) % model.num_classes
+    rates = {}
+    for threads in TORCH_THREADS:
+        torch.set_num_threads(threads)
+        run = lambda: torch_sampling.generate(model, labels, cfg_scale=args.cfg, num_steps=args.steps,
+                                              prediction_type="v_prediction")
+        run()  # warm-up: first-call allocations
+        rates[threads] = batch / best_seconds(run, args.repeats)
+    return rates
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", default=None, help="a paper preset (B, L, H, …)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a benchmark setting (see PRESETS)")
+    p.add_argument("--batch", default="100", help="batch size, or several comma-separated")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--against", default="reference", choices=["reference", "torch", "none"])
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per sampler and batch (best reported)")
+    p.add_argument("--tokens", type=int, default=None, help="sequence length (default: the config's)")
+    add_model_flags(p)
+    args = p.parse_args(argv)
+    batches = [int(b) for b in args.batch.split(",")]
+    cfg = build_config(args)
     model, params = random_model(cfg)
     schedule = make_schedule("cosine", 1000)
     settings = SamplerSettings(num_steps=args.steps, cfg_scale=args.cfg, prediction_type="v_prediction")
-    labels = jnp.arange(args.batch, dtype=jnp.int32) % cfg.num_classes
     sampler = make_sampler(model, schedule, settings, cfg.max_len)
-    t0 = time.perf_counter()
-    jax.block_until_ready(sampler(params, labels, jax.random.PRNGKey(0)))
-    compile_s = time.perf_counter() - t0
-    fast = time_fn(sampler, params, labels, jax.random.PRNGKey(0), repeats=3)
+    twin = torch_twin(params, cfg) if args.against == "torch" else None
+    peak = matmul_peak_flops(repeats=3)
     print(f"device: {jax.devices()[0].device_kind}  width {cfg.width} depth {cfg.depth} head {cfg.head_depth}  "
-          f"{cfg.max_len} tokens × {cfg.latent_dim}  batch {args.batch}  K={args.steps}  CFG {args.cfg}  {args.dtype}")
-    print(f"compiled KV-cache sampler: {args.batch / fast:.1f} images/s ({fast:.3f} s/batch, first call "
-          f"incl. compile {compile_s:.1f} s)")
-    if not args.skip_reference:
-        noise = jax.random.normal(jax.random.PRNGKey(0), (cfg.max_len, args.batch, cfg.latent_dim))
-        ref = make_reference_sampler(model, schedule, settings)
-        slow = time_fn(ref, params, labels[:, None], noise, repeats=1, warmup=1)  # warm-up compiles every length
-        print(f"no-cache reference sampler: {args.batch / slow:.1f} images/s ({slow:.3f} s/batch)")
-        print(f"speed-up of the compiled KV-cache sampler: {slow / fast:.2f}x")
+          f"{cfg.max_len} tokens × {cfg.latent_dim}  K={args.steps}  CFG {args.cfg}  {args.dtype}  "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+    rows = []
+    for batch in batches:
+        labels = jnp.arange(batch, dtype=jnp.int32) % cfg.num_classes
+        t0 = time.perf_counter()
+        jax.block_until_ready(sampler(params, labels, jax.random.PRNGKey(0)))
+        compile_s = time.perf_counter() - t0
+        fast = best_seconds(lambda: jax.block_until_ready(sampler(params, labels, jax.random.PRNGKey(0))),
+                            args.repeats)
+        print(f"batch {batch}: compiled KV-cache sampler: {batch / fast:.1f} images/s ({fast:.3f} s/batch, "
+              f"first call incl. compile {compile_s:.1f} s)", flush=True)
+        if args.against == "reference":
+            noise = jax.random.normal(jax.random.PRNGKey(0), (cfg.max_len, batch, cfg.latent_dim))
+            ref = make_reference_sampler(model, schedule, settings)
+            slow = time_fn(ref, params, labels[:, None], noise, repeats=1, warmup=1)  # warm-up compiles every length
+            print(f"batch {batch}: no-cache reference sampler: {batch / slow:.1f} images/s ({slow:.3f} s/batch)")
+            print(f"batch {batch}: speed-up of the compiled KV-cache sampler: {slow / fast:.2f}x")
+        elif args.against == "torch":
+            rates = torch_images_per_s(twin, batch, args)
+            best = max(rates.values())
+            per = ", ".join(f"{n} thread{'s' * (n > 1)} {r:.1f}" for n, r in rates.items())
+            print(f"batch {batch}: PyTorch twin, eager: {best:.1f} images/s ({per})")
+            print(f"batch {batch}: compiled sampler / PyTorch: {batch / fast / best:.2f}x", flush=True)
+            rows.append((batch, batch / fast, best))
+    if rows:
+        print("\n| batch | compiled KV-cache sampler (images/s) | PyTorch twin, best of 1/2 threads | ratio |")
+        print("|---|---|---|---|")
+        for batch, ours, theirs in rows:
+            print(f"| {batch} | {ours:.1f} | {theirs:.1f} | **{ours / theirs:.2f}×** |")
 
 
 if __name__ == "__main__":

@@ -293,7 +293,7 @@ def sampler_cost(config: ml_collections.ConfigDict, num_devices: int, sample_bat
 
 
 def kv_cache_bytes(task, settings: SamplerSettings, images_per_shard: int, mesh_shape: dict[str, int]) -> int:
-    """Bytes of one device's KV cache shard: keys and values [depth, rows, 1 + N, kv_heads, head_dim] in the compute
+    """Bytes of one device's KV cache shard: keys and values [depth, rows, kv_heads, 1 + N, head_dim] in the compute
     dtype, rows = the batch shard (× 2 with CFG), heads split over `tensor` where they divide."""
     cfg = task.model.config
     if isinstance(cfg, DiTConfig):

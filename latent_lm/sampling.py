@@ -32,12 +32,12 @@ class SamplerSettings:
 
 
 def guided_head(model: LatentLM, params, cond: jax.Array, cfg_scale: float | None) -> Callable:
-    """model_fn(x [B,C], t [B]) for the solver; with CFG `cond` is [2B, D] = [conditional; unconditional]."""
+    """model_fn(x [B,C], t scalar) for the solver; with CFG `cond` is [2B, D] = [conditional; unconditional]."""
 
     def model_fn(x, t):
         if cfg_scale is None:
             return model.apply(params, x, t, cond, method=LatentLM.diffuse)
-        out = model.apply(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), cond, method=LatentLM.diffuse)
+        out = model.apply(params, jnp.concatenate([x, x]), t, cond, method=LatentLM.diffuse)
         c, u = jnp.split(out, 2)
         return u + cfg_scale * (c - u)
 
@@ -122,7 +122,7 @@ def sample_dit_latents(model: DiT, params, labels: jax.Array, noise: jax.Array, 
     labels = labels.astype(jnp.int32)
 
     def model_fn(x, t):
-        t = t[:, 0]  # the solver gives every token the same t; the DiT takes one per image
+        t = jnp.full(x.shape[:1], t)  # the solver's t is shared by every token; the DiT takes one per image
         if settings.cfg_scale is None:
             return model.apply(params, x, t, labels)
         y = jnp.concatenate([labels, jnp.full_like(labels, cfg.null_class)])

@@ -100,7 +100,7 @@ def sample_image(model: Transfusion, params, tokens: jax.Array, lengths: jax.Arr
         return model.apply(params, hidden, method=Transfusion.denoise)
 
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-        t = t[:, :1]  # the solver gives every latent of an image the same t
+        t = jnp.full((x.shape[0], 1), t)  # the solver's t is shared by every latent of every image
         if settings.cfg_scale is None:
             return denoise(x, t)
         c, u = jnp.split(denoise(jnp.concatenate([x, x]), jnp.concatenate([t, t])), 2)

@@ -68,14 +68,28 @@ def test_train_step_times_the_gathered_head_against_the_head_everywhere():
 
 def test_sampling_prints_both_samplers_and_the_speed_up():
     """docs/benchmarks.md §1: images/s of the compiled KV-cache sampler and of the no-cache reference, their ratio."""
-    text = _run("sampling.py", *TINY_MODEL, "--tokens=2", "--batch=2", "--steps=2")
-    assert re.search(r"^device: \S+.*width 32 depth 1 head 1  2 tokens × 4  batch 2  K=2  CFG 3.0  float32$", text,
-                     re.MULTILINE), text
-    fast_rate, fast_s, compile_s = _figures(rf"^compiled KV-cache sampler: {NUM} images/s \({NUM} s/batch, "
+    text = _run("sampling.py", *TINY_MODEL, "--tokens=2", "--batch=2", "--steps=2", "--repeats=1")
+    assert re.search(r"^device: \S+.*width 32 depth 1 head 1  2 tokens × 4  K=2  CFG 3.0  float32  matmul peak "
+                     r"[0-9.]+ GFLOP/s$", text, re.MULTILINE), text
+    fast_rate, fast_s, compile_s = _figures(rf"^batch 2: compiled KV-cache sampler: {NUM} images/s \({NUM} s/batch, "
                                             rf"first call incl. compile {NUM} s\)$", text)
-    ref_rate, ref_s = _figures(rf"^no-cache reference sampler: {NUM} images/s \({NUM} s/batch\)$", text)
-    (speed_up,) = _figures(rf"^speed-up of the compiled KV-cache sampler: {NUM}x$", text)
+    ref_rate, ref_s = _figures(rf"^batch 2: no-cache reference sampler: {NUM} images/s \({NUM} s/batch\)$", text)
+    (speed_up,) = _figures(rf"^batch 2: speed-up of the compiled KV-cache sampler: {NUM}x$", text)
     assert min(fast_rate, ref_rate, speed_up) > 0 and min(fast_s, ref_s, compile_s) >= 0
+
+
+def test_sampling_against_the_pytorch_twin_prints_a_row_per_batch():
+    """docs/benchmarks.md §1: the compiled sampler against the PyTorch twin's eager sampler at 1 and 2 threads, one
+    table row per batch size with the ratio of the images/s printed above it."""
+    text = _run("sampling.py", *TINY_MODEL, "--tokens=4", "--batch=1,3", "--steps=2", "--repeats=1",
+                "--against=torch")
+    for batch in (1, 3):
+        (ours,) = _figures(rf"^batch {batch}: compiled KV-cache sampler: {NUM} images/s", text)
+        best, one, two = _figures(rf"^batch {batch}: PyTorch twin, eager: {NUM} images/s \(1 thread {NUM}, "
+                                  rf"2 threads {NUM}\)$", text)
+        assert best == max(one, two) > 0
+        row = _figures(rf"^\| {batch} \| {NUM} \| {NUM} \| \*\*{NUM}×\*\* \|$", text)
+        assert row[:2] == [ours, best] and abs(row[2] - ours / best) <= 0.01 * row[2] + 0.01
 
 
 def test_input_pipeline_prints_fed_and_synthetic_step_times_and_their_ratio():

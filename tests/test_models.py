@@ -78,6 +78,22 @@ def test_diffusion_head_outputs_zero_at_init():
     assert np.all(np.asarray(out) == 0.0)
 
 
+def test_diffusion_head_shared_timestep_equals_per_row_timesteps():
+    """The sampler's solver passes one scalar t for every row (its embedding computed once): the same output as t
+    given per row, as training passes it."""
+    head = DiffusionHead(latent_dim=4, depth=2, mlp_ratio=4.0)
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, 4))
+    c = jax.random.normal(jax.random.PRNGKey(2), (6, 64))
+    np_rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: jnp.asarray(np_rng.normal(0.0, 0.1, a.shape), a.dtype),
+                          nn.unbox(jax.eval_shape(head.init, jax.random.PRNGKey(0), x, jnp.zeros(6, jnp.int32), c)))
+    apply = jax.jit(head.apply)
+    shared = apply(params, x, jnp.int32(949), c)
+    per_row = apply(params, x, jnp.full((6,), 949, jnp.int32), c)
+    assert np.abs(np.asarray(shared)).max() > 0.1
+    np.testing.assert_allclose(shared, per_row, atol=1e-6, rtol=1e-6)
+
+
 def test_every_parameter_has_logical_axes():
     params = jax.eval_shape(LatentLM(TINY).init, jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32),
                             jnp.zeros((1, 16, 4)), jnp.zeros((1, 16), bool))

@@ -244,7 +244,7 @@ def test_cached_text_to_image_equals_rerunning_the_whole_sequence():
             seq_latents = jnp.concatenate([all_latents, xx], 1)
             seq_is_latent = jnp.concatenate([all_is_latent, jnp.ones((6, N), bool)], 1)
             hidden = _full_forward(seq_tokens, seq_latents, seq_is_latent, all_lengths, width,
-                                   jnp.concatenate([t[:, 0], t[:, 0]]))
+                                   jnp.full((2 * x.shape[0],), t))
             c, u = jnp.split(MODEL.apply(PARAMS, hidden[:, width:], method=Transfusion.denoise), 2)
             return u + cfg_scale * (c - u)
 

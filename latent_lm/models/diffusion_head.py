@@ -86,12 +86,15 @@ class DiffusionHead(nn.Module):
 
     @nn.compact
     def __call__(self, x_t: jax.Array, t: jax.Array, condition: jax.Array) -> jax.Array:
+        """`t` is one timestep per row ([...], training) or a scalar shared by every row (the sampler's solver
+        steps), whose embedding is then computed once and broadcast."""
         chex.assert_equal_shape_prefix([x_t, t, condition], t.ndim)
         chex.assert_axis_dimension(x_t, -1, self.latent_dim)
         width = condition.shape[-1]
         # Rows of the head (tokens × batch multiplier) follow the batch sharding, whatever the leading rank.
         rows = lambda x: nn.with_logical_constraint(x, ("batch", *["length"] * (x.ndim - 2), "embed"))
-        c = rows(condition.astype(self.dtype) + rows(TimestepEmbedder(width, self.dtype, name="t_embedder")(t)))
+        t_emb = TimestepEmbedder(width, self.dtype, name="t_embedder")(t)
+        c = rows(condition.astype(self.dtype) + (rows(t_emb) if t.ndim else t_emb))
         # noisy_x_embedder keeps PyTorch's default bias init (official initialize_weights zeroes only x_embedder's).
         h = Dense(width, ("latent", "embed"), use_bias=True, bias_init=None, dtype=self.dtype,
                   name="noisy_x_embedder")(x_t)

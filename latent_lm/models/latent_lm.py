@@ -127,7 +127,7 @@ class LatentLM(nn.Module):
 
 
 def init_cache(config: LatentLMConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """Zero KV caches for all layers, [depth, B, max_len, n_kv, d_head] each (docs/method.md §8.1; scanned with the
+    """Zero KV caches for all layers, [depth, B, n_kv, max_len, d_head] each (docs/method.md §8.1; scanned with the
     blocks)."""
-    shape = (config.depth, batch, max_len, config.kv_heads, config.width // config.num_heads)
+    shape = (config.depth, batch, config.kv_heads, max_len, config.width // config.num_heads)
     return KVCache(key=jnp.zeros(shape, dtype), value=jnp.zeros(shape, dtype))

@@ -142,10 +142,32 @@ def attention_mask(segment_ids: jax.Array, bidirectional_spans: jax.Array | None
 
 @flax.struct.dataclass
 class KVCache:
-    """Static-size per-layer cache of *rotated* keys and values, [B, max_len, n_kv, d_head] each."""
+    """Static-size per-layer cache of *rotated* keys and values, [B, n_kv, max_len, d_head] each (head-major, so
+    attention reads it in place: `cached_attention`)."""
 
     key: jax.Array
     value: jax.Array
+
+
+def kv_major(x: jax.Array) -> jax.Array:
+    """[B, T, N, H] → the cache layout [B, N, T, H]."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def cached_attention(q: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention of q [B, T, N, H] over a head-major cache [B, N_kv, S, H] under mask [B, 1, T, S].
+
+    The cache stays in its layout: the query heads sharing a KV head are folded into the query axis, so both
+    contractions batch over (B, N_kv) and never transpose the S·H cache (a copy of the whole cache per layer
+    and token otherwise)."""
+    b, t, n, h = q.shape
+    n_kv, s = key.shape[1], key.shape[2]
+    qg = q.reshape(b, t, n_kv, n // n_kv, h).transpose(0, 2, 3, 1, 4).reshape(b, n_kv, -1, h)  # [B,Nkv,rep·T,H]
+    logits = jnp.einsum("bkqh,bksh->bkqs", qg, key, preferred_element_type=jnp.float32) / np.sqrt(h)
+    allowed = jnp.broadcast_to(mask[:, :, None], (b, 1, n // n_kv, t, s)).reshape(b, 1, -1, s)
+    probs = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1).astype(value.dtype)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, value)
+    return out.reshape(b, n_kv, n // n_kv, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 class Attention(nn.Module):
@@ -193,14 +215,15 @@ class Attention(nn.Module):
             # Every row of the batch writes at the same offset: `cache_index`, else positions[0, 0] (the
             # class-conditional sampler's rows are aligned, so slot = position).
             start = positions[0, 0] if cache_index is None else cache_index
-            key = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), start, axis=1)
-            value = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), start, axis=1)
+            key = jax.lax.dynamic_update_slice_in_dim(cache.key, kv_major(k).astype(cache.key.dtype), start, axis=2)
+            value = jax.lax.dynamic_update_slice_in_dim(cache.value, kv_major(v).astype(cache.value.dtype), start,
+                                                        axis=2)
             cache = KVCache(key=key, value=value)
             if mask is None:
-                slots = jnp.arange(key.shape[1])
+                slots = jnp.arange(key.shape[2])
                 mask = slots[None, None, None, :] <= positions[:, None, :, None]  # [B,1,T,S]
-            chex.assert_shape(mask, (x.shape[0], 1, x.shape[1], key.shape[1]))
-            out = jax.nn.dot_product_attention(q, key.astype(self.dtype), value.astype(self.dtype), mask=mask)
+            chex.assert_shape(mask, (x.shape[0], 1, x.shape[1], key.shape[2]))
+            out = cached_attention(q, key.astype(self.dtype), value.astype(self.dtype), mask)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         out = Dense(width, ("heads", "kv", "embed"), contract=2, dtype=self.dtype, name="proj")(out)
         return out, cache

@@ -132,6 +132,6 @@ class Transfusion(nn.Module):
 
 
 def init_cache(config: TransfusionConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """Zero KV caches, [depth, B, max_len, n_kv, d_head] each (scanned with the blocks, docs/method.md §8.1)."""
-    shape = (config.depth, batch, max_len, config.kv_heads, config.width // config.num_heads)
+    """Zero KV caches, [depth, B, n_kv, max_len, d_head] each (scanned with the blocks, docs/method.md §8.1)."""
+    shape = (config.depth, batch, config.kv_heads, max_len, config.width // config.num_heads)
     return KVCache(key=jnp.zeros(shape, dtype), value=jnp.zeros(shape, dtype))
