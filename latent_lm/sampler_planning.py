@@ -176,7 +176,8 @@ def _lower_sampler(config: ml_collections.ConfigDict, devices: list[jax.Device],
     if isinstance(task.model.config, DiTConfig):
         sampler = make_dit_sampler(task.model, task.schedule, settings)
     else:
-        sampler = make_sampler(task.model, task.schedule, settings, num_latents or task.num_tokens, cache_slots)
+        sampler = make_sampler(task.model, task.schedule, settings, num_latents or task.num_tokens, cache_slots,
+                               platform=mesh.devices.flat[0].platform)
     # Lowered outside the mesh and logical rules, as the sample stage calls it: the model's logical constraints are
     # written for the train step's [B, T, D] activations (the head's [rows, D] inputs break them), so every sharding
     # inside comes from the inputs' by XLA's propagation.

@@ -96,18 +96,41 @@ def sample_latents(model: LatentLM, params, prefix: jax.Array, noise: jax.Array,
     return jnp.swapaxes(samples, 0, 1)
 
 
-def make_sampler(model: LatentLM, schedule: NoiseSchedule, settings: SamplerSettings, num_latents: int,
-                 cache_slots: int | None = None):
-    """Returns jitted `sample(params, labels [B], rng) -> latents [B, N, C]` for class-conditional generation
-    (`cache_slots`: see `sample_latents`)."""
+# From batch CPU_DOT_MIN_BATCH on, XLA:CPU runs this loop's matmuls ([2B, D] × [D, ≤ 4D]) faster as its own dot
+# kernels than as the YNNPACK fusions it picks by default (+10–20% images/s at batch 100–256, equal at 16, −45% at 1:
+# docs/benchmarks.md §1); other platforms keep their defaults.
+CPU_DOT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+CPU_DOT_MIN_BATCH = 64
 
-    @jax.jit
+
+class _BatchSizeDispatch:
+    """A CPU sampler compiled two ways, picked by the batch size (static): XLA's defaults below CPU_DOT_MIN_BATCH,
+    CPU_DOT_OPTIONS from there. Called and lowered like the jitted function it wraps."""
+
+    def __init__(self, fn: Callable):
+        self._small, self._large = jax.jit(fn), jax.jit(fn, compiler_options=CPU_DOT_OPTIONS)
+
+    def _pick(self, labels) -> Callable:
+        return self._large if labels.shape[0] >= CPU_DOT_MIN_BATCH else self._small
+
+    def __call__(self, params, labels, rng):
+        return self._pick(labels)(params, labels, rng)
+
+    def lower(self, params, labels, rng):
+        return self._pick(labels).lower(params, labels, rng)
+
+
+def make_sampler(model: LatentLM, schedule: NoiseSchedule, settings: SamplerSettings, num_latents: int,
+                 cache_slots: int | None = None, platform: str | None = None):
+    """Returns jitted `sample(params, labels [B], rng) -> latents [B, N, C]` for class-conditional generation
+    (`cache_slots`: see `sample_latents`; `platform`: what it compiles for, default the default backend's)."""
+
     def sample(params, labels, rng):
         noise = jax.random.normal(rng, (num_latents, labels.shape[0], model.config.latent_dim))
         return sample_latents(model, params, labels[:, None].astype(jnp.int32), noise, schedule, settings,
                               cache_slots=cache_slots)
 
-    return sample
+    return _BatchSizeDispatch(sample) if (platform or jax.default_backend()) == "cpu" else jax.jit(sample)
 
 
 def sample_dit_latents(model: DiT, params, labels: jax.Array, noise: jax.Array, schedule: NoiseSchedule,

@@ -9,7 +9,7 @@ import pytest
 
 from latent_lm.diffusion import make_schedule
 from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
-from latent_lm.sampling import SamplerSettings, make_sampler, sample_latents
+from latent_lm.sampling import CPU_DOT_MIN_BATCH, SamplerSettings, make_sampler, sample_latents
 from reference_samplers import make_reference_sampler
 
 
@@ -69,3 +69,17 @@ def test_make_sampler_deterministic_and_label_dependent():
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(a[0], c[0], atol=1e-6)  # rows are independent given their own noise
     assert not np.allclose(a[1], c[1])
+
+
+def test_cpu_sampler_compiles_large_batches_with_xla_dots_and_samples_the_same():
+    """On CPU, batches from CPU_DOT_MIN_BATCH on compile without YNNPACK fusions (faster there, docs/benchmarks.md
+    §1) and sample what the default compile samples; other platforms get one plain jit."""
+    params = _random_params(3)
+    settings = SamplerSettings(num_steps=2, cfg_scale=2.0, prediction_type="v_prediction")
+    sampler = make_sampler(MODEL, SCHEDULE, settings, 2, platform="cpu")
+    labels = jnp.arange(CPU_DOT_MIN_BATCH, dtype=jnp.int32) % CFG.num_classes
+    key = jax.random.PRNGKey(1)
+    assert "ynn" not in sampler.lower(params, labels, key).compile().as_text()
+    np.testing.assert_allclose(sampler(params, labels, key), sampler._small(params, labels, key), atol=1e-5)
+    assert sampler._pick(labels[:CPU_DOT_MIN_BATCH - 1]) is sampler._small
+    assert not hasattr(make_sampler(MODEL, SCHEDULE, settings, 2, platform="tpu"), "_pick")

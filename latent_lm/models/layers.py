@@ -143,7 +143,7 @@ def attention_mask(segment_ids: jax.Array, bidirectional_spans: jax.Array | None
 @flax.struct.dataclass
 class KVCache:
     """Static-size per-layer cache of *rotated* keys and values, [B, n_kv, max_len, d_head] each (head-major, so
-    attention reads it in place: `cached_attention`)."""
+    attention reads it in place: `cached_attention`); also the T new entries of one step, [B, n_kv, T, d_head]."""
 
     key: jax.Array
     value: jax.Array
@@ -154,20 +154,36 @@ def kv_major(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 1, 2)
 
 
-def cached_attention(q: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention of q [B, T, N, H] over a head-major cache [B, N_kv, S, H] under mask [B, 1, T, S].
+def cached_attention(q: jax.Array, cache: KVCache, new: KVCache, mask: jax.Array, start: jax.Array) -> jax.Array:
+    """Softmax attention of q [B, T, N, H] over a head-major cache [B, N_kv, S, H] whose slots start…start+T−1 are
+    being replaced by `new` [B, N_kv, T, H], under mask [B, 1, T, S] (over the slots after the write).
 
-    The cache stays in its layout: the query heads sharing a KV head are folded into the query axis, so both
-    contractions batch over (B, N_kv) and never transpose the S·H cache (a copy of the whole cache per layer
-    and token otherwise)."""
+    One query (decoding) reads the cache in place and attends to `new` beside it: no copy of the cache per layer and
+    token (`Transformer` writes every layer's new entries once, after the layers). Several queries (a prefill, a
+    Transfusion image) attend over a written copy instead, which their number amortises and which does not score
+    the replaced slots twice. The query heads sharing a KV head are folded into the query axis, so every contraction
+    batches over (B, N_kv) and never transposes the S·H cache."""
     b, t, n, h = q.shape
-    n_kv, s = key.shape[1], key.shape[2]
-    qg = q.reshape(b, t, n_kv, n // n_kv, h).transpose(0, 2, 3, 1, 4).reshape(b, n_kv, -1, h)  # [B,Nkv,rep·T,H]
-    logits = jnp.einsum("bkqh,bksh->bkqs", qg, key, preferred_element_type=jnp.float32) / np.sqrt(h)
-    allowed = jnp.broadcast_to(mask[:, :, None], (b, 1, n // n_kv, t, s)).reshape(b, 1, -1, s)
-    probs = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1).astype(value.dtype)
-    out = jnp.einsum("bkqs,bksh->bkqh", probs, value)
-    return out.reshape(b, n_kv, n // n_kv, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    n_kv, s = cache.key.shape[1], cache.key.shape[2]
+    rep = n // n_kv
+    qg = q.reshape(b, t, n_kv, rep, h).transpose(0, 2, 3, 1, 4).reshape(b, n_kv, rep * t, h)  # [B,Nkv,rep·T,H]
+    if t == 1:
+        replaced = jnp.arange(s) == start
+        parts = [(cache, mask & ~replaced), (new, jax.lax.dynamic_slice_in_dim(mask, start, 1, 3))]
+    else:
+        write = lambda c, e: jax.lax.dynamic_update_slice_in_dim(c, e, start, axis=2)
+        parts = [(KVCache(key=write(cache.key, new.key), value=write(cache.value, new.value)), mask)]
+    logits = jnp.concatenate([jnp.einsum("bkqh,bksh->bkqs", qg, kv.key.astype(q.dtype),
+                                         preferred_element_type=jnp.float32) for kv, _ in parts], -1) / np.sqrt(h)
+    allowed = jnp.concatenate([jnp.broadcast_to(m[:, :, None], (*m.shape[:2], rep, *m.shape[2:])).reshape(
+        b, 1, rep * t, -1) for _, m in parts], -1)
+    probs = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1).astype(q.dtype)
+    out, offset = 0, 0
+    for kv, _ in parts:
+        width = kv.value.shape[2]
+        out = out + jnp.einsum("bkqs,bksh->bkqh", probs[..., offset:offset + width], kv.value.astype(q.dtype))
+        offset += width
+    return out.reshape(b, n_kv, rep, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 class Attention(nn.Module):
@@ -175,8 +191,9 @@ class Attention(nn.Module):
 
     q/k/v are separate kernels ([D, heads, d_head]) so tensor parallelism can shard whole heads; the official
     fused `qkv.weight` is their row-concatenation [q | k | v] (see latent_lm/convert).
-    With a cache, the new keys/values are written at `positions` and every query attends to cache slots
-    whose index ≤ its own position, which is exactly causal attention over the filled prefix.
+    With a cache, every query attends to the cache slots whose index ≤ its own position, the new keys/values
+    standing in the slots from `positions` on, which is exactly causal attention over the filled prefix; the cache
+    is only read, and the new entries are returned in its place for `Transformer` to write.
     `causal=False, rope=False` is the DiT twin's attention (docs/method.md §9): bidirectional, positions unused, no
     cache. Without a cache, `mask` ([B, 1, T, T] bool, `attention_mask`) replaces the plain causal mask: packed
     documents, bidirectional spans. With a cache, `cache_index` (a scalar slot shared by all rows) and `mask`
@@ -215,15 +232,13 @@ class Attention(nn.Module):
             # Every row of the batch writes at the same offset: `cache_index`, else positions[0, 0] (the
             # class-conditional sampler's rows are aligned, so slot = position).
             start = positions[0, 0] if cache_index is None else cache_index
-            key = jax.lax.dynamic_update_slice_in_dim(cache.key, kv_major(k).astype(cache.key.dtype), start, axis=2)
-            value = jax.lax.dynamic_update_slice_in_dim(cache.value, kv_major(v).astype(cache.value.dtype), start,
-                                                        axis=2)
-            cache = KVCache(key=key, value=value)
+            new = KVCache(key=kv_major(k).astype(cache.key.dtype), value=kv_major(v).astype(cache.value.dtype))
             if mask is None:
-                slots = jnp.arange(key.shape[2])
+                slots = jnp.arange(cache.key.shape[2])
                 mask = slots[None, None, None, :] <= positions[:, None, :, None]  # [B,1,T,S]
-            chex.assert_shape(mask, (x.shape[0], 1, x.shape[1], key.shape[2]))
-            out = cached_attention(q, key.astype(self.dtype), value.astype(self.dtype), mask)
+            chex.assert_shape(mask, (x.shape[0], 1, x.shape[1], cache.key.shape[2]))
+            out = cached_attention(q, cache, new, mask, start)
+            cache = new
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         out = Dense(width, ("heads", "kv", "embed"), contract=2, dtype=self.dtype, name="proj")(out)
         return out, cache

@@ -50,7 +50,8 @@ class Transformer(nn.Module):
     """`depth` causal blocks scanned over a stacked "layers" axis; no final norm (the ConditionLayer and LM head
     normalise). `caches` is one KVCache whose arrays carry a leading [depth] axis (see `init_cache`); `mask`
     (`layers.attention_mask` in training, a mask over cache slots in generation) and `cache_index` (the cache slot
-    every row writes at; `layers.Attention`) are shared by every layer."""
+    every row writes at, default positions[0, 0]; `layers.Attention`) are shared by every layer. Returns the
+    output and the caches with this step's keys and values written."""
 
     depth: int
     num_heads: int
@@ -72,8 +73,16 @@ class Transformer(nn.Module):
         stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), out_axes=0, length=self.depth,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        return stack(self.num_heads, self.num_kv_heads, self.mlp_ratio, self.posi_scale, self.dtype,
-                     name="blocks")(x, positions, mask, caches, cache_index)
+        if caches is not None and cache_index is None:
+            cache_index = positions[0, 0]  # every row writes at the same slot (rows aligned: slot = position)
+        x, new = stack(self.num_heads, self.num_kv_heads, self.mlp_ratio, self.posi_scale, self.dtype,
+                       name="blocks")(x, positions, mask, caches, cache_index)
+        if caches is None:
+            return x, None
+        # The layers read the cache and return only their new entries [depth, B, H_kv, T, d]: one in-place write
+        # here instead of a copy of every layer's whole cache per step (the scan would stack its outputs).
+        write = lambda cache, entries: jax.lax.dynamic_update_slice_in_dim(cache, entries, cache_index, axis=3)
+        return x, KVCache(key=write(caches.key, new.key), value=write(caches.value, new.value))
 
 
 class ConditionLayer(nn.Module):
