@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latent_lm.models.dit import DiT, DiTConfig
 from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
 
 
@@ -42,20 +43,29 @@ def time_fn(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
     return float(np.median(times))
 
 
-def random_model(cfg: LatentLMConfig, seed: int = 0):
-    """LatentLM with random weights everywhere (the zero-init head outputs are perturbed so sampling does work)."""
-    model = LatentLM(cfg)
+def random_model(cfg: LatentLMConfig | DiTConfig, seed: int = 0):
+    """LatentLM (or its DiT twin) with random weights everywhere (the zero-init outputs are perturbed so sampling
+    does work)."""
     n = cfg.max_len
+    if isinstance(cfg, DiTConfig):
+        model = DiT(cfg)
+        args = (jnp.zeros((1, n, cfg.latent_dim)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
+    else:
+        model = LatentLM(cfg)
+        args = (jnp.zeros((1, n), jnp.int32), jnp.zeros((1, n, cfg.latent_dim)), jnp.zeros((1, n), bool))
 
     def init(rng):  # one compiled program (per-leaf eager ops would compile a kernel per parameter shape)
-        params = nn.unbox(model.init(rng, jnp.zeros((1, n), jnp.int32), jnp.zeros((1, n, cfg.latent_dim)),
-                                     jnp.zeros((1, n), bool)))
+        params = nn.unbox(model.init(rng, *args))
         leaves, tree = jax.tree.flatten(params)
         keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
         return jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape, x.dtype)
                                          for x, k in zip(leaves, keys)])
 
     return model, jax.jit(init)(jax.random.PRNGKey(seed))
+
+
+def parameter_count(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
 def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:

@@ -1,15 +1,19 @@
 """Sampler throughput side by side in one run: the compiled KV-cache sampler against the no-cache reference (which
-recomputes the prefix at every position) or against the PyTorch twin's eager sampler (docs/benchmarks.md §1).
+recomputes the prefix at every position), the PyTorch twin's eager sampler, or the DiT twin's whole-image sampler
+(docs/benchmarks.md §1).
 
   python benchmarks/sampling.py                    # embedded default size: 49 tokens, K=20, CFG, vs the reference
   python benchmarks/sampling.py --preset=official_small --against=torch --batch=1,16,100,256   # vs PyTorch
+  python benchmarks/sampling.py --preset=official_small --against=dit --batch=256   # vs the DiT twin, same size
   python benchmarks/sampling.py --size=B --batch=256 --dtype=bfloat16 --against=none   # GPU throughput
   python benchmarks/sampling.py --width=32 --depth=1 --head_depth=1 --tokens=4 --batch=2 --steps=2   # smoke test
 
 `--against=torch` exports the same random weights to a PyTorch directory and samples with the twin as the official
 code does: `Transformer.sample_with_cfg` (eager `forward_recurrent` with a KV cache, then DPM-Solver++ per token on
-the CFG-doubled batch), at 1 and 2 torch threads, reporting the better. Both sides report the best of `--repeats`
-timed calls; JAX's first call (the compile) is reported apart.
+the CFG-doubled batch), at 1 and 2 torch threads, reporting the better. `--against=dit` builds the DiT twin of the
+same width, depth and heads (its own MLP ratio 4 and adaLN; both parameter counts are printed) and samples it with
+`make_dit_sampler`: K solver steps of the whole transformer on all N latents. Both sides report the best of
+`--repeats` timed calls; a JAX first call (the compile) is reported apart.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import add_model_flags, apply_model_flags, matmul_peak_flops, random_model, time_fn
+from benchmarks.common import (add_model_flags, apply_model_flags, matmul_peak_flops, parameter_count, random_model,
+                               time_fn)
 from configs import default
 from latent_lm.diffusion import make_schedule
+from latent_lm.models.dit import DiTConfig
 from latent_lm.models.latent_lm import LatentLMConfig
+from latent_lm.models.presets import DIT_MLP_RATIO
 from latent_lm.models.presets import apply_preset
-from latent_lm.sampling import SamplerSettings, make_sampler
+from latent_lm.sampling import SamplerSettings, make_dit_sampler, make_sampler
 from tests.reference_samplers import make_reference_sampler
 
 # The official code's small setting (issue #17): 7×7×4 latents, width 128, depth 4, 4 heads, head depth 3.
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--against", default="reference", choices=["reference", "torch", "none"])
+    p.add_argument("--against", default="reference", choices=["reference", "torch", "dit", "none"])
     p.add_argument("--repeats", type=int, default=3, help="timed calls per sampler and batch (best reported)")
     p.add_argument("--tokens", type=int, default=None, help="sequence length (default: the config's)")
     add_model_flags(p)
@@ -112,10 +119,20 @@ def main(argv: list[str] | None = None) -> None:
     settings = SamplerSettings(num_steps=args.steps, cfg_scale=args.cfg, prediction_type="v_prediction")
     sampler = make_sampler(model, schedule, settings, cfg.max_len)
     twin = torch_twin(params, cfg) if args.against == "torch" else None
+    if args.against == "dit":
+        dit_cfg = DiTConfig(width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                            latent_dim=cfg.latent_dim, num_classes=cfg.num_classes, max_len=cfg.max_len,
+                            mlp_ratio=DIT_MLP_RATIO, dtype=cfg.dtype)
+        dit, dit_params = random_model(dit_cfg)
+        dit_sampler = make_dit_sampler(dit, schedule, settings)
+        sizes = (f"parameters: LatentLM {parameter_count(params) / 1e6:.3f} M, DiT twin "
+                 f"{parameter_count(dit_params) / 1e6:.3f} M")
     peak = matmul_peak_flops(repeats=3)
     print(f"device: {jax.devices()[0].device_kind}  width {cfg.width} depth {cfg.depth} head {cfg.head_depth}  "
           f"{cfg.max_len} tokens × {cfg.latent_dim}  K={args.steps}  CFG {args.cfg}  {args.dtype}  "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+    if args.against == "dit":
+        print(sizes)
     rows = []
     for batch in batches:
         labels = jnp.arange(batch, dtype=jnp.int32) % cfg.num_classes
@@ -139,6 +156,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"batch {batch}: PyTorch twin, eager: {best:.1f} images/s ({per})")
             print(f"batch {batch}: compiled sampler / PyTorch: {batch / fast / best:.2f}x", flush=True)
             rows.append((batch, batch / fast, best))
+        elif args.against == "dit":
+            jax.block_until_ready(dit_sampler(dit_params, labels, jax.random.PRNGKey(0)))
+            whole = best_seconds(lambda: jax.block_until_ready(dit_sampler(dit_params, labels, jax.random.PRNGKey(0))),
+                                 args.repeats)
+            print(f"batch {batch}: DiT twin, whole-image sampler: {batch / whole:.1f} images/s ({whole:.3f} s/batch)")
+            print(f"batch {batch}: LatentLM / DiT sampling throughput: {whole / fast:.2f}x", flush=True)
     if rows:
         print("\n| batch | compiled KV-cache sampler (images/s) | PyTorch twin, best of 1/2 threads | ratio |")
         print("|---|---|---|---|")

@@ -92,6 +92,17 @@ def test_sampling_against_the_pytorch_twin_prints_a_row_per_batch():
         assert row[:2] == [ours, best] and abs(row[2] - ours / best) <= 0.01 * row[2] + 0.01
 
 
+def test_sampling_against_the_dit_twin_prints_both_sizes_and_the_ratio():
+    """docs/benchmarks.md §1: LatentLM's sampler against the DiT twin of the same width and depth: both parameter
+    counts, the DiT's images/s and the throughput ratio of the two rates printed."""
+    text = _run("sampling.py", *TINY_MODEL, "--tokens=4", "--batch=2", "--steps=2", "--repeats=1", "--against=dit")
+    lm, dit = _figures(rf"^parameters: LatentLM {NUM} M, DiT twin {NUM} M$", text)
+    (ours,) = _figures(rf"^batch 2: compiled KV-cache sampler: {NUM} images/s", text)
+    theirs, _ = _figures(rf"^batch 2: DiT twin, whole-image sampler: {NUM} images/s \({NUM} s/batch\)$", text)
+    (ratio,) = _figures(rf"^batch 2: LatentLM / DiT sampling throughput: {NUM}x$", text)
+    assert lm > 0 and dit > 0 and abs(ratio - ours / theirs) <= 0.01 * ratio + 0.01
+
+
 def test_input_pipeline_prints_fed_and_synthetic_step_times_and_their_ratio():
     """docs/benchmarks.md §3: per-step time fed by the real pipeline (a temporary cache of MNIST images encoded by a
     random σ-VAE) and by a synthetic batch, their ratio, and the pipeline alone."""

@@ -25,12 +25,13 @@ def backbone_matmul_params(cfg: LatentLMConfig) -> int:
     return cfg.depth * per_layer + cfg.latent_dim * d + d * d + d * cfg.text_vocab_size
 
 
-def head_matmul_params(cfg: LatentLMConfig) -> int:
-    """Weights touched once per (token, diffusion copy) by the head."""
+def head_matmul_params(cfg: LatentLMConfig, shared_t: bool = False) -> int:
+    """Weights touched once per (token, diffusion copy) by the head; `shared_t`: without the timestep embedder,
+    which the sampler runs once per solver step for the whole batch (docs/method.md §8.1)."""
     d = cfg.width
     f = swiglu_hidden(d, cfg.head_mlp_ratio or cfg.mlp_ratio)
-    return (FREQ_DIM * d + d * d + cfg.latent_dim * d + cfg.head_depth * (3 * d * d + 3 * d * f)
-            + 2 * d * d + d * cfg.latent_dim)
+    t_embedder = 0 if shared_t else FREQ_DIM * d + d * d
+    return t_embedder + cfg.latent_dim * d + cfg.head_depth * (3 * d * d + 3 * d * f) + 2 * d * d + d * cfg.latent_dim
 
 
 def train_flops_per_step(cfg: LatentLMConfig, batch: int, seq_len: int, batch_mul: int,
@@ -142,12 +143,13 @@ def latent_lm_sample_flops_per_image(cfg: LatentLMConfig, prefix_len: int, num_l
     """The LatentLM arm's counterpart of `vq_sample_flops_per_image`, as `generation.generate` runs it (§8.5): the
     prompt once into the KV cache (latent projection, backbone and ConditionLayer at every position), then N steps,
     each `num_steps` diffusion-head passes of the solver and one backbone position for the latent fed back; no LM
-    head while in latent mode. Doubled with classifier-free guidance (the head runs on [x; x] with both conditions)."""
+    head while in latent mode. Doubled with classifier-free guidance (the head runs on [x; x] with both conditions).
+    The head's timestep embedding, once per solver step for the whole batch, is left out (1/B of it per image)."""
     per_position = backbone_matmul_params(cfg) - cfg.width * cfg.text_vocab_size  # without the LM head
     p, n = prefix_len, num_latents
     slots = p + n if cache_slots is None else cache_slots
     prefill = 2 * per_position * p + 4 * cfg.depth * cfg.width * p * slots
-    step = 2 * per_position + 4 * cfg.depth * cfg.width * slots + num_steps * 2 * head_matmul_params(cfg)
+    step = 2 * per_position + 4 * cfg.depth * cfg.width * slots + num_steps * 2 * head_matmul_params(cfg, True)
     rows = 2 if guidance else 1
     return {"prefill": float(rows * prefill), "decode": float(rows * n * step),
             "total": float(rows * (prefill + n * step))}
