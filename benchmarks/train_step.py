@@ -4,7 +4,10 @@
   python benchmarks/train_step.py --size=B --dtype=bfloat16 --batch=32 --peak=989e12   # GPU MFU
   python benchmarks/train_step.py --width=32 --depth=1 --batch=4 --steps=1 --matmul_n=256   # smoke test (tests)
   python benchmarks/train_step.py --mllm --latent_fraction=0.2   # multimodal: gathered head vs head everywhere
-FLOPs come from latent_lm.training.flops (the head counted ×batch_mul).
+  python benchmarks/train_step.py --against=torch      # side by side with the PyTorch twin's eager train step
+FLOPs come from latent_lm.training.flops (the head counted ×batch_mul). `--against=torch` loads the same model into
+the PyTorch twin and times the official recipe's step (per-token timesteps and noise, v-target MSE through
+`Transformer.forward(…, batch_mul)`, backward, clip_grad_norm_ 1.0, AdamW, EMA) at 1 and 2 torch threads.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dataclasses
+import time
 
 import flax.linen as nn
 import jax
@@ -48,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mllm", action="store_true", help="the multimodal model on packed rows (configs/mllm.py): "
                    "time the step with the diffusion head gathered onto the latent targets and on every position")
     p.add_argument("--latent_fraction", type=float, default=0.2, help="--mllm: share of positions with latent targets")
+    p.add_argument("--against", default="none", choices=["none", "torch"], help="torch: also time the PyTorch "
+                   "twin's eager train step at the same config")
     add_model_flags(p)
     args = p.parse_args(argv)
     if args.mllm:
@@ -79,6 +85,63 @@ def main(argv: list[str] | None = None) -> None:
           f"(backbone {flops['backbone'] / 1e9:.2f} G, head {flops['head'] / 1e9:.2f} G)")
     print(f"achieved {achieved / 1e9:.1f} GFLOP/s   peak {'(given)' if args.peak else '(measured matmul)'} "
           f"{peak / 1e9:.1f} GFLOP/s   ratio (MFU) {achieved / peak:.3f}")
+    if args.against == "torch":
+        rates = _torch_step_seconds(cfg, batch, c.diffusion.batch_mul, args.steps)
+        best = min(rates.values())
+        per = ", ".join(f"{n} thread{'s' * (n > 1)} {r * 1e3:.1f} ms" for n, r in rates.items())
+        print(f"PyTorch twin train step (eager): {best * 1e3:.1f} ms ({per})")
+        print(f"PyTorch / JAX step time: {best / seconds:.2f}x")
+
+
+def _torch_step_seconds(cfg: LatentLMConfig, batch: int, batch_mul: int, steps: int) -> dict[int, float]:
+    """Median seconds of the official recipe's train step (docs/method.md §6) on the PyTorch twin, per thread count."""
+    import tempfile
+
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.common import random_model
+    from latent_lm.convert import to_torch, torch_sampling
+    from latent_lm.convert.torch_files import load_model
+
+    _, params = random_model(cfg)
+    with tempfile.TemporaryDirectory() as out:
+        to_torch.export_latent_lm(params, cfg, out)
+        model, _ = load_model(out)
+    model.train()
+    side, c = model.input_size, cfg.latent_dim
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.01, eps=1e-8)
+    ema = [p.detach().clone() for p in model.parameters()]
+    ab = torch_sampling.alphas_cumprod("cosine", 1000)
+    clean, labels = torch.randn(batch, c, side, side), torch.randint(0, cfg.num_classes, (batch,))
+
+    def step():
+        n = batch * batch_mul * side * side
+        noise, t = torch.randn(n, c), torch.randint(0, 1000, (n,))
+        x0 = clean.repeat_interleave(batch_mul, 0).permute(0, 2, 3, 1).reshape(-1, c)
+        a, s = ab[t].sqrt()[:, None], (1 - ab[t]).sqrt()[:, None]
+        grid = lambda v: v.reshape(batch * batch_mul, side, side, c).permute(0, 3, 1, 2)
+        out = model(grid(a * x0 + s * noise), t.reshape(batch * batch_mul, -1).float(), x_start=clean, y=labels,
+                    batch_mul=batch_mul)
+        loss = F.mse_loss(out.float(), grid(a * noise - s * x0))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - 0.999)
+
+    seconds = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        step()  # warm-up
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        seconds[threads] = float(np.median(times))
+    return seconds
 
 
 def _time_steps(task, c, batch: dict, steps: int) -> float:

@@ -54,6 +54,17 @@ def test_train_step_prints_time_flops_and_fraction_of_peak():
     assert peak > 0 and achieved >= 0 and mfu >= 0
 
 
+def test_train_step_against_the_pytorch_twin_prints_both_step_times_and_their_ratio():
+    """docs/benchmarks.md §2: the PyTorch twin's eager train step at the same config, at 1 and 2 threads, and the
+    ratio of the better one to the JAX step."""
+    text = _run("train_step.py", *TINY_MODEL, "--batch=4", "--steps=1", "--matmul_n=256", "--against=torch")
+    (jax_ms,) = _figures(rf"^train step: {NUM} ms", text)
+    best, one, two = _figures(rf"^PyTorch twin train step \(eager\): {NUM} ms \(1 thread {NUM} ms, 2 threads {NUM} "
+                              rf"ms\)$", text)
+    (ratio,) = _figures(rf"^PyTorch / JAX step time: {NUM}x$", text)
+    assert best == min(one, two) > 0 and abs(ratio - best / jax_ms) <= 0.02 * ratio + 0.01
+
+
 @pytest.mark.slow  # 30 s: two multimodal train steps compiled; the fast sibling runs the same script's default mode
 def test_train_step_times_the_gathered_head_against_the_head_everywhere():
     """docs/benchmarks.md §2: the multimodal step with the head on the latent targets only and on every position, side
