@@ -54,6 +54,7 @@ def test_train_step_prints_time_flops_and_fraction_of_peak():
     assert peak > 0 and achieved >= 0 and mfu >= 0
 
 
+@pytest.mark.slow  # 23 s: a torch export and eager steps; the fast sibling runs the same script's default mode
 def test_train_step_against_the_pytorch_twin_prints_both_step_times_and_their_ratio():
     """docs/benchmarks.md §2: the PyTorch twin's eager train step at the same config, at 1 and 2 threads, and the
     ratio of the better one to the JAX step."""
