@@ -354,7 +354,7 @@ def analytic_activation_bytes(cfg: LatentLMConfig | DiTConfig, *, sequences: int
     return int(param_bytes + residuals + block_backward + head), int(UPDATE_PHASE_PARAM_FACTOR * param_bytes)
 
 
-def _planning_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def planning_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config with a multi-slice mesh folded into one mesh: on fake devices every device is one process's.
 
     Per-device memory depends on the global mesh (shape × dcn_shape), not on which links carry which axis.
@@ -369,7 +369,7 @@ def _planning_config(config: ml_collections.ConfigDict) -> ml_collections.Config
     return config
 
 
-def _devices(num_devices: int, devices: Sequence[jax.Device] | None) -> list[jax.Device]:
+def take_devices(num_devices: int, devices: Sequence[jax.Device] | None) -> list[jax.Device]:
     """The first `num_devices` of `devices` (default `jax.devices()`), or one clear error."""
     if num_devices < 1:
         raise ConfigError(f"num_devices must be ≥ 1, got {num_devices}")
@@ -393,7 +393,7 @@ def plans_vae(config: ml_collections.ConfigDict) -> bool:
 def _train_step(config: ml_collections.ConfigDict, devices: list[jax.Device], seed: int, lower: bool):
     """(task, mesh, abstract state, shardings, abstract batch, lowered step or None) of `config` on `devices`:
     the generator's step, or the σ-VAE's (`plans_vae`: its optimizer, batch of images, GAN and LPIPS terms)."""
-    config = _planning_config(config)
+    config = planning_config(config)
     mesh = make_mesh(config.mesh, devices)
     rules = logical_rules(config.mesh)
     dp = data_parallel_size(mesh)
@@ -425,7 +425,7 @@ def _train_step(config: ml_collections.ConfigDict, devices: list[jax.Device], se
     return task, mesh, abstract, shardings, batch, lowered
 
 
-def _cost(compiled) -> tuple[float, float]:
+def compiled_cost(compiled) -> tuple[float, float]:
     """(flops, bytes accessed) per device from `cost_analysis()` (a dict, or a one-dict list in older jax)."""
     cost = compiled.cost_analysis()
     cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
@@ -433,7 +433,7 @@ def _cost(compiled) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def _unrolled_scans():
+def unrolled_scans():
     """Every `nn.scan` traced inside unrolls fully (`unroll=length`), and every `nn.remat` keeps its recompute
     (`prevent_cse=True`): the probe of `step_cost`. The models remat with prevent_cse=False, which is exact inside a
     scan (a loop cannot share work between its forward and backward iterations) but lets an unrolled program merge
@@ -457,14 +457,14 @@ def step_cost(config: ml_collections.ConfigDict, num_devices: int, *, seed: int 
     Everything but the layers is the same at any depth and every layer costs the same, so two compiles with the scan
     unrolled, at depth 1 and 2 (the rest of the config unchanged), give: c(L) = c(1) + (L−1)·(c(2) − c(1)).
     """
-    devices = _devices(num_devices, devices)
+    devices = take_devices(num_devices, devices)
     costs = []
     for depth in (1, 2):
         probe = ml_collections.ConfigDict(config.to_dict())
         probe.model.depth = depth
-        with _unrolled_scans():
+        with unrolled_scans():
             lowered = _train_step(probe, devices, seed, lower=True)[-1]
-        costs.append(_cost(lowered.compile()))
+        costs.append(compiled_cost(lowered.compile()))
     depth = int(config.model.depth)
     (f1, b1), (f2, b2) = costs
     return f1 + (depth - 1) * (f2 - f1), b1 + (depth - 1) * (b2 - b1)
@@ -486,7 +486,7 @@ def plan_memory(config: ml_collections.ConfigDict, num_devices: int, *, stage: s
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    available = _devices(num_devices, devices)
+    available = take_devices(num_devices, devices)
     chip = device_chip(available)
     if hbm_bytes is None and chip is not None:
         hbm_bytes = chip.hbm_bytes
@@ -528,7 +528,7 @@ def plan_memory(config: ml_collections.ConfigDict, num_devices: int, *, stage: s
         argument_bytes = int(memory.argument_size_in_bytes)
         padding = max(argument_bytes - state_and_batch, 0)
         code = int(memory.generated_code_size_in_bytes)
-        flops, bytes_accessed = _cost(compiled)
+        flops, bytes_accessed = compiled_cost(compiled)
         if roofline:  # the σ-VAE scans nothing: its own figures count everything
             vae = isinstance(task, VAETask)
             step = (flops, bytes_accessed) if vae else step_cost(config, num_devices, seed=seed, devices=available)
@@ -551,14 +551,14 @@ def plan_memory(config: ml_collections.ConfigDict, num_devices: int, *, stage: s
         step_bytes=step[1] if step else None, device_kind=available[0].device_kind, chip=chip)
 
 
-def _bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
     for unit, scale in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
         if n >= 0.1 * scale:
             return f"{n / scale:8.2f} {unit}"
     return f"{n:8.0f} B"
 
 
-def _count(n: float) -> str:
+def format_count(n: float) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
@@ -578,7 +578,7 @@ def format_plan(plan: MemoryPlan, title: str = "", usable_fraction: float = USAB
     m = plan.mesh_shape
     lines = [title] if title else []
     on = f" ({plan.chip.name})" if plan.chip is not None else ""
-    lines.append(f"{_count(plan.num_params)} params on {plan.num_devices} devices{on}, mesh data={m['data']} "
+    lines.append(f"{format_count(plan.num_params)} params on {plan.num_devices} devices{on}, mesh data={m['data']} "
                  f"fsdp={m['fsdp']} tensor={m['tensor']}, global batch {plan.global_batch} "
                  f"({plan.sequences_per_shard} sequences × {plan.seq_len} tokens per data shard)")
     rows = [("params (fp32)", plan.params), ("optimizer state (AdamW μ, ν)", plan.opt_state),
@@ -596,10 +596,10 @@ def format_plan(plan: MemoryPlan, title: str = "", usable_fraction: float = USAB
     if not plan.activation_source.endswith("(analytic)"):
         rows.append((f"(analytic estimate, peak in the {plan.peak_phase} phase)", plan.analytic_activations))
     width = max(len(r[0]) for r in rows) + 2
-    lines += [f"  {name:<{width}}{_bytes(value)}" for name, value in rows]
+    lines += [f"  {name:<{width}}{format_bytes(value)}" for name, value in rows]
     path, nbytes = plan.largest_replicated
     if plan.num_devices > 1:
-        lines.append("  largest fully replicated param: " + (f"{path} ({_bytes(nbytes).strip()})" if path else "none"))
+        lines.append("  largest fully replicated param: " + (f"{path} ({format_bytes(nbytes).strip()})" if path else "none"))
     if plan.hbm_bytes is not None:
         lines.append(plan.hbm_line(usable_fraction))
     per_device = plan.model_flops / plan.num_devices

@@ -58,9 +58,9 @@ from latent_lm.errors import ConfigError, UserError
 from latent_lm.latents import LatentNormalization
 from latent_lm.models.dit import DiTConfig
 from latent_lm.parallel.mesh import batch_sharding, data_parallel_size, logical_rules, make_mesh
-from latent_lm.planning import (USABLE_HBM_FRACTION, Chip, HBMBudget, Roofline, _bytes, _cost, _count, _devices,
-                                _planning_config, _unrolled_scans, device_chip, per_device_bytes, plans_vae,
-                                roofline_line, roofline_record)
+from latent_lm.planning import (USABLE_HBM_FRACTION, Chip, HBMBudget, Roofline, compiled_cost, device_chip,
+                                format_bytes, format_count, per_device_bytes, planning_config, plans_vae,
+                                roofline_line, roofline_record, take_devices, unrolled_scans)
 from latent_lm.sampling import SamplerSettings, make_dit_sampler, make_sampler
 from latent_lm.training.flops import dit_train_flops_per_step, latent_lm_sample_flops_per_image
 from latent_lm.training.optimizer import make_optimizer
@@ -187,12 +187,12 @@ def _lower_sampler(config: ml_collections.ConfigDict, devices: list[jax.Device],
 
 @contextlib.contextmanager
 def _unrolled_loops():
-    """`planning._unrolled_scans` (every `nn.scan` unrolled) and every `jax.lax.scan` unrolled fully: the sampler's
+    """`planning.unrolled_scans` (every `nn.scan` unrolled) and every `jax.lax.scan` unrolled fully: the sampler's
     loop over latents and the solver's loop over steps."""
     scan = jax.lax.scan
     jax.lax.scan = lambda *args, **kwargs: scan(*args, **dict(kwargs, unroll=True))
     try:
-        with _unrolled_scans():
+        with unrolled_scans():
             yield
     finally:
         jax.lax.scan = scan
@@ -207,7 +207,7 @@ def probe_cost(config: ml_collections.ConfigDict, devices: list[jax.Device], sam
     with _unrolled_loops():
         lowered = _lower_sampler(probe, devices, sample_batch, seed, num_latents=num_latents, num_steps=num_steps,
                                  cache_slots=cache_slots)[-1]
-    return _cost(lowered.compile())
+    return compiled_cost(lowered.compile())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,8 +244,8 @@ def fit_sampler_cost(config: ml_collections.ConfigDict, num_devices: int, sample
     """(FLOPs, HBM bytes) structure per device from the unrolled probes of the module docstring, against the cache
     of `num_latents` (default the config's) latents. The DiT's has no prefill and no latents fed back: its `once` is
     A, its `solver_step` the model at depth 0 (G) and its `latent_layer` one layer (D), N = 1."""
-    config = _planning_config(config)
-    devices = _devices(num_devices, devices)
+    config = planning_config(config)
+    devices = take_devices(num_devices, devices)
     task = _sampler_task(config)
     slots = 1 + int(num_latents or task.num_tokens)
 
@@ -282,7 +282,7 @@ def sampler_cost(config: ml_collections.ConfigDict, num_devices: int, sample_bat
     """(FLOPs, HBM bytes) per device of one sampler call of `config`, every loop iteration counted
     (`fit_sampler_cost` at the config's depth, latents and solver steps), then the same two with every fitted
     term counted once (`SamplerCost.counted_once`, to hold against the scanned compile's own figures)."""
-    config = _planning_config(config)
+    config = planning_config(config)
     fits = fit_sampler_cost(config, num_devices, sample_batch, seed=seed, devices=devices)
     task = _sampler_task(config)
     depth, k = int(config.model.depth), int(config.diffusion.num_sampling_steps)
@@ -313,8 +313,8 @@ def plan_sampler(config: ml_collections.ConfigDict, num_devices: int, *, sample_
     `config.eval.sample_batch`) on the first `num_devices` of `devices` (default `jax.devices()`; a TPU topology's
     compile with the TPU compiler). `config.mesh.shape` must cover `num_devices`; the batch must divide over
     data × fsdp. `roofline=True` adds `sampler_cost`'s probe compiles (five for LatentLM, three for the DiT)."""
-    config = _planning_config(config)
-    available = _devices(num_devices, devices)
+    config = planning_config(config)
+    available = take_devices(num_devices, devices)
     chip = device_chip(available)
     if hbm_bytes is None and chip is not None:
         hbm_bytes = chip.hbm_bytes
@@ -327,7 +327,7 @@ def plan_sampler(config: ml_collections.ConfigDict, num_devices: int, *, sample_
     compile_seconds = time.perf_counter() - t0
     memory = compiled.memory_analysis()
     exact_arguments = per_device_bytes((params, inputs))
-    flops, bytes_accessed = _cost(compiled)
+    flops, bytes_accessed = compiled_cost(compiled)
     call = sampler_cost(config, num_devices, batch, seed=seed, devices=available) if roofline else None
     images_per_shard = batch // data_parallel_size(mesh)
     return SamplerPlan(
@@ -357,7 +357,7 @@ def format_sampler_plan(plan: SamplerPlan, title: str = "", usable_fraction: flo
     what = (f"{plan.num_latents} latents per image, each by {plan.num_steps} DPM-Solver++ steps of the diffusion head"
             if plan.arch == "latent_lm" else f"{plan.num_steps} DPM-Solver++ steps over all {plan.num_latents} "
                                               f"latents (DiT)")
-    lines.append(f"{_count(plan.num_params)} params on {plan.num_devices} devices{on}, mesh data={m['data']} "
+    lines.append(f"{format_count(plan.num_params)} params on {plan.num_devices} devices{on}, mesh data={m['data']} "
                  f"fsdp={m['fsdp']} tensor={m['tensor']}, {plan.global_batch} images per call "
                  f"({plan.images_per_shard} per data shard); {what}, {guidance}")
     rows = [("params (fp32, as the config shards them)", plan.params), ("labels and key", plan.inputs)]
@@ -369,7 +369,7 @@ def format_sampler_plan(plan: SamplerPlan, title: str = "", usable_fraction: flo
         rows.append(("  of which the KV cache (exact shard)", plan.kv_cache))
     rows += [("generated code", plan.generated_code), ("total per device", plan.total)]
     width = max(len(r[0]) for r in rows) + 2
-    lines += [f"  {name:<{width}}{_bytes(value)}" for name, value in rows]
+    lines += [f"  {name:<{width}}{format_bytes(value)}" for name, value in rows]
     if plan.hbm_bytes is not None:
         lines.append(plan.hbm_line(usable_fraction))
     per_device = plan.model_flops / plan.num_devices
