@@ -31,8 +31,9 @@ def apply_model_flags(c, args: argparse.Namespace) -> None:
         c.head.depth = args.head_depth
 
 
-def time_fn(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall seconds of fn(*args) (blocking on the result), after `warmup` untimed calls."""
+def time_fn(fn, *args, repeats: int = 5, warmup: int = 1, reduce=np.median) -> float:
+    """Median (or `reduce`, e.g. min) wall seconds of fn(*args), blocking on a JAX result, after `warmup` untimed
+    calls."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
@@ -40,7 +41,7 @@ def time_fn(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(reduce(times))
 
 
 def random_model(cfg: LatentLMConfig | DiTConfig, seed: int = 0):
@@ -62,6 +63,19 @@ def random_model(cfg: LatentLMConfig | DiTConfig, seed: int = 0):
                                          for x, k in zip(leaves, keys)])
 
     return model, jax.jit(init)(jax.random.PRNGKey(seed))
+
+
+def torch_twin(params, cfg: LatentLMConfig):
+    """The PyTorch twin with the same weights, exported and loaded as a user would load it (`latent_lm/convert`)."""
+    import tempfile
+
+    from latent_lm.convert import to_torch
+    from latent_lm.convert.torch_files import load_model
+
+    with tempfile.TemporaryDirectory() as out:
+        to_torch.export_latent_lm(params, cfg, out)
+        model, _ = load_model(out)
+    return model
 
 
 def parameter_count(params) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import (add_model_flags, apply_model_flags, matmul_peak_flops, parameter_count, random_model,
-                               time_fn)
+                               time_fn, torch_twin)
 from configs import default
 from latent_lm.diffusion import make_schedule
 from latent_lm.models.dit import DiTConfig
@@ -62,26 +61,6 @@ def build_config(args: argparse.Namespace) -> LatentLMConfig:
     return LatentLMConfig.from_config(c)
 
 
-def best_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def torch_twin(params, cfg: LatentLMConfig):
-    """The PyTorch twin with the same weights, loaded from an export as a user would load one."""
-    from latent_lm.convert import to_torch
-    from latent_lm.convert.torch_files import load_model
-
-    with tempfile.TemporaryDirectory() as out:
-        to_torch.export_latent_lm(params, cfg, out)
-        model, _ = load_model(out)
-    return model
-
-
 def torch_images_per_s(model, batch: int, args: argparse.Namespace) -> dict[int, float]:
     """images/s of the official-protocol eager sampler at each torch thread count."""
     import torch
@@ -94,8 +73,7 @@ def torch_images_per_s(model, batch: int, args: argparse.Namespace) -> dict[int,
         torch.set_num_threads(threads)
         run = lambda: torch_sampling.generate(model, labels, cfg_scale=args.cfg, num_steps=args.steps,
                                               prediction_type="v_prediction")
-        run()  # warm-up: first-call allocations
-        rates[threads] = batch / best_seconds(run, args.repeats)
+        rates[threads] = batch / time_fn(run, repeats=args.repeats, warmup=1, reduce=min)  # warm-up: allocations
     return rates
 
 
@@ -139,8 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         jax.block_until_ready(sampler(params, labels, jax.random.PRNGKey(0)))
         compile_s = time.perf_counter() - t0
-        fast = best_seconds(lambda: jax.block_until_ready(sampler(params, labels, jax.random.PRNGKey(0))),
-                            args.repeats)
+        fast = time_fn(sampler, params, labels, jax.random.PRNGKey(0), repeats=args.repeats, warmup=0, reduce=min)
         print(f"batch {batch}: compiled KV-cache sampler: {batch / fast:.1f} images/s ({fast:.3f} s/batch, "
               f"first call incl. compile {compile_s:.1f} s)", flush=True)
         if args.against == "reference":
@@ -157,9 +134,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"batch {batch}: compiled sampler / PyTorch: {batch / fast / best:.2f}x", flush=True)
             rows.append((batch, batch / fast, best))
         elif args.against == "dit":
-            jax.block_until_ready(dit_sampler(dit_params, labels, jax.random.PRNGKey(0)))
-            whole = best_seconds(lambda: jax.block_until_ready(dit_sampler(dit_params, labels, jax.random.PRNGKey(0))),
-                                 args.repeats)
+            whole = time_fn(dit_sampler, dit_params, labels, jax.random.PRNGKey(0), repeats=args.repeats, warmup=1,
+                            reduce=min)  # the warm-up call compiles
             print(f"batch {batch}: DiT twin, whole-image sampler: {batch / whole:.1f} images/s ({whole:.3f} s/batch)")
             print(f"batch {batch}: LatentLM / DiT sampling throughput: {whole / fast:.2f}x", flush=True)
     if rows:

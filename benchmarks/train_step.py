@@ -19,7 +19,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dataclasses
-import time
 
 import flax.linen as nn
 import jax
@@ -95,19 +94,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def _torch_step_seconds(cfg: LatentLMConfig, batch: int, batch_mul: int, steps: int) -> dict[int, float]:
     """Median seconds of the official recipe's train step (docs/method.md §6) on the PyTorch twin, per thread count."""
-    import tempfile
-
     import torch
     import torch.nn.functional as F
 
-    from benchmarks.common import random_model
-    from latent_lm.convert import to_torch, torch_sampling
-    from latent_lm.convert.torch_files import load_model
+    from benchmarks.common import random_model, torch_twin
+    from latent_lm.convert import torch_sampling
 
-    _, params = random_model(cfg)
-    with tempfile.TemporaryDirectory() as out:
-        to_torch.export_latent_lm(params, cfg, out)
-        model, _ = load_model(out)
+    model = torch_twin(random_model(cfg)[1], cfg)
     model.train()
     side, c = model.input_size, cfg.latent_dim
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.01, eps=1e-8)
@@ -134,13 +127,7 @@ def _torch_step_seconds(cfg: LatentLMConfig, batch: int, batch_mul: int, steps: 
     seconds = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        step()  # warm-up
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        seconds[threads] = float(np.median(times))
+        seconds[threads] = time_fn(step, repeats=steps, warmup=1)
     return seconds
 
 

@@ -80,6 +80,7 @@ def test_cpu_sampler_compiles_large_batches_with_xla_dots_and_samples_the_same()
     labels = jnp.arange(CPU_DOT_MIN_BATCH, dtype=jnp.int32) % CFG.num_classes
     key = jax.random.PRNGKey(1)
     assert "ynn" not in sampler.lower(params, labels, key).compile().as_text()
+    assert "ynn" in sampler._small.lower(params, labels, key).compile().as_text()  # the option is what removes them
     np.testing.assert_allclose(sampler(params, labels, key), sampler._small(params, labels, key), atol=1e-5)
     assert sampler._pick(labels[:CPU_DOT_MIN_BATCH - 1]) is sampler._small
     assert not hasattr(make_sampler(MODEL, SCHEDULE, settings, 2, platform="tpu"), "_pick")

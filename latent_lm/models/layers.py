@@ -196,9 +196,10 @@ class Attention(nn.Module):
     is only read, and the new entries are returned in its place for `Transformer` to write.
     `causal=False, rope=False` is the DiT twin's attention (docs/method.md §9): bidirectional, positions unused, no
     cache. Without a cache, `mask` ([B, 1, T, T] bool, `attention_mask`) replaces the plain causal mask: packed
-    documents, bidirectional spans. With a cache, `cache_index` (a scalar slot shared by all rows) and `mask`
-    ([B, 1, T, S] bool over the S cache slots) replace "write at positions[0, 0]" and "slot ≤ position": the
-    multimodal generator's left-padded rows, whose RoPE positions differ from their slots (docs/method.md §8.5).
+    documents, bidirectional spans. With a cache, `cache_index` (the scalar slot all rows write at, required) and
+    `mask` ([B, 1, T, S] bool over the S cache slots, default "slot ≤ position") place the new entries; an explicit
+    mask serves the multimodal generator's left-padded rows, whose RoPE positions differ from their slots
+    (docs/method.md §8.5).
     """
 
     num_heads: int
@@ -229,15 +230,14 @@ class Attention(nn.Module):
         elif cache is None:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
         else:
-            # Every row of the batch writes at the same offset: `cache_index`, else positions[0, 0] (the
-            # class-conditional sampler's rows are aligned, so slot = position).
-            start = positions[0, 0] if cache_index is None else cache_index
+            if cache_index is None:
+                raise ValueError("a KV cache needs cache_index (Transformer passes it, default positions[0, 0])")
             new = KVCache(key=kv_major(k).astype(cache.key.dtype), value=kv_major(v).astype(cache.value.dtype))
             if mask is None:
                 slots = jnp.arange(cache.key.shape[2])
                 mask = slots[None, None, None, :] <= positions[:, None, :, None]  # [B,1,T,S]
             chex.assert_shape(mask, (x.shape[0], 1, x.shape[1], cache.key.shape[2]))
-            out = cached_attention(q, cache, new, mask, start)
+            out = cached_attention(q, cache, new, mask, cache_index)
             cache = new
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         out = Dense(width, ("heads", "kv", "embed"), contract=2, dtype=self.dtype, name="proj")(out)

@@ -149,7 +149,7 @@ def latent_lm_sample_flops_per_image(cfg: LatentLMConfig, prefix_len: int, num_l
     p, n = prefix_len, num_latents
     slots = p + n if cache_slots is None else cache_slots
     prefill = 2 * per_position * p + 4 * cfg.depth * cfg.width * p * slots
-    step = 2 * per_position + 4 * cfg.depth * cfg.width * slots + num_steps * 2 * head_matmul_params(cfg, True)
+    step = 2 * per_position + 4 * cfg.depth * cfg.width * slots + num_steps * 2 * head_matmul_params(cfg, shared_t=True)
     rows = 2 if guidance else 1
     return {"prefill": float(rows * prefill), "decode": float(rows * n * step),
             "total": float(rows * (prefill + n * step))}
