@@ -506,9 +506,10 @@ def test_kl_vae_with_a_tiny_weight_collapses_and_the_sigma_vae_does_not():
 
 
 def test_kl_vae_collapses_and_the_sigma_vae_does_not_fast():
-    """Fast sibling: the KL-VAE's σ collapses in 40 steps at a 5× learning rate (r ≈ 8.6 at 0 steps; measured 0.03
-    on one machine and 0.063 on an AMD EPYC: at this learning rate the figure moves with the CPU's float reductions,
-    so the bound is 0.1, still 5× below the σ-VAE's), the σ-VAE keeps r ≈ 0.5 after 20 steps; 256 held-out images.
-    The slow test holds the KL-VAE to the collapse threshold itself, r < 0.05."""
-    r_kl, r_sigma = _collapse_ratios(kl_steps=40, kl_lr=5e-2, sigma_steps=20, held_out=256)
+    """Fast sibling: the KL-VAE's σ collapses in 80 steps at a 3× learning rate (r ≈ 8.6 at 0 steps; 0.034 with
+    the default XLA options, 0.029 with the test suite's, both 2026-12-07 on an AMD EPYC), the σ-VAE keeps r ≈ 0.5
+    after 20 steps; 256 held-out images. 40 steps at 5e-2 were chaotic: r moved between 0.03 and 0.94 with the order
+    of the matmul's float reductions. The bound is 0.1, 3× above the measured figures and 5× below the σ-VAE's; the
+    slow test holds the KL-VAE to the collapse threshold itself, r < 0.05."""
+    r_kl, r_sigma = _collapse_ratios(kl_steps=80, kl_lr=3e-2, sigma_steps=20, held_out=256)
     assert r_kl < 0.1 and r_sigma > 0.3, (r_kl, r_sigma)

@@ -58,9 +58,10 @@ class Dense(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
                             in_shape + features, self.param_dtype)
         x = x.astype(self.dtype)
-        y = jax.lax.dot_general(
-            x, kernel.astype(self.dtype),
-            ((tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))), ((), ())))
+        # One 2-D matmul over the flattened rows: a contraction over several leading axes makes XLA:CPU write each
+        # weight gradient's operand transposed (docs/benchmarks.md §2; 1.3× on the embedded train step).
+        lead = x.shape[:x.ndim - self.contract]
+        y = jnp.dot(x.reshape(-1, fan_in), kernel.astype(self.dtype).reshape(fan_in, -1)).reshape(lead + features)
         if self.use_bias:
             binit = self.bias_init or torch_default_init(fan_in)
             bias = self.param("bias", nn.with_logical_partitioning(binit, tuple(self.axes[len(in_shape):])),
