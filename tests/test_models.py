@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from latent_lm.models import layers
-from latent_lm.models.diffusion_head import DiffusionHead, timestep_sinusoid
+from latent_lm.models.diffusion_head import DiffusionHead, TimestepEmbedder, timestep_sinusoid
 from latent_lm.models.latent_lm import init_cache, LatentLM, LatentLMConfig
 from latent_lm.models.presets import EXPECTED_PARAMS, PRESETS
 
@@ -92,6 +92,21 @@ def test_diffusion_head_shared_timestep_equals_per_row_timesteps():
     per_row = apply(params, x, jnp.full((6,), 949, jnp.int32), c)
     assert np.abs(np.asarray(shared)).max() > 0.1
     np.testing.assert_allclose(shared, per_row, atol=1e-6, rtol=1e-6)
+
+
+def test_timestep_table_equals_per_row_embedding_and_its_gradient():
+    """Training's integer timesteps through the schedule's table (more rows than steps) give the per-row values and
+    the same parameter gradient; a timestep past the schedule is NaN, not a clamped row."""
+    per_row, table = TimestepEmbedder(32), TimestepEmbedder(32, num_timesteps=50)
+    t = jax.random.randint(jax.random.PRNGKey(3), (4, 30), 0, 50)
+    params = per_row.init(jax.random.PRNGKey(0), t)
+    ref, got = jax.jit(per_row.apply)(params, t), jax.jit(table.apply)(params, t)
+    np.testing.assert_allclose(got, ref, atol=1e-6, rtol=1e-5)
+    grad = lambda m: jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(m.apply(p, t)))))(params)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5, rtol=1e-4), grad(table), grad(per_row))
+    assert np.isnan(np.asarray(table.apply(params, jnp.full((60,), 50)))).all()
+    few = t[0, :10]  # fewer rows than steps: no table
+    np.testing.assert_allclose(table.apply(params, few), per_row.apply(params, few), atol=1e-6)
 
 
 def test_every_parameter_has_logical_axes():

@@ -30,18 +30,26 @@ def timestep_sinusoid(t: jax.Array, dim: int = FREQ_DIM, max_period: float = 100
 
 
 class TimestepEmbedder(nn.Module):
-    """sinusoid(256) → Linear(256→D) → SiLU → Linear(D→D), no biases, weights N(0, 0.02)."""
+    """sinusoid(256) → Linear(256→D) → SiLU → Linear(D→D), no biases, weights N(0, 0.02).
+
+    With `num_timesteps` set, integer timesteps 0…num_timesteps−1 that outnumber the schedule's steps are embedded
+    through a table: the MLP runs on every step of the schedule once and each t gathers its row, the same values at
+    a fraction of the work (docs/method.md §5.2)."""
 
     width: int
     dtype: Dtype = jnp.float32
+    num_timesteps: int = 0
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
         init = nn.initializers.normal(0.02)
-        h = Dense(self.width, ("freq", "embed"), kernel_init=init, dtype=self.dtype, name="mlp_0")(
-            timestep_sinusoid(t))
-        return Dense(self.width, ("embed", "embed_out"), kernel_init=init, dtype=self.dtype, name="mlp_2")(
-            jax.nn.silu(h))
+        mlp_0 = Dense(self.width, ("freq", "embed"), kernel_init=init, dtype=self.dtype, name="mlp_0")
+        mlp_2 = Dense(self.width, ("embed", "embed_out"), kernel_init=init, dtype=self.dtype, name="mlp_2")
+        embed = lambda steps: mlp_2(jax.nn.silu(mlp_0(timestep_sinusoid(steps))))
+        if jnp.issubdtype(t.dtype, jnp.integer) and 0 < self.num_timesteps < t.size:
+            # mode="fill": a timestep past the schedule embeds as NaN rather than as the last row.
+            return jnp.take(embed(jnp.arange(self.num_timesteps)), t, axis=0, mode="fill")
+        return embed(t)
 
 
 class MLPBlock(nn.Module):
@@ -83,6 +91,7 @@ class DiffusionHead(nn.Module):
     depth: int
     mlp_ratio: float
     dtype: Dtype = jnp.float32
+    num_timesteps: int = 0  # the training schedule's steps: integer t embed through a table (TimestepEmbedder)
 
     @nn.compact
     def __call__(self, x_t: jax.Array, t: jax.Array, condition: jax.Array) -> jax.Array:
@@ -93,7 +102,7 @@ class DiffusionHead(nn.Module):
         width = condition.shape[-1]
         # Rows of the head (tokens × batch multiplier) follow the batch sharding, whatever the leading rank.
         rows = lambda x: nn.with_logical_constraint(x, ("batch", *["length"] * (x.ndim - 2), "embed"))
-        t_emb = TimestepEmbedder(width, self.dtype, name="t_embedder")(t)
+        t_emb = TimestepEmbedder(width, self.dtype, self.num_timesteps, name="t_embedder")(t)
         c = rows(condition.astype(self.dtype) + (rows(t_emb) if t.ndim else t_emb))
         # noisy_x_embedder keeps PyTorch's default bias init (official initialize_weights zeroes only x_embedder's).
         h = Dense(width, ("latent", "embed"), use_bias=True, bias_init=None, dtype=self.dtype,

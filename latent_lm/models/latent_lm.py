@@ -41,6 +41,7 @@ class LatentLMConfig:
     posi_scale: float = 1.0
     remat: str = "none"  # a key of transformer.REMAT_POLICIES
     dtype: str = "float32"
+    num_timesteps: int = 1000  # the diffusion schedule's steps (config.diffusion.num_train_steps)
 
     @property
     def kv_heads(self) -> int:
@@ -64,6 +65,8 @@ class LatentLMConfig:
         m, h = config.model, config.head
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in m.items() if k in fields}
+        if "diffusion" in config:
+            kwargs["num_timesteps"] = config.diffusion.num_train_steps
         return cls(head_depth=h.depth, head_mlp_ratio=h.get("mlp_ratio"), **kwargs)
 
 
@@ -83,7 +86,8 @@ class LatentLM(nn.Module):
         self.backbone = Transformer(cfg.depth, cfg.num_heads, cfg.kv_heads, cfg.mlp_ratio, cfg.posi_scale,
                                     cfg.remat, dtype)
         self.condition_layer = ConditionLayer(dtype)
-        self.head = DiffusionHead(cfg.latent_dim, cfg.head_depth, cfg.head_mlp_ratio or cfg.mlp_ratio, dtype)
+        self.head = DiffusionHead(cfg.latent_dim, cfg.head_depth, cfg.head_mlp_ratio or cfg.mlp_ratio, dtype,
+                                  cfg.num_timesteps)
         if cfg.text_vocab_size:
             self.lm_head = Dense(cfg.text_vocab_size, ("embed", "vocab"), dtype=dtype)
 
