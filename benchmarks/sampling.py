@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from benchmarks.common import (add_model_flags, apply_model_flags, matmul_peak_flops, parameter_count, random_model,
                                time_fn, torch_twin)
 from configs import default
+from latent_lm import host_memory
 from latent_lm.diffusion import make_schedule
 from latent_lm.models.dit import DiTConfig
 from latent_lm.models.latent_lm import LatentLMConfig
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     peak = matmul_peak_flops(repeats=3)
     print(f"device: {jax.devices()[0].device_kind}  width {cfg.width} depth {cfg.depth} head {cfg.head_depth}  "
           f"{cfg.max_len} tokens × {cfg.latent_dim}  K={args.steps}  CFG {args.cfg}  {args.dtype}  "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s  host huge pages: {'on' if host_memory.enabled() else 'off'}")
     if args.against == "dit":
         print(sizes)
     rows = []
@@ -146,4 +147,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()  # as the CLIs: XLA:CPU temporaries on huge pages (docs/benchmarks.md §2)
     main()

@@ -28,6 +28,7 @@ import numpy as np
 
 from benchmarks.common import add_model_flags, apply_model_flags, matmul_peak_flops, time_fn
 from configs import default, mllm
+from latent_lm import host_memory
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.presets import apply_preset
 from latent_lm.parallel.mesh import DEFAULT_RULES, make_mesh, shard_batch
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     peak = args.peak or matmul_peak_flops(args.matmul_n, dtype=jnp.dtype(args.dtype))
     achieved = flops["total"] / seconds
     print(f"device: {jax.devices()[0].device_kind}  model: width {cfg.width} depth {cfg.depth} "
-          f"head {cfg.head_depth}  batch {batch} × {cfg.max_len} tokens  head ×{c.diffusion.batch_mul}  {args.dtype}")
+          f"head {cfg.head_depth}  batch {batch} × {cfg.max_len} tokens  head ×{c.diffusion.batch_mul}  {args.dtype}"
+          f"  host huge pages: {'on' if host_memory.enabled() else 'off'}")
     print(f"train step: {seconds * 1e3:.1f} ms   FLOPs/step {flops['total'] / 1e9:.2f} G "
           f"(backbone {flops['backbone'] / 1e9:.2f} G, head {flops['head'] / 1e9:.2f} G)")
     print(f"achieved {achieved / 1e9:.1f} GFLOP/s   peak {'(given)' if args.peak else '(measured matmul)'} "
@@ -186,4 +188,5 @@ def gathered_head(args) -> None:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()  # as the CLIs: XLA:CPU temporaries on huge pages (docs/benchmarks.md §2)
     main()

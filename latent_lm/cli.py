@@ -4,6 +4,7 @@ FID tools, `launch/plan.py`): bad input — a `UserError`, a bad flag, an unknow
 
   python entry point with argparse:   if __name__ == "__main__": cli.main(main)        # main(argv) raises UserError
   python entry point with absl flags: if __name__ == "__main__": cli.absl_main(main)
+Both first re-execute the process once with glibc's huge pages for XLA:CPU's temporaries (`host_memory`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable, NoReturn, Sequence
 
 from absl import app, flags
 
+from latent_lm import host_memory
 from latent_lm.errors import UserError
 
 USAGE_ERROR = 2
@@ -65,7 +67,9 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
 
 
 def main(entry: Callable[[Sequence[str] | None], object]) -> NoReturn:
-    """`sys.exit(run(entry, sys.argv[1:]))`: the `__main__` line of an argparse entry point."""
+    """`sys.exit(run(entry, sys.argv[1:]))`: the `__main__` line of an argparse entry point; first the huge-pages
+    re-exec (`host_memory`)."""
+    host_memory.reexec_with_huge_pages()
     sys.exit(run(entry, sys.argv[1:]))
 
 
@@ -88,7 +92,9 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
 
 
 def absl_main(entry: Callable[[list[str]], object]) -> None:
-    """`app.run` for an absl entry point: flags parsed by `parse_absl_flags`, user errors through `run`."""
+    """`app.run` for an absl entry point: flags parsed by `parse_absl_flags`, user errors through `run`; first the
+    huge-pages re-exec (`host_memory`)."""
+    host_memory.reexec_with_huge_pages()
 
     def wrapped(argv: list[str]) -> None:
         if len(argv) > 1:

@@ -6,6 +6,8 @@ import os
 import shutil
 import tempfile
 
+from latent_lm import host_memory  # no jax: the XLA settings below still come first
+
 # The concurrency-optimised XLA:CPU scheduler may start independent collectives in a different order on different
 # fake devices; inside a scanned (while-loop) train step that deadlocks the CPU rendezvous (measured here: a 40 s
 # termination timeout on the (2,2,2) mesh in 3 of 4 runs); with the in-order scheduler it has not happened since.
@@ -32,6 +34,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # process and CLI subprocess inherits it; a test whose cost is executing (a long training run) requests the
 # `full_optimization` fixture.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# Every CLI re-executes itself once with glibc's huge pages for XLA:CPU's temporaries (latent_lm/host_memory.py);
+# the tunable set here spares the tests' CLI subprocesses that second start, and the pytest-xdist workers started
+# after this file get the huge pages too.
+os.environ.update(host_memory.huge_pages_environ(os.environ) or {})
 
 from absl import flags  # noqa: E402
 

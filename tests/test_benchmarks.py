@@ -44,7 +44,7 @@ def _figures(pattern: str, text: str) -> list[float]:
 def test_train_step_prints_time_flops_and_fraction_of_peak():
     """docs/benchmarks.md §2: FLOP/step (backbone + head), time/step, achieved FLOP/s, measured matmul peak, MFU."""
     text = _run("train_step.py", *TINY_MODEL, "--batch=8", "--steps=1", "--matmul_n=256")
-    assert re.search(r"^device: \S+.*model: width 32 depth 1 head 1  batch 8 × 49 tokens  head ×4  float32$", text,
+    assert re.search(r"^device: \S+.*model: width 32 depth 1 head 1  batch 8 × 49 tokens  head ×4  float32  host huge pages: (on|off)$", text,
                      re.MULTILINE), text
     ms, total, backbone, head = _figures(rf"^train step: {NUM} ms   FLOPs/step {NUM} G \(backbone {NUM} G, "
                                          rf"head {NUM} G\)$", text)
@@ -82,7 +82,7 @@ def test_sampling_prints_both_samplers_and_the_speed_up():
     """docs/benchmarks.md §1: images/s of the compiled KV-cache sampler and of the no-cache reference, their ratio."""
     text = _run("sampling.py", *TINY_MODEL, "--tokens=2", "--batch=2", "--steps=2", "--repeats=1")
     assert re.search(r"^device: \S+.*width 32 depth 1 head 1  2 tokens × 4  K=2  CFG 3.0  float32  matmul peak "
-                     r"[0-9.]+ GFLOP/s$", text, re.MULTILINE), text
+                     r"[0-9.]+ GFLOP/s  host huge pages: (on|off)$", text, re.MULTILINE), text
     fast_rate, fast_s, compile_s = _figures(rf"^batch 2: compiled KV-cache sampler: {NUM} images/s \({NUM} s/batch, "
                                             rf"first call incl. compile {NUM} s\)$", text)
     ref_rate, ref_s = _figures(rf"^batch 2: no-cache reference sampler: {NUM} images/s \({NUM} s/batch\)$", text)
