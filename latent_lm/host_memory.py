@@ -49,7 +49,7 @@ def huge_pages_environ(environ: dict[str, str] | os._Environ) -> dict[str, str] 
 
 def enabled(environ: dict[str, str] | os._Environ = os.environ) -> bool:
     """Whether this process started with the tunable (what the benchmarks print beside their figures)."""
-    return "glibc.malloc.hugetlb=1" in environ.get("GLIBC_TUNABLES", "")
+    return TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":")
 
 
 def reexec_with_huge_pages() -> None:

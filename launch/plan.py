@@ -220,13 +220,12 @@ def smallest_fitting(size: str, hardware: Hardware, *, per_shard: int, max_devic
     """(slice, plan) of the first mesh in `hardware.meshes` whose compiled plan fits `usable`·HBM; compiled plans are
     cached. Each candidate is screened by its exact state bytes plus the analytic activation estimate (no
     lowering) and compiled only if that total is within `slack`× the budget."""
-    budget = usable * hardware.hbm_gb * GB
     for label, devices, n, t in hardware.meshes(size, max_devices, tensors):
         key = (hardware.chip or "cpu", size, n, t, per_shard)
         if key not in cache:
             config = _table_config(size, n, t, per_shard)
             screen = plan_memory(config, n, stage="shapes", devices=devices)
-            if screen.total > slack * budget:
+            if screen.total > slack * usable * device_hbm(screen, hardware):
                 continue
             t0 = time.perf_counter()
             cache[key] = plan_memory(config, n, stage="compile", devices=devices)
@@ -234,9 +233,15 @@ def smallest_fitting(size: str, hardware: Hardware, *, per_shard: int, max_devic
             log(f"  {size} on {label or n} ({n} devices, fsdp {n // t}, tensor {t}): {p.total / GB:.1f} GB in all; "
                 f"temporaries {p.activations / GB:.2f} GB {p.activation_source}, {p.analytic_activations / GB:.2f} GB "
                 f"analytic ({p.peak_phase} phase) [{time.perf_counter() - t0:.0f} s]")
-        if cache[key].total <= budget:
+        if cache[key].total <= usable * device_hbm(cache[key], hardware):
             return label, cache[key]
     return None
+
+
+def device_hbm(plan: MemoryPlan, hardware: Hardware) -> float:
+    """HBM bytes of one device of `plan`: its TPU chip's share (a v4 TensorCore has half of its chip's), else the
+    table's stated figure."""
+    return plan.hbm_bytes or hardware.hbm_gb * GB
 
 
 def table_markdown(hardware: Hardware, plans: dict[str, tuple[str, MemoryPlan] | None], per_shard: int,
@@ -262,7 +267,8 @@ def table_markdown(hardware: Hardware, plans: dict[str, tuple[str, MemoryPlan] |
 def tpu_table_markdown(hardware: Hardware, plans: dict[str, tuple[str, MemoryPlan] | None],
                        cpu_temporaries: dict[str, float], per_shard: int, usable: float) -> str:
     """The TPU compiler's figures per size: memory, the XLA:CPU temporaries of the same mesh, the roofline."""
-    head = (f"**{hardware.name}** ({hardware.hbm_gb:g} GB HBM per chip, a plan fits at ≤ {100 * usable:.0f}%; "
+    head = (f"**{hardware.name}** ({hardware.hbm_gb:g} GB HBM per chip, per device on v4's two TensorCores a "
+            f"half; a plan fits at ≤ {100 * usable:.0f}% of a device's; "
             f"{per_shard} sequences × {_tokens(plans)} tokens per data shard; GB = 1e9 bytes)\n\n"
             "| size | params | slice | mesh (data, fsdp, tensor) | global batch | state | temporaries XLA:TPU | "
             "XLA:CPU (same mesh) | padding + code | total / device | HBM used | step ≥ | bound | MFU ≤ |\n"
@@ -280,7 +286,7 @@ def tpu_table_markdown(hardware: Hardware, plans: dict[str, tuple[str, MemoryPla
             f"| {size} | {p.num_params / 1e9:.2f} B | {label} | ({m['data']}, {m['fsdp']}, {m['tensor']}) | "
             f"{p.global_batch} | {p.state / GB:.2f} | {p.activations / GB:.2f} | "
             f"{'' if cpu is None else f'{cpu / GB:.2f}'} | {(p.layout_padding + p.generated_code) / GB:.2f} | "
-            f"{p.total / GB:.2f} GB | {100 * p.total / (hardware.hbm_gb * GB):.0f}% | "
+            f"{p.total / GB:.2f} GB | {100 * p.total / device_hbm(p, hardware):.0f}% | "
             + (f"{1e3 * roof.seconds:.0f} ms | {roof.bound} | {100 * roof.mfu:.0f}% |" if roof else "| | |"))
     return "\n".join([head, *rows])
 

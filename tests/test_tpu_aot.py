@@ -12,6 +12,7 @@ import pytest
 from configs import default
 from latent_lm import cli
 from latent_lm.errors import ConfigError
+from latent_lm.parallel.mesh import make_mesh
 from latent_lm.planning import CHIPS, plan_memory, tpu_topology
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,13 +87,19 @@ def test_with_libtpu_installed_an_entry_point_still_runs_on_the_cpu_quietly():
 @needs_libtpu
 def test_topology_devices_and_chip():
     """A slice smaller than a 4-chip host (v5e:1x1) works; v4 topologies give one device per TensorCore, so each
-    device gets half a chip's HBM and peaks."""
+    device gets half a chip's HBM and peaks, and the planner's mesh and compile take them."""
     chip, devices = tpu_topology("v5p:2x2x1")
     assert len(devices) == 4 and chip == CHIPS["v5p"] and devices[0].platform == "tpu"
     chip, devices = tpu_topology("v5e:1x1")
     assert len(devices) == 1 and chip.hbm_bytes == 16e9
     chip, devices = tpu_topology("v4:2x2x1")
     assert len(devices) == 8 and chip.hbm_bytes == CHIPS["v4"].hbm_bytes / 2
+    # jax.make_mesh refuses two devices per chip; the planner's mesh takes them in order, and the step compiles.
+    mesh = make_mesh(tiny_config().mesh, devices)
+    assert mesh.devices.shape == (1, 8, 1) and list(mesh.devices.flat) == devices
+    plan = plan_memory(tiny_config(), 8, devices=devices)
+    assert plan.activation_source == "compiled (XLA:TPU)" and plan.device_kind == "TPU v4" and plan.fits()
+    assert plan.hbm_bytes == CHIPS["v4"].hbm_bytes / 2  # what launch/plan.py's table divides by (device_hbm)
     with pytest.raises(ConfigError, match="TPU topology 'v5p:3x3x3': INVALID_ARGUMENT"):
         tpu_topology("v5p:3x3x3")
 

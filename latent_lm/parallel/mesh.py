@@ -72,6 +72,10 @@ def make_mesh(mesh_config=None, devices: Sequence[jax.Device] | None = None) -> 
         raise ConfigError(f"mesh.dcn_shape {dcn} does not divide the {len(devices)} available devices")
     shape = resolve_mesh_shape(mesh_config.shape if mesh_config is not None else (-1, 1, 1), ici_devices)
     if math.prod(dcn) == 1:
+        if any(getattr(d, "core_on_chip", 0) for d in devices):
+            # One device per TensorCore (v4 compile-only topologies): jax.make_mesh's physical TPU layout takes one
+            # device per chip, so the devices go in their given order, a chip's two cores next to each other.
+            return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
     # TPU multislice: one granule per slice. GPU nodes and CPU processes (whose devices all report slice 0, or
     # nothing): one granule per process.
