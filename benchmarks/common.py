@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latent_lm import host_memory
 from latent_lm.models.dit import DiT, DiTConfig
 from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
 
@@ -63,6 +64,14 @@ def random_model(cfg: LatentLMConfig | DiTConfig, seed: int = 0):
                                          for x, k in zip(leaves, keys)])
 
     return model, jax.jit(init)(jax.random.PRNGKey(seed))
+
+
+TORCH_THREADS = (1, 2)  # the PyTorch side runs at each and reports the better (docs/benchmarks.md §1.1, §2)
+
+
+def host_pages() -> str:
+    """The device line's note of whether this process runs with huge pages for XLA:CPU (latent_lm/host_memory.py)."""
+    return f"host huge pages: {'on' if host_memory.enabled() else 'off'}"
 
 
 def torch_twin(params, cfg: LatentLMConfig):

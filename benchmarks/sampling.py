@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import (add_model_flags, apply_model_flags, matmul_peak_flops, parameter_count, random_model,
-                               time_fn, torch_twin)
+from benchmarks.common import (TORCH_THREADS, add_model_flags, apply_model_flags, host_pages, matmul_peak_flops,
+                               parameter_count, random_model, time_fn, torch_twin)
 from configs import default
 from latent_lm import host_memory
 from latent_lm.diffusion import make_schedule
@@ -43,7 +43,6 @@ from tests.reference_samplers import make_reference_sampler
 # The official code's small setting (issue #17): 7×7×4 latents, width 128, depth 4, 4 heads, head depth 3.
 PRESETS = {"official_small": dict(width=128, depth=4, num_heads=4, latent_dim=4, max_len=49, num_classes=1000,
                                   head_depth=3)}
-TORCH_THREADS = (1, 2)
 
 
 def build_config(args: argparse.Namespace) -> LatentLMConfig:
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     peak = matmul_peak_flops(repeats=3)
     print(f"device: {jax.devices()[0].device_kind}  width {cfg.width} depth {cfg.depth} head {cfg.head_depth}  "
           f"{cfg.max_len} tokens × {cfg.latent_dim}  K={args.steps}  CFG {args.cfg}  {args.dtype}  "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s  host huge pages: {'on' if host_memory.enabled() else 'off'}")
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s  {host_pages()}")
     if args.against == "dit":
         print(sizes)
     rows = []

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from benchmarks.common import add_model_flags, apply_model_flags, matmul_peak_flops, time_fn
+from benchmarks.common import (TORCH_THREADS, add_model_flags, apply_model_flags, host_pages, matmul_peak_flops,
+                               random_model, time_fn, torch_twin)
 from configs import default, mllm
 from latent_lm import host_memory
 from latent_lm.models.latent_lm import LatentLMConfig
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     achieved = flops["total"] / seconds
     print(f"device: {jax.devices()[0].device_kind}  model: width {cfg.width} depth {cfg.depth} "
           f"head {cfg.head_depth}  batch {batch} × {cfg.max_len} tokens  head ×{c.diffusion.batch_mul}  {args.dtype}"
-          f"  host huge pages: {'on' if host_memory.enabled() else 'off'}")
+          f"  {host_pages()}")
     print(f"train step: {seconds * 1e3:.1f} ms   FLOPs/step {flops['total'] / 1e9:.2f} G "
           f"(backbone {flops['backbone'] / 1e9:.2f} G, head {flops['head'] / 1e9:.2f} G)")
     print(f"achieved {achieved / 1e9:.1f} GFLOP/s   peak {'(given)' if args.peak else '(measured matmul)'} "
@@ -99,7 +100,6 @@ def _torch_step_seconds(cfg: LatentLMConfig, batch: int, batch_mul: int, steps: 
     import torch
     import torch.nn.functional as F
 
-    from benchmarks.common import random_model, torch_twin
     from latent_lm.convert import torch_sampling
 
     model = torch_twin(random_model(cfg)[1], cfg)
@@ -127,7 +127,7 @@ def _torch_step_seconds(cfg: LatentLMConfig, batch: int, batch_mul: int, steps: 
             torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - 0.999)
 
     seconds = {}
-    for threads in (1, 2):
+    for threads in TORCH_THREADS:
         torch.set_num_threads(threads)
         seconds[threads] = time_fn(step, repeats=steps, warmup=1)
     return seconds

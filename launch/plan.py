@@ -260,7 +260,7 @@ def table_markdown(hardware: Hardware, plans: dict[str, tuple[str, MemoryPlan] |
         rows.append(f"| {size} | {p.num_params / 1e9:.2f} B | {p.num_devices} | ({m['data']}, {m['fsdp']}, "
                     f"{m['tensor']}) | {p.global_batch} | {p.params / GB:.2f} | {p.opt_state / GB:.2f} | "
                     f"{p.ema / GB:.2f} | {p.activations / GB:.2f} | {p.total / GB:.2f} GB | "
-                    f"{100 * p.total / (hardware.hbm_gb * GB):.0f}% | {p.peak_phase} |")
+                    f"{100 * p.total / device_hbm(p, hardware):.0f}% | {p.peak_phase} |")
     return "\n".join([head, *rows])
 
 
