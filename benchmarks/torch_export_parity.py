@@ -34,7 +34,7 @@ from latent_lm import stage_inputs
 from latent_lm.evaluation.frechet import feature_stats, frechet_distance
 from latent_lm.pixels import to_uint8
 from latent_lm.models.sigma_vae import SigmaVAE
-from latent_lm.sampling import SamplerSettings, make_sampler, sample_latents
+from latent_lm.sampling import SamplerSettings, make_sampler, row_noise, sample_latents
 from latent_lm.training.tasks import LatentLMTask, VAETask
 from latent_lm.latents import LatentNormalization
 
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     labels = np.repeat(np.arange(k), args.per_class or run_eval.samples_per_class).astype(np.int32)
     n, c, batch = config.model.max_len, config.model.latent_dim, run_eval.sample_batch
     rng = jax.random.PRNGKey(run_eval.seed)
-    noise = np.concatenate([np.asarray(jax.random.normal(jax.random.fold_in(rng, i), (n, len(labels[i:i + batch]), c)))
-                            for i in range(0, len(labels), batch)], axis=1)
+    noise = np.concatenate([np.asarray(row_noise(jax.random.fold_in(rng, i), len(labels[i:i + batch]), n, c))
+                            for i in range(0, len(labels), batch)]).swapaxes(0, 1)  # [N, images, C], as make_sampler
 
     settings = SamplerSettings(num_steps=d.num_sampling_steps, cfg_scale=d.cfg_scale,
                                prediction_type=d.prediction_type, x0_clip=d.x0_clip)

@@ -20,7 +20,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines.embedded import dataset_names, load_embedded
@@ -39,7 +38,9 @@ from latent_lm.evaluation.image_metrics import psnr, variance_collapse_ratio
 from latent_lm.latents import SIGMA_DIVISOR, LatentNormalization, LatentPosterior
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.device_prefetch import DevicePrefetcher
-from latent_lm.parallel.mesh import data_parallel_size, logical_rules, make_mesh
+from latent_lm.parallel.distributed import barrier
+from latent_lm.parallel.mesh import (data_parallel_size, global_rows, host_arrays, logical_rules, make_mesh,
+                                   pad_rows)
 from latent_lm.pixels import to_signed, to_uint8
 from latent_lm.sampling import SamplerSettings
 from latent_lm.text.tokenizer import TOKENIZER_FILE, TextTokenizer, train_tokenizer
@@ -83,8 +84,7 @@ def train_text_tokenizer(config, workdir, mesh, rules):
         tok = train_tokenizer(_tokenizer_texts(config, workdir), config.text.vocab_size, config.text.min_frequency)
         if jax.process_index() == 0:
             tok.save(path)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("train_tokenizer")
+        barrier("train_tokenizer")
     if tok.vocab_size > config.model.text_vocab_size:
         raise ConfigError(f"the text tokenizer at {path} has {tok.vocab_size} tokens but model.text_vocab_size="
                           f"{config.model.text_vocab_size}")
@@ -131,8 +131,7 @@ def encode(config, workdir, mesh, rules):
     state = load_state(task, optim_config=config.vae_optim, train_config=config.vae_train, mesh=mesh, rules=rules,
                        workdir=vae)
     vae_params = task.vae_variables(state.params)  # without the GAN's discriminator, if any
-    params = (multihost_utils.process_allgather(vae_params, tiled=True) if jax.process_count() > 1
-              else jax.device_get(vae_params))
+    params = host_arrays(vae_params)
     local = Mesh(np.array(jax.local_devices()), ("batch",))
     params = jax.device_put(params, NamedSharding(local, PartitionSpec()))
     rows = NamedSharding(local, PartitionSpec("batch"))
@@ -225,15 +224,20 @@ def sample(config, workdir, mesh, rules):
     rng = jax.random.PRNGKey(config.eval.seed)
     t0 = time.time()
     images = []
+    # Every process holds all labels; each batch is split over (data, fsdp), padded to the data-parallel size (a
+    # row's noise does not depend on the padding: `row_noise`), and every process gathers the decoded images.
     for i in range(0, len(labels), config.eval.sample_batch):
-        z = sampler(params, jnp.asarray(labels[i:i + config.eval.sample_batch]), jax.random.fold_in(rng, i))
-        images.append(to_uint8(np.asarray(decode(task.norm.denormalize(z)))))
+        chunk = labels[i:i + config.eval.sample_batch]
+        z = sampler(params, global_rows(pad_rows(chunk, data_parallel_size(mesh)), mesh), jax.random.fold_in(rng, i))
+        images.append(to_uint8(host_arrays(decode(task.norm.denormalize(z)))[:len(chunk)]))
     images = np.concatenate(images)
     elapsed = time.time() - t0
-    storage.write_npz_atomic(f"{workdir}/samples/final.npz", images=images, labels=labels)
-    per = config.eval.samples_per_class
-    grid = np.stack([images[labels == k][:10] for k in range(config.data.num_classes)], 0)
-    save_image_grid(grid.reshape(-1, *images.shape[1:]), f"{workdir}/samples/final.png", ncols=min(10, per))
+    if jax.process_index() == 0:
+        storage.write_npz_atomic(f"{workdir}/samples/final.npz", images=images, labels=labels)
+        per = config.eval.samples_per_class
+        grid = np.stack([images[labels == k][:10] for k in range(config.data.num_classes)], 0)
+        save_image_grid(grid.reshape(-1, *images.shape[1:]), f"{workdir}/samples/final.png", ncols=min(10, per))
+    barrier("sample")  # the eval stage reads samples/final.npz on every process
     _log(f"sampled {len(images)} images in {elapsed:.1f}s ({len(images) / elapsed:.1f} images/s)")
     return {"num_samples": int(len(images)), "sampling_images_per_sec": len(images) / elapsed}
 

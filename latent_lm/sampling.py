@@ -120,13 +120,21 @@ class _BatchSizeDispatch:
         return self._pick(labels).lower(params, labels, rng)
 
 
+def row_noise(rng: jax.Array, batch: int, num_latents: int, latent_dim: int) -> jax.Array:
+    """x_T [B, N, C]: row j draws from fold_in(rng, j), so a row's noise does not depend on the batch size, i.e. on
+    how many rows the sample stage pads a batch with for a data-parallel mesh (docs/method.md §8.1)."""
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(batch))
+    return jax.vmap(lambda key: jax.random.normal(key, (num_latents, latent_dim)))(keys)
+
+
 def make_sampler(model: LatentLM, schedule: NoiseSchedule, settings: SamplerSettings, num_latents: int,
                  cache_slots: int | None = None, platform: str | None = None):
-    """Returns jitted `sample(params, labels [B], rng) -> latents [B, N, C]` for class-conditional generation
-    (`cache_slots`: see `sample_latents`; `platform`: what it compiles for, default the default backend's)."""
+    """Returns jitted `sample(params, labels [B], rng) -> latents [B, N, C]` for class-conditional generation, x_T
+    drawn per row from `rng` (`row_noise`). `cache_slots`: see `sample_latents`; `platform`: what it compiles for,
+    default the default backend's."""
 
     def sample(params, labels, rng):
-        noise = jax.random.normal(rng, (num_latents, labels.shape[0], model.config.latent_dim))
+        noise = jnp.swapaxes(row_noise(rng, labels.shape[0], num_latents, model.config.latent_dim), 0, 1)
         return sample_latents(model, params, labels[:, None].astype(jnp.int32), noise, schedule, settings,
                               cache_slots=cache_slots)
 
@@ -157,11 +165,12 @@ def sample_dit_latents(model: DiT, params, labels: jax.Array, noise: jax.Array, 
 
 
 def make_dit_sampler(model: DiT, schedule: NoiseSchedule, settings: SamplerSettings):
-    """Returns jitted `sample(params, labels [B], rng) -> latents [B, N, C]`, x_T ~ N(0, I) drawn from `rng`."""
+    """Returns jitted `sample(params, labels [B], rng) -> latents [B, N, C]`, x_T ~ N(0, I) drawn per row from `rng`
+    (`row_noise`)."""
 
     @jax.jit
     def sample(params, labels, rng):
-        noise = jax.random.normal(rng, (labels.shape[0], model.config.max_len, model.config.latent_dim))
+        noise = row_noise(rng, labels.shape[0], model.config.max_len, model.config.latent_dim)
         return sample_dit_latents(model, params, labels, noise, schedule, settings)
 
     return sample

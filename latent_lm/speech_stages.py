@@ -34,7 +34,6 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 import scipy.io.wavfile
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines import speech_corpus
@@ -45,6 +44,8 @@ from latent_lm.errors import ConfigError, DataError, MissingInputError
 from latent_lm.evaluation import speech_judges as judges
 from latent_lm.evaluation.audio_metrics import mean_stoi, mel_distance, sigma_vae_collapse_ratio
 from latent_lm.models.audio_vae import AudioVAE, frame_rate, hop_length
+from latent_lm.parallel.distributed import barrier
+from latent_lm.parallel.mesh import host_arrays
 from data_pipelines.tts_documents import load_speech_documents
 from latent_lm.evaluation import tts as tts_eval
 from latent_lm.stage_inputs import data_paths, generator_params, tokenizer_dir
@@ -75,11 +76,6 @@ def audio_latents_dir(config, workdir: str) -> str:
 
 def judges_dir(config, workdir: str) -> str:
     return f"{tokenizer_dir(config, workdir)}/judges"
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def _check_sample_rates(config) -> None:
@@ -113,7 +109,7 @@ def build_corpus(config, workdir, mesh, rules):
     path = corpus_dir(config, workdir)
     if jax.process_index() == 0:
         speech_corpus.build(path, config.speech, log=_log)
-    _barrier("build_corpus")
+    barrier("build_corpus")
     meta = _corpus_meta(config, workdir)
     splits = meta["splits"]
     _log(f"speech corpus at {path}: " + ", ".join(
@@ -145,9 +141,7 @@ def _load_audio_vae(config, workdir, mesh, rules) -> tuple[AudioVAETask, Any, in
     state = load_state(task, optim_config=config.audio_vae_optim, train_config=config.audio_vae_train, mesh=mesh,
                        rules=rules, workdir=audio_vae_dir(config, workdir))
     variables = task.vae_variables(state.params)
-    params = (multihost_utils.process_allgather(variables, tiled=True) if jax.process_count() > 1
-              else jax.device_get(variables))
-    return task, params, int(state.step)
+    return task, host_arrays(variables), int(state.step)
 
 
 class _Codec:
@@ -356,7 +350,7 @@ def _judge(path: str, fingerprint: dict[str, Any], fit: Callable[[], judges.Bund
             judges.save_judge(bundle, path)
             storage.write_json_atomic(side, fingerprint, indent=2, sort_keys=True)
             _log(f"trained the {what} in {time.time() - t0:.1f}s → {path}")
-        _barrier(f"train_judges {what}")
+        barrier(f"train_judges {what}")
     return judges.load_judge(path)
 
 

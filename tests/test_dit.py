@@ -343,7 +343,7 @@ def _check_stage_outputs(workdir: str, config, num_images: int, steps: int) -> N
 
 
 def test_sample_and_eval_loss_stages_of_the_dit_twin(tiny_dit_workdir, tmp_path):
-    """Fast sibling of the CLI test below: the sample and eval_loss stages in this process, on one device, on a DiT
+    """Fast sibling of the CLI test below: the sample and eval_loss stages in this process on a DiT
     checkpoint at the `tiny=1` size (`tiny_dit_workdir`: random weights at step 7, written without training; the
     DiT in the train loop is `trained` above, the train stage itself the CLI test)."""
     workdir = str(tmp_path)
@@ -353,8 +353,8 @@ def test_sample_and_eval_loss_stages_of_the_dit_twin(tiny_dit_workdir, tmp_path)
     config = tiny_dit_workdir["config"].copy_and_resolve_references()
     assert config.model.arch == "dit"
     config.eval.update(dict(loss_batch=16, loss_repeats=1))
-    mesh = one_device_mesh()
-    for stage in ("sample", "eval_loss"):
+    # The sample stage on the suite's 8 devices (its batches padded and split over the data axis), eval_loss on one.
+    for stage, mesh in (("sample", make_mesh(None)), ("eval_loss", one_device_mesh())):
         experiment.RUNNERS[stage](config, workdir, mesh, DEFAULT_RULES)
     _check_stage_outputs(workdir, config, num_images=config.eval.samples_per_class * 10, steps=7)
 

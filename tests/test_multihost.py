@@ -19,6 +19,7 @@ import pytest
 from data_pipelines.latent_cache import make_latent_dataset
 from latent_lm.parallel.mesh import logical_rules, make_mesh
 from latent_lm.training.metrics_writer import read_metrics
+from latent_lm.sampling import make_sampler
 from latent_lm.training.tasks import LatentLMTask
 from latent_lm.latents import LatentNormalization
 from latent_lm.training.train_loop import train
@@ -30,6 +31,26 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SAMPLE_LABELS = [3, 0, 2]
+
+
+def sampling_setup():
+    """A tiny class-conditional LatentLM, a schedule, sampler settings and N(0, 0.1²) parameters from a fixed seed."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from latent_lm.diffusion import make_schedule
+    from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
+    from latent_lm.sampling import SamplerSettings
+
+    model = LatentLM(LatentLMConfig(width=32, depth=1, num_heads=2, latent_dim=2, head_depth=1, num_classes=4,
+                                    text_vocab_size=2, max_len=2))
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32),
+                                       jnp.zeros((1, 2, 2)), jnp.zeros((1, 2), bool)))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: rng.normal(0.0, 0.1, x.shape).astype(np.float32), abstract)
+    return model, make_schedule("cosine", 1000), SamplerSettings(num_steps=2, cfg_scale=2.0), params
 
 
 _PROCESS_SCRIPT = r"""
@@ -69,8 +90,23 @@ abstract = {"latents": jax.ShapeDtypeStruct((16, 49, 4), jnp.float32, sharding=b
 restored, _ = ckpt.restore(abstract)
 ckpt.close()
 restored = multihost_utils.process_allgather(restored["latents"], tiled=True)
+
+# The sample stage's batch: labels every process holds, padded to data×fsdp = 4 and split over both processes.
+from jax.sharding import NamedSharding, PartitionSpec
+from latent_lm.parallel.mesh import data_parallel_size, global_rows, host_arrays, pad_rows
+from latent_lm.sampling import make_sampler
+sys.path.insert(0, "tests")
+from test_multihost import SAMPLE_LABELS, sampling_setup
+model, schedule, settings, params = sampling_setup()
+params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+labels = global_rows(pad_rows(np.array(SAMPLE_LABELS, np.int32), data_parallel_size(mesh)), mesh)
+assert labels.shape == (4,) and not labels.is_fully_addressable
+z = make_sampler(model, schedule, settings, 2)(params, labels, jax.random.PRNGKey(7))
+# a row per (data, fsdp) device pair, replicated over tensor: each process sampled its own 2 of the 4 rows
+assert z.sharding.shard_shape(z.shape)[0] == 1 and len({s.index[0].start for s in z.addressable_shards}) == 2
+sampled = host_arrays(z)
 if pid == 0:
-    np.savez(f"{workdir}/out.npz", mean=mean, restored=restored, **gathered)
+    np.savez(f"{workdir}/out.npz", mean=mean, restored=restored, sampled=sampled, **gathered)
 print("OK", pid)
 """
 
@@ -105,6 +141,11 @@ def test_two_processes_assemble_the_global_batch_on_a_hybrid_mesh(tmp_path):
         np.testing.assert_array_equal(out[k], want[k])
     np.testing.assert_array_equal(out["restored"], want["latents"])
     np.testing.assert_allclose(out["mean"], want["latents"].mean(0), rtol=1e-5, atol=1e-6)
+    # Two processes sampled their halves of the padded batch; the real rows equal one unsharded call.
+    model, schedule, settings, params = sampling_setup()
+    want_z = make_sampler(model, schedule, settings, 2)(params, np.array(SAMPLE_LABELS, np.int32),
+                                                         jax.random.PRNGKey(7))
+    np.testing.assert_allclose(out["sampled"][:len(SAMPLE_LABELS)], want_z, atol=1e-5)
     assert [r["loss"] for r in read_metrics(str(tmp_path / "run"))] == [0.0]  # process 0 alone writes
 
 

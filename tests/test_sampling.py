@@ -9,7 +9,8 @@ import pytest
 
 from latent_lm.diffusion import make_schedule
 from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
-from latent_lm.sampling import CPU_DOT_MIN_BATCH, SamplerSettings, make_sampler, sample_latents
+from latent_lm.parallel.mesh import data_parallel_size, global_rows, host_arrays, make_mesh, pad_rows
+from latent_lm.sampling import CPU_DOT_MIN_BATCH, SamplerSettings, make_sampler, row_noise, sample_latents
 from reference_samplers import make_reference_sampler
 
 
@@ -69,6 +70,24 @@ def test_make_sampler_deterministic_and_label_dependent():
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(a[0], c[0], atol=1e-6)  # rows are independent given their own noise
     assert not np.allclose(a[1], c[1])
+
+
+def test_sample_stage_batches_split_over_the_data_axes_and_padding_changes_no_row():
+    """What the sample stage does on a mesh: labels padded to the data-parallel size and split over (data, fsdp); every
+    device samples its rows only, and the real rows equal an unpadded, unsharded call (row noise: `row_noise`)."""
+    np.testing.assert_array_equal(row_noise(jax.random.PRNGKey(4), 5, 3, 2),
+                                  row_noise(jax.random.PRNGKey(4), 8, 3, 2)[:5])
+    params = _random_params(4)
+    sampler = make_sampler(MODEL, SCHEDULE, SamplerSettings(num_steps=2, cfg_scale=2.0), N, platform="cpu")
+    mesh = make_mesh(None)  # the suite's 8 CPU devices on the data axis
+    dp = data_parallel_size(mesh)
+    labels = np.array([0, 4, 1, 3, 2], np.int32)
+    padded = pad_rows(labels, dp)
+    assert dp == 8 and padded.tolist() == [0, 4, 1, 3, 2, 2, 2, 2]
+    key = jax.random.PRNGKey(6)
+    z = sampler(params, global_rows(padded, mesh), key)
+    assert z.shape == (8, N, 3) and z.sharding.shard_shape(z.shape) == (1, N, 3)  # one row per device
+    np.testing.assert_allclose(host_arrays(z)[:5], sampler(params, jnp.asarray(labels), key), atol=1e-5)
 
 
 def test_cpu_sampler_compiles_large_batches_with_xla_dots_and_samples_the_same():

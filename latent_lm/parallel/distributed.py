@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 import jax
+from jax.experimental import multihost_utils
 
 from latent_lm.errors import ConfigError
 
@@ -67,3 +68,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     else:
         jax.distributed.initialize()
     return True
+
+
+def barrier(name: str) -> None:
+    """Every process waits here for the others (e.g. until process 0 has written a file they read next)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -139,6 +139,30 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
     return jax.tree.map(put, batch)
+
+
+def pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:
+    """`x` with its leading axis padded to a multiple of `multiple` by repeating its last row."""
+    extra = -len(x) % multiple
+    return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]) if extra else x
+
+
+def global_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array that every process holds whole (e.g. the sample stage's labels) as a global array split over
+    (data, fsdp); its leading axis must divide by the data-parallel size (`pad_rows`)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda index: x[index])
+
+
+def host_arrays(tree):
+    """Every array of `tree` whole, as numpy, on every process (gathered where it spans several processes)."""
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, tree)
 
 
 def largest_replicated(tree, shardings) -> tuple[str, int]:
