@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: timing, a random-weight model from a config, and the model-size flags
+"""Shared helpers for the benchmark scripts: timing (alone, or several calls in turn), a random-weight model from a config, and the model-size flags
 (`--width/--depth/--head_depth`, default: the config's) that let tests run every script at a tiny size."""
 
 from __future__ import annotations
@@ -43,6 +43,20 @@ def time_fn(fn, *args, repeats: int = 5, warmup: int = 1, reduce=np.median) -> f
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return float(reduce(times))
+
+
+def best_of_alternating(calls: dict, repeats: int) -> dict:
+    """Best wall seconds of each zero-argument call, timed in turn (a, b, c, a, b, c, …) after one untimed call of
+    each, so that a change in the shared machine's load during the run falls on every side alike."""
+    for call in calls.values():
+        jax.block_until_ready(call())
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(repeats):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(call())
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def random_model(cfg: LatentLMConfig | DiTConfig, seed: int = 0):

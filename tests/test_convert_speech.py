@@ -5,7 +5,7 @@ tiny TTS config's σ-VAE) and the 75 Hz preset with weight norm, SiLU and a line
 against its full decode. A tiny `configs/tts.py:tiny=1` run written without training (random params in every leaf,
 `conftest.write_random_checkpoint`), sharing its tokenizer dir (`data.tokenizer_workdir="../tok"`), exported through
 the CLI: `tokenizer.json` byte for byte, the audio σ-VAE in `audio_vae/`, and the PyTorch Transformer matching JAX
-on packed TTS documents (fp32). A missing input is one error line."""
+on packed TTS documents (fp32); imported back (`from_torch`) bit-exact. A missing input is one error line."""
 
 import os
 import shutil
@@ -16,21 +16,24 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_random_checkpoint
-from test_convert_mllm import _one_torch_thread, export_run  # noqa: F401  (autouse: one torch thread, see tests/test_convert.py)
+from test_convert_mllm import (_assert_same_params, _one_device_mesh,  # noqa: F401  (autouse: one torch thread,
+                               _one_torch_thread, export_run)         # see tests/test_convert.py)
 
 from configs import tts
 from data_pipelines.packing import make_packed_dataset
 from data_pipelines.tts_documents import EOD, SpeechDocuments, TTSDocumentSource
 from latent_lm import cli
-from latent_lm.convert import to_torch
+from latent_lm.convert import from_torch, to_torch
 from latent_lm.convert.torch_audio_vae import AudioVAE as TorchAudioVAE
 from latent_lm.convert.torch_files import ConversionError, load_audio_vae, load_model, read_config
 from latent_lm.latents import LatentNormalization
 from latent_lm.models.audio_vae import STRIDE_PRESETS, AudioVAE, make_audio_vae
 from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
+from latent_lm.parallel.mesh import logical_rules
 from latent_lm.text.tokenizer import train_tokenizer
 from latent_lm.training.tasks import make_generator_task
 from latent_lm.training.tasks.audio_vae import AudioVAETask
+from latent_lm.training.train_loop import load_state
 
 PHONEMES = ["ðə kwɪk bɹaʊn fɒks dʒʌmps oʊvɚ ðə leɪzi dɑːɡ", "hiː sɛd ðæt ðə tɹeɪn wʊd biː leɪt",
             "ʃiː sɛlz siː ʃɛlz baɪ ðə siː ʃɔːɹ", "ðə bʊk ɪz ɑːn ðə teɪbəl", "wʌn tuː θɹiː fɔːɹ faɪv",
@@ -107,7 +110,12 @@ def test_torch_audio_vae_matches_jax(name, tmp_path):
     torch_vae, loaded = load_audio_vae(str(tmp_path))
     assert loaded["kwargs"] == config["kwargs"] and loaded["audio"]["hop_length"] == jax_vae.hop
     assert loaded["audio"]["weight_norm_folded"] == jax_vae.weight_norm
-    _assert_codec_matches(torch_vae, jax_vae, variables, rng)
+    errors = _assert_codec_matches(torch_vae, jax_vae, variables, rng)
+    # And back (`from_torch`): the export's kernels re-enter the JAX model (with weight norm, each gain is its
+    # kernel's norm), and the imported model is the PyTorch one again.
+    imported, _ = from_torch.read_torch_params(str(tmp_path / "audio_vae"), jax_vae)
+    assert jax.tree.map(np.shape, imported) == jax.tree.map(np.shape, variables)
+    assert _assert_codec_matches(torch_vae, jax_vae, imported, np.random.default_rng(0)).keys() == errors.keys()
 
 
 def test_torch_stream_decode_equals_full_decode():
@@ -241,6 +249,36 @@ def test_tts_documents_match_jax(tts_run, tts_export):
     p_stop = {k: jax.nn.softmax(v, axis=-1)[..., stop][is_latent] for k, v in (("jax", want["logits"]),
                                                                                ("torch", got["logits"]))}
     assert np.abs(np.asarray(p_stop["jax"]) - np.asarray(p_stop["torch"])).max() <= 1e-6
+
+
+def test_import_round_trips_into_a_workdir_sharing_a_tokenizer(tts_run, tts_export, tmp_path, capsys):
+    """`from_torch` with the embedded config: lm/ in the workdir, audio_vae/ and text/tokenizer.json where the speech
+    stages read them (`../tok` of the new run), bit-exact; an image σ-VAE export into a TTS config is one error."""
+    run, out = tts_run, tts_export[0]
+    new = str(tmp_path / "ft" / "run")
+    written = from_torch.import_workdir(out, new, what="all", step=STEP, mesh=_one_device_mesh())
+    tok_dir = str(tmp_path / "ft" / "tok")
+    assert written == {"audio_vae": f"{tok_dir}/audio_vae/checkpoints/{STEP}", "lm": f"{new}/lm/checkpoints/{STEP}",
+                       "tokenizer": f"{tok_dir}/text/tokenizer.json"}
+    with open(written["tokenizer"], "rb") as f, open(os.path.join(out, "tokenizer.json"), "rb") as g:
+        assert f.read() == g.read()
+    config, mesh = run["config"], _one_device_mesh()
+    rules = logical_rules(config.mesh)
+    state = load_state(make_generator_task(config, LatentNormalization(0.8, 0.1)), optim_config=config.optim,
+                       train_config=config.train, mesh=mesh, rules=rules, workdir=f"{new}/lm")
+    assert int(state.step) == STEP
+    _assert_same_params(jax.device_get(state.params), run["lm_ema"])
+    audio = to_torch.restore_state(AudioVAETask.from_config(config), config.audio_vae_optim, config.audio_vae_train,
+                                   f"{tok_dir}/audio_vae", STEP, mesh, rules)
+    _assert_same_params(jax.device_get(audio.params), run["audio_vae_raw"])
+
+    image_export = str(tmp_path / "image_export")
+    os.makedirs(os.path.join(image_export, "vae"))  # a σ-VAE where the audio σ-VAE should be
+    assert cli.run(from_torch.main, ["--torch_dir", image_export, "--workdir", str(tmp_path / "other"),
+                                     "--config", "configs/tts.py:tiny=1", "--what", "vae"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"{image_export}/audio_vae" in err[0], err
+    assert not os.path.exists(tmp_path / "other")
 
 
 def test_missing_audio_vae_or_tokenizer_is_one_error_line(tts_run, tmp_path, capsys):

@@ -11,7 +11,9 @@ dir is where training reads vae/ and text/: `data.tokenizer_workdir` (relative t
 (`experiment.tokenizer_dir`, docs/pytorch.md §2.1); the σ-VAE goes to `<data.vae_workdir>/vae` instead when the
 config reads it from there (`stage_inputs.vae_dir`). The weights become both `params` and `ema_params`; the optimizer
 state is fresh (zero Adam moments, bias correction from the start) with the learning-rate schedule positioned at
-`step`. The experiment config defaults to the one embedded in the export's config.json.
+`step`. The experiment config defaults to the one embedded in the export's config.json. A TTS export
+(`model.arch="tts"`, docs/pytorch.md §2.2) imports the same way: its phoneme tokenizer to `<tokenizer dir>/text/` and
+its `audio_vae/` to `<tokenizer dir>/audio_vae` (`speech_stages.audio_vae_dir`) instead of a σ-VAE.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from flax import traverse_util
 from latent_lm import cli, storage
 from latent_lm.checkpoint import Checkpointer
 from latent_lm.convert import param_mapping
+from latent_lm.convert.to_torch import EXPORTABLE_ARCHS, TEXT_ARCHS, audio_vae_torch_kwargs
 from latent_lm.convert.torch_files import (
+    AUDIO_VAE_DIR,
     TOKENIZER,
     VAE_DIR,
     ConversionError,
@@ -43,15 +47,18 @@ from latent_lm.convert.torch_files import (
 )
 from latent_lm.errors import MissingInputError
 from latent_lm.experiment import data_paths
+from latent_lm.models.audio_vae import AudioVAE
 from latent_lm.models.dit import DiTConfig
 from latent_lm.models.latent_lm import LatentLMConfig
 from latent_lm.models.sigma_vae import SigmaVAE
 from latent_lm.parallel.mesh import logical_rules, make_mesh
-from latent_lm.stage_inputs import vae_dir
+from latent_lm.speech_stages import audio_vae_dir
+from latent_lm.stage_inputs import is_speech, vae_dir
 from latent_lm.latents import LatentNormalization
 from latent_lm.text.tokenizer import TOKENIZER_FILE, TextTokenizer
 from latent_lm.training.optimizer import make_optimizer
 from latent_lm.training.tasks import VAETask, make_generator_task
+from latent_lm.training.tasks.audio_vae import AudioVAETask
 from latent_lm.training.train_loop import build_state_fns
 
 
@@ -158,9 +165,20 @@ def check_vae_config(torch_config: dict, vae: SigmaVAE, what: str) -> None:
     ])
 
 
+def check_audio_vae_config(torch_config: dict, vae: AudioVAE, what: str) -> None:
+    """The export's constructor arguments are the configured audio σ-VAE's (an export folds weight norm in, so a
+    `audio_vae.weight_norm` run imports too: each kernel's gain becomes its norm)."""
+    if torch_config["architecture"] != "AudioVAE":
+        raise ConversionError(f"{what}: architecture {torch_config['architecture']!r} is not an 'AudioVAE' "
+                              f"checkpoint")
+    k = torch_config["kwargs"]
+    _compare(what, [(name, k.get(name), f"audio_vae.{name}", value)
+                    for name, value in audio_vae_torch_kwargs(vae).items()])
+
+
 def read_torch_params(torch_dir: str, model) -> tuple[dict, dict]:
     """(JAX params {"params": …} as numpy, config.json) for a LatentLM (`model` a LatentLMConfig), its DiT twin
-    (a DiTConfig) or a SigmaVAE."""
+    (a DiTConfig), a SigmaVAE or an AudioVAE."""
     config = read_config(torch_dir)
     if isinstance(model, LatentLMConfig):
         check_lm_config(config, model, torch_dir)
@@ -168,6 +186,9 @@ def read_torch_params(torch_dir: str, model) -> tuple[dict, dict]:
     elif isinstance(model, DiTConfig):
         check_dit_config(config, model, torch_dir)
         table = param_mapping.dit_table(model)
+    elif isinstance(model, AudioVAE):
+        check_audio_vae_config(config, model, torch_dir)
+        table = param_mapping.audio_vae_table(model)
     else:
         check_vae_config(config, model, torch_dir)
         table = param_mapping.sigma_vae_table(model)
@@ -241,12 +262,12 @@ def load_experiment_config(spec: str) -> ml_collections.ConfigDict:
 
 
 def _tokenizer_to_import(torch_dir: str, config, workdir: str) -> tuple[bytes, str] | None:
-    """(bytes of the export's tokenizer.json, where training reads it) for a multimodal config, None when the
+    """(bytes of the export's tokenizer.json, where training reads it) for a multimodal or TTS config, None when the
     destination already holds the same file. A missing file or a different tokenizer there is one clear error."""
     src = os.path.join(torch_dir, TOKENIZER)
     if not os.path.exists(src):
-        raise MissingInputError(f"{src} not found: a multimodal run (model.arch='mllm') needs the text tokenizer "
-                                f"its export ships beside the weights")
+        raise MissingInputError(f"{src} not found: a run with text (model.arch={config.model.arch!r}) needs the text "
+                                f"tokenizer its export ships beside the weights")
     TextTokenizer.load(src)  # one of ours: the special tokens are there
     with open(src, "rb") as f:
         data = f.read()
@@ -262,12 +283,14 @@ def _tokenizer_to_import(torch_dir: str, config, workdir: str) -> tuple[bytes, s
 def import_workdir(torch_dir: str, workdir: str, *, config: ml_collections.ConfigDict | None = None,
                    what: str = "all", step: int = 0, mesh=None) -> dict:
     """Writes `<workdir>/lm` (from `torch_dir`) and `<tokenizer dir>/vae` (from `torch_dir/vae`;
-    `<data.vae_workdir>/vae` when set) checkpoints, and for a multimodal run `<tokenizer dir>/text/tokenizer.json` (a
-    byte copy of the export's); tokenizer dir = `experiment.tokenizer_dir(config, workdir)`, where training reads them.
+    `<data.vae_workdir>/vae` when set) checkpoints — a TTS run's `<tokenizer dir>/audio_vae` from
+    `torch_dir/audio_vae` instead —, and for a multimodal or TTS run `<tokenizer dir>/text/tokenizer.json` (a byte
+    copy of the export's); tokenizer dir = `experiment.tokenizer_dir(config, workdir)`, where training reads them.
     A checkpoints directory that holds one already is refused (`write_checkpoint`), so no run's σ-VAE is replaced.
 
     `mesh` defaults to the config's. `--mode=train` then starts the data afresh (the checkpoints hold no iterator
-    state); a generator (LatentLM or DiT) import still needs `--mode=encode` (or copied latents) before training.
+    state); a generator import still needs `--mode=encode` (TTS: `--mode=encode_audio`; or copied latents) before
+    training.
     """
     if what not in ("all", "lm", "vae"):
         raise ValueError(f"what={what!r} must be 'all', 'lm' or 'vae'")
@@ -277,18 +300,23 @@ def import_workdir(torch_dir: str, workdir: str, *, config: ml_collections.Confi
             raise ConversionError(f"{torch_dir}/config.json holds no experiment config: pass --config")
         config = ml_collections.ConfigDict(embedded)
     arch = config.model.get("arch", "latent_lm")
-    if what in ("all", "lm") and arch not in ("latent_lm", "mllm", "dit"):
+    if what in ("all", "lm") and arch not in EXPORTABLE_ARCHS:
         raise ConversionError(f"model.arch={arch!r} has no PyTorch twin to import from")
-    tokenizer = _tokenizer_to_import(torch_dir, config, workdir) if what in ("all", "lm") and arch == "mllm" else None
+    tokenizer = (_tokenizer_to_import(torch_dir, config, workdir) if what in ("all", "lm") and arch in TEXT_ARCHS
+                 else None)
     mesh, rules = mesh or make_mesh(config.mesh), logical_rules(config.mesh)
     written = {}
     if what in ("all", "vae"):
-        task = VAETask.from_config(config)
-        params, _ = read_torch_params(os.path.join(torch_dir, VAE_DIR), task.model)
+        speech = is_speech(config)
+        task, sub = (AudioVAETask, AUDIO_VAE_DIR) if speech else (VAETask, VAE_DIR)
+        task = task.from_config(config)
+        params, _ = read_torch_params(os.path.join(torch_dir, sub), task.model)
         params = task.add_discriminator(params, jax.random.PRNGKey(0))  # a fresh discriminator when the GAN is on
-        written["vae"] = write_checkpoint(params, task, optim_config=config.vae_optim, train_config=config.vae_train,
-                                          mesh=mesh, rules=rules, train_dir=vae_dir(config, workdir),
-                                          step=step, meta={"config": config.to_json(), "imported_from": torch_dir})
+        optim, train_config = ((config.audio_vae_optim, config.audio_vae_train) if speech else
+                               (config.vae_optim, config.vae_train))
+        written[sub] = write_checkpoint(params, task, optim_config=optim, train_config=train_config, mesh=mesh,
+                                        rules=rules, train_dir=(audio_vae_dir if speech else vae_dir)(config, workdir),
+                                        step=step, meta={"config": config.to_json(), "imported_from": torch_dir})
     if what in ("all", "lm"):
         lm_cfg = DiTConfig.from_config(config) if arch == "dit" else LatentLMConfig.from_config(config)
         params, tconfig = read_torch_params(torch_dir, lm_cfg)
@@ -310,7 +338,8 @@ def import_workdir(torch_dir: str, workdir: str, *, config: ml_collections.Confi
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--torch_dir", required=True, help="export directory (model.safetensors|model.pt + config.json)")
-    p.add_argument("--workdir", required=True, help="experiment workdir to write lm/ and vae/ checkpoints into")
+    p.add_argument("--workdir", required=True, help="experiment workdir to write lm/ and vae/ (TTS: audio_vae/) "
+                   "checkpoints into")
     p.add_argument("--config", default=None, help="experiment config file[:arg] (default: the one in config.json)")
     p.add_argument("--what", choices=["all", "lm", "vae"], default="all")
     p.add_argument("--step", type=int, default=0, help="step of the written checkpoint (schedule position)")

@@ -69,10 +69,13 @@ class AudioVAETask:
     def init_params(self, rng):
         x = jnp.zeros((1, self.crop_samples), jnp.float32)
         k_vae, k_disc = jax.random.split(rng)
-        variables = self.model.init({"params": k_vae}, x, rng=k_vae)
+        return self.add_discriminator(self.model.init({"params": k_vae}, x, rng=k_vae), k_disc)
+
+    def add_discriminator(self, vae_variables, rng):
+        """AudioVAE variables → this task's param tree (fresh discriminators added when the GAN is on)."""
         if self.disc is None:
-            return variables
-        return dict(variables, disc=self.disc.init(k_disc, x)["params"])
+            return vae_variables
+        return dict(vae_variables, disc=self.disc.init(rng, jnp.zeros((1, self.crop_samples), jnp.float32))["params"])
 
     @staticmethod
     def vae_variables(params):
