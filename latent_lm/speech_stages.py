@@ -26,14 +26,12 @@ utterances at a time, the judges train and score a batch at a time (docs/experim
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-import scipy.io.wavfile
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines import speech_corpus
@@ -44,6 +42,7 @@ from latent_lm.errors import ConfigError, DataError, MissingInputError
 from latent_lm.evaluation import speech_judges as judges
 from latent_lm.evaluation.audio_metrics import mean_stoi, mel_distance, sigma_vae_collapse_ratio
 from latent_lm.models.audio_vae import AudioVAE, frame_rate, hop_length
+from latent_lm.audio.wav import read_wav, write_wav
 from latent_lm.parallel.distributed import barrier
 from latent_lm.parallel.mesh import host_arrays
 from data_pipelines.tts_documents import load_speech_documents
@@ -273,18 +272,6 @@ def encode_audio(config, workdir, mesh, rules):
     return {**out, "audio_latent_scale": norm["scale"], "audio_latent_bias": norm["bias"]}
 
 
-def _wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
-    pcm = np.round(np.clip(audio, -1.0, 32767 / 32768) * 32768).astype(np.int16)
-    buf = io.BytesIO()
-    scipy.io.wavfile.write(buf, int(sample_rate), pcm)
-    return buf.getvalue()
-
-
-def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
-    """16-bit PCM WAV of a float waveform in [-1, 1], written atomically."""
-    storage.write_bytes_atomic(path, _wav_bytes(np.asarray(audio, np.float32), sample_rate))
-
-
 def eval_audio_vae(config, workdir, mesh, rules):
     """Reconstruction of held-out speakers (test_speakers): mel distance, STOI and the variance-collapse ratio
     (docs/method.md §12) → eval/audio_vae.json; `audio_vae_eval.wav_samples` real/reconstructed pairs →
@@ -464,12 +451,6 @@ def generate_tts(config, workdir, mesh, rules):
     return {f"tts_{m}_rtf": s["rtf"] for m, s in speed.items()}
 
 
-def _read_wav(path: str) -> np.ndarray:
-    with storage.open_file(path) as f:
-        _, pcm = scipy.io.wavfile.read(io.BytesIO(f.read()))
-    return pcm.astype(np.float32) / 32768.0
-
-
 def eval_tts(config, workdir, mesh, rules):
     """Scores samples/tts/ (docs/method.md §12.4) → eval/tts.json: per mode, the recogniser's WER and PER against the
     target phonemes (continuation: the whole utterance, prefix included), the speaker judge's cosine between the
@@ -496,8 +477,8 @@ def eval_tts(config, workdir, mesh, rules):
         rows = [m for m in manifest if m["mode"] == mode]
         if not rows:
             continue
-        audio = [_read_wav(f"{root}/{m['file']}") for m in rows]
-        prompts = [_read_wav(f"{root}/{m['prompt_file']}") for m in rows]
+        audio = [read_wav(f"{root}/{m['file']}") for m in rows]
+        prompts = [read_wav(f"{root}/{m['prompt_file']}") for m in rows]
         hop = hop_length(config.audio_vae.strides)
         own = [a[m["prompt_frames"] * hop:] if mode == "continuation" else a for a, m in zip(audio, rows)]
         err = judges.recogniser_error_rates(recogniser, audio, [m["phonemes"] for m in rows])

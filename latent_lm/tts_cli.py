@@ -18,52 +18,26 @@ transcribed by the run's phoneme recogniser (judges/recogniser.msgpack). The mod
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from collections.abc import Sequence
-from math import gcd
 
 import jax
 import ml_collections
 import numpy as np
-import scipy.io.wavfile
-import scipy.signal
 
 from data_pipelines.tts_documents import prompt_document
 from latent_lm import cli, storage
 from latent_lm.audio import espeak
-from latent_lm.errors import ConfigError, DataError, MissingInputError
+from latent_lm.audio.wav import read_recording, write_wav
+from latent_lm.errors import ConfigError, MissingInputError
 from latent_lm.evaluation import speech_judges as judges
 from latent_lm.evaluation import tts as tts_eval
 from latent_lm.parallel.mesh import logical_rules, make_mesh
-from latent_lm.speech_stages import audio_codec, judges_dir, write_wav
+from latent_lm.speech_stages import audio_codec, judges_dir
 from latent_lm.stage_inputs import data_paths, generator_params
 from latent_lm.text.tokenizer import TextTokenizer
 
 MODES = ("reference", "continuation")
-
-
-def read_recording(path: str, sample_rate: int) -> np.ndarray:
-    """A WAV file (PCM or float, mono or multi-channel, any rate) → mono float32 in [-1, 1] at `sample_rate`."""
-    if not storage.exists(path):
-        raise MissingInputError(f"--prompt={path} not found")
-    try:
-        with storage.open_file(path) as f:
-            rate, data = scipy.io.wavfile.read(io.BytesIO(f.read()))
-    except ValueError as e:
-        raise DataError(f"--prompt={path} is not a WAV file scipy can read: {e}") from None
-    if np.issubdtype(data.dtype, np.integer):
-        info = np.iinfo(data.dtype)
-        data = (data.astype(np.float64) - (info.max + info.min + 1) / 2) / ((info.max - info.min + 1) / 2)
-    audio = np.asarray(data, np.float64)
-    if audio.ndim == 2:
-        audio = audio.mean(axis=1)
-    if audio.size == 0:
-        raise DataError(f"--prompt={path} holds no samples")
-    if rate != sample_rate:
-        g = gcd(int(rate), int(sample_rate))
-        audio = scipy.signal.resample_poly(audio, sample_rate // g, rate // g)
-    return np.clip(audio, -1.0, 1.0).astype(np.float32)
 
 
 def _run_config(workdir: str) -> ml_collections.ConfigDict:

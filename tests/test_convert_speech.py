@@ -21,11 +21,13 @@ from test_convert_mllm import (_assert_same_params, _one_device_mesh,  # noqa: F
 
 from configs import tts
 from data_pipelines.packing import make_packed_dataset
-from data_pipelines.tts_documents import EOD, SpeechDocuments, TTSDocumentSource
+from data_pipelines.tts_documents import BOD, BOS, EOD, EOS, NULL, SpeechDocuments, TTSDocumentSource
 from latent_lm import cli
-from latent_lm.convert import from_torch, to_torch
+from latent_lm.audio.wav import read_wav, write_wav
+from latent_lm.convert import from_torch, to_torch, torch_sampling, torch_tts
 from latent_lm.convert.torch_audio_vae import AudioVAE as TorchAudioVAE
 from latent_lm.convert.torch_files import ConversionError, load_audio_vae, load_model, read_config
+from latent_lm.generation import GenerationSettings, make_generator, make_prompt, step_keys
 from latent_lm.latents import LatentNormalization
 from latent_lm.models.audio_vae import STRIDE_PRESETS, AudioVAE, make_audio_vae
 from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
@@ -249,6 +251,78 @@ def test_tts_documents_match_jax(tts_run, tts_export):
     p_stop = {k: jax.nn.softmax(v, axis=-1)[..., stop][is_latent] for k, v in (("jax", want["logits"]),
                                                                                ("torch", got["logits"]))}
     assert np.abs(np.asarray(p_stop["jax"]) - np.asarray(p_stop["torch"])).max() <= 1e-6
+
+
+def _speak_both(run, model, params, max_frames: int, prompt_latents: int = 3):
+    """The JAX generator's speech mode and `torch_tts.speak` on one prompt (phonemes, `<bod>`, latents), its null
+    prompt and the JAX generator's own initial noise; returns ((latents, ended) JAX, (latents, ended) PyTorch)."""
+    config, c = run["config"], run["config"].model.latent_dim
+    task = make_generator_task(config, LatentNormalization(0.8, 0.1))
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((prompt_latents, c)).astype(np.float32)
+    text = run["tokenizer"].encode(PHONEMES[0])
+    items, null_items = [BOS, *text, BOD, *z], [BOS, NULL, BOD, *z]
+    settings = GenerationSettings(max_new=max_frames + 1, num_latents=max_frames, num_steps=3, cfg_scale=2.0,
+                                  prediction_type=task.prediction_type, boi_id=BOD, latent_stop_id=EOD,
+                                  stop_ids=(EOD, EOS))
+    key = jax.random.PRNGKey(4)
+    g = make_generator(task.model, task.schedule, settings)(params, make_prompt([items], c), key,
+                                                           make_prompt([null_items], c))
+    n = int(g.num_generated[0])
+    ended = n > 0 and not g.is_latent[0, n - 1] and int(g.tokens[0, n - 1]) == EOD
+    want = (np.asarray(g.latents[0, :n][np.asarray(g.is_latent[0, :n])]), bool(ended))
+    noise = torch.from_numpy(np.stack([np.asarray(jax.random.normal(step_keys(key, i, 1)[1][0], (c,)))
+                                       for i in range(max_frames + 1)]))
+
+    def of(seq):
+        return torch_tts.Items.of([x if np.ndim(x) == 0 else 0 for x in seq],
+                                  [np.zeros(c, np.float32) if np.ndim(x) == 0 else x for x in seq],
+                                  [np.ndim(x) > 0 for x in seq])
+
+    sample_func = torch_sampling.make_sample_func(3, task.prediction_type)
+    got = torch_tts.speak(model, of(items), of(null_items), sample_func=sample_func, cfg_scale=2.0,
+                          max_frames=max_frames, latent_stop_id=EOD, bod_id=BOD, stop_ids=(EOD, EOS), noise=noise)
+    return want, (got[0].numpy(), got[1])
+
+
+def test_torch_speak_generates_what_the_jax_generator_does(tts_run, tts_export):
+    """`torch_tts.speak` (PyTorch alone) against the JAX generator's speech mode from the same noise: a span that runs
+    to `max_frames` (4 new latents after 3 prompt latents, then the LM head's greedy tokens), and one that the LM head
+    ends with `<eod>` at once (its `<eod>` row made to point at the prompt's last hidden state)."""
+    run, out = tts_run, tts_export[0]
+    model, _ = load_model(out)
+    (want, ended), (got, got_ended) = _speak_both(run, model, run["lm_ema"], max_frames=7)
+    assert want.shape == got.shape == (4, run["config"].model.latent_dim) and not ended and not got_ended
+    assert np.abs(want).max() > 0.05 and np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
+
+    # The <eod> row along the prompt's last hidden state (after the LM head's RMSNorm): p(<eod>) ≈ 1 right away.
+    params, c = jax.tree.map(np.array, run["lm_ema"]), run["config"].model.latent_dim
+    with torch.no_grad():
+        head = [BOS, *run["tokenizer"].encode(PHONEMES[0]), BOD]  # `_speak_both`'s prompt without latents
+        row = torch_tts._Row(model, torch_tts.Items.of(head, np.zeros((len(head), c), np.float32),
+                                                       np.zeros(len(head), bool)), len(head))
+        h = row.hidden[0] / row.hidden[0].pow(2).mean().sqrt()
+        model.lm_head.weight[EOD] = 50 * h / h.norm()
+        params["params"]["lm_head"]["kernel"][:, EOD] = model.lm_head.weight[EOD].numpy()
+    (want, ended), (got, got_ended) = _speak_both(run, model, params, max_frames=7, prompt_latents=0)
+    assert want.shape == got.shape == (0, c) and ended and got_ended
+
+
+def test_torch_tts_cli_speaks_in_the_voice_of_a_recording(tts_export, tmp_path, capsys):
+    """`python -m latent_lm.convert.torch_tts` on the export: a 0.2 s recording (5 latent frames at 25 Hz) as the
+    reference, `--max_frames=8` (the span holds the prompt's 5), so 3 new frames; empty text is one error line."""
+    out = tts_export[0]
+    t = np.arange(3200) / 16_000
+    write_wav(str(tmp_path / "ref.wav"), 0.3 * np.sin(2 * np.pi * 220 * t), 16_000)
+    args = ["--export_dir", out, "--prompt", str(tmp_path / "ref.wav"), "--prompt_text", "a test",
+            "--max_frames", "8", "--out", str(tmp_path / "speech.wav")]
+    assert cli.run(torch_tts.main, [*args, "--text", "hello there"]) == 0
+    assert capsys.readouterr().out.strip() == (f"wrote 0.12 s of speech (3 latent frames, stopped at max_frames) to "
+                                               f"{tmp_path}/speech.wav")
+    audio = read_wav(str(tmp_path / "speech.wav"))
+    assert audio.shape == (3 * 640,) and np.abs(audio).max() > 0
+    assert cli.run(torch_tts.main, [*args, "--text", " "]) == 2
+    assert capsys.readouterr().err.strip() == "error: --text is empty"
 
 
 def test_import_round_trips_into_a_workdir_sharing_a_tokenizer(tts_run, tts_export, tmp_path, capsys):
