@@ -249,14 +249,13 @@ def test_exported_tokenizer_encodes_like_the_text_tokenizer(mllm_run, mllm_expor
     assert tok.boi_id not in tok.encode(spelled)
 
 
-def test_import_round_trips_into_a_workdir_sharing_a_tokenizer(mllm_run, mllm_export, tmp_path, capsys):
-    """`from_torch` with the embedded config: lm/ in the workdir, vae/ and text/tokenizer.json where training reads
-    them (`../tok` of the new run), bit-exact; a different tokenizer already there is one clear error."""
-    run, out = mllm_run, mllm_export[0]
-    new = str(tmp_path / "ft" / "run")
+def import_sharing_a_tokenizer(run: dict, out: str, root, vae: str) -> str:
+    """`from_torch.import_workdir(out)` into `<root>/ft/run` with the run's embedded config: lm/ there, `vae` (vae or
+    audio_vae) and text/tokenizer.json in `../tok`; checks what it wrote, the tokenizer's bytes and the generator (the
+    run's EMA, bit-exact, at STEP). Returns the tokenizer dir."""
+    new, tok_dir = str(root / "ft" / "run"), str(root / "ft" / "tok")
     written = from_torch.import_workdir(out, new, what="all", step=STEP, mesh=_one_device_mesh())
-    tok_dir = str(tmp_path / "ft" / "tok")
-    assert written == {"vae": f"{tok_dir}/vae/checkpoints/{STEP}", "lm": f"{new}/lm/checkpoints/{STEP}",
+    assert written == {vae: f"{tok_dir}/{vae}/checkpoints/{STEP}", "lm": f"{new}/lm/checkpoints/{STEP}",
                        "tokenizer": f"{tok_dir}/text/tokenizer.json"}
     with open(written["tokenizer"], "rb") as f, open(os.path.join(out, "tokenizer.json"), "rb") as g:
         assert f.read() == g.read()
@@ -266,6 +265,15 @@ def test_import_round_trips_into_a_workdir_sharing_a_tokenizer(mllm_run, mllm_ex
                        rules=logical_rules(config.mesh), workdir=f"{new}/lm")
     assert int(state.step) == STEP
     _assert_same_params(jax.device_get(state.params), run["lm_ema"])
+    return tok_dir
+
+
+def test_import_round_trips_into_a_workdir_sharing_a_tokenizer(mllm_run, mllm_export, tmp_path, capsys):
+    """`from_torch` with the embedded config: lm/ in the workdir, vae/ and text/tokenizer.json where training reads
+    them (`../tok` of the new run), bit-exact; a different tokenizer already there is one clear error."""
+    run, out = mllm_run, mllm_export[0]
+    tok_dir = import_sharing_a_tokenizer(run, out, tmp_path, "vae")
+    config = run["config"]
     vstate = to_torch.restore_state(VAETask.from_config(config), config.vae_optim, config.vae_train, f"{tok_dir}/vae",
                                     STEP, _one_device_mesh(), logical_rules(config.mesh))
     _assert_same_params(jax.device_get(vstate.params), run["vae_raw"])

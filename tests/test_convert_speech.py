@@ -17,7 +17,8 @@ import pytest
 import torch
 from conftest import write_random_checkpoint
 from test_convert_mllm import (_assert_same_params, _one_device_mesh,  # noqa: F401  (autouse: one torch thread,
-                               _one_torch_thread, export_run)         # see tests/test_convert.py)
+                               _one_torch_thread, export_run,         # see tests/test_convert.py)
+                               import_sharing_a_tokenizer)
 
 from configs import tts
 from data_pipelines.packing import make_packed_dataset
@@ -35,7 +36,6 @@ from latent_lm.parallel.mesh import logical_rules
 from latent_lm.text.tokenizer import train_tokenizer
 from latent_lm.training.tasks import make_generator_task
 from latent_lm.training.tasks.audio_vae import AudioVAETask
-from latent_lm.training.train_loop import load_state
 
 PHONEMES = ["ðə kwɪk bɹaʊn fɒks dʒʌmps oʊvɚ ðə leɪzi dɑːɡ", "hiː sɛd ðæt ðə tɹeɪn wʊd biː leɪt",
             "ʃiː sɛlz siː ʃɛlz baɪ ðə siː ʃɔːɹ", "ðə bʊk ɪz ɑːn ðə teɪbəl", "wʌn tuː θɹiː fɔːɹ faɪv",
@@ -329,19 +329,9 @@ def test_import_round_trips_into_a_workdir_sharing_a_tokenizer(tts_run, tts_expo
     """`from_torch` with the embedded config: lm/ in the workdir, audio_vae/ and text/tokenizer.json where the speech
     stages read them (`../tok` of the new run), bit-exact; an image σ-VAE export into a TTS config is one error."""
     run, out = tts_run, tts_export[0]
-    new = str(tmp_path / "ft" / "run")
-    written = from_torch.import_workdir(out, new, what="all", step=STEP, mesh=_one_device_mesh())
-    tok_dir = str(tmp_path / "ft" / "tok")
-    assert written == {"audio_vae": f"{tok_dir}/audio_vae/checkpoints/{STEP}", "lm": f"{new}/lm/checkpoints/{STEP}",
-                       "tokenizer": f"{tok_dir}/text/tokenizer.json"}
-    with open(written["tokenizer"], "rb") as f, open(os.path.join(out, "tokenizer.json"), "rb") as g:
-        assert f.read() == g.read()
+    tok_dir = import_sharing_a_tokenizer(run, out, tmp_path, "audio_vae")
     config, mesh = run["config"], _one_device_mesh()
     rules = logical_rules(config.mesh)
-    state = load_state(make_generator_task(config, LatentNormalization(0.8, 0.1)), optim_config=config.optim,
-                       train_config=config.train, mesh=mesh, rules=rules, workdir=f"{new}/lm")
-    assert int(state.step) == STEP
-    _assert_same_params(jax.device_get(state.params), run["lm_ema"])
     audio = to_torch.restore_state(AudioVAETask.from_config(config), config.audio_vae_optim, config.audio_vae_train,
                                    f"{tok_dir}/audio_vae", STEP, mesh, rules)
     _assert_same_params(jax.device_get(audio.params), run["audio_vae_raw"])
