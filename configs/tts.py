@@ -79,7 +79,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.audio_vae_loss = ml_collections.ConfigDict(dict(
         stft_weight=1.0, mel_weight=1.0, l1_weight=0.1, kl_weight=0.01, stft_resolutions=(), mel_resolution=(),
         disc_weight=0.0, fm_ratio=2.0, disc_start=0, gan_loss="lsgan", disc_periods=(2, 3, 5, 7, 11), disc_scales=3,
-        disc_period_channels=16, disc_scale_channels=32, disc_max_channels=256))
+        disc_period_channels=16, disc_scale_channels=32, disc_max_channels=256,
+        # The discriminators' strided and grouped convolutions as matmuls over their windows: 4× faster on XLA:CPU
+        # (docs/method.md §12.1); "native" (XLA's convolutions) at paper scale, where the windows would not fit.
+        disc_conv="matmul"))
     # Training on random crops of the train split (a whole number of latent frames; shorter utterances zero-padded).
     # Many small steps: the decoder's output ignores its input for the first ≈ 700 steps whatever the batch, then
     # reconstruction improves steadily (docs/experiments.md §11): 4 × 0.64 s at ≈ 0.16 s per step here, 3,200 steps
@@ -135,7 +138,7 @@ def _paper_scale(c: ml_collections.ConfigDict) -> None:
     # Not recovered → our default: the HiFi-GAN discriminators on after the reconstruction losses have converged
     # a first time, at widths like HiFi-GAN's.
     c.audio_vae_loss.update(dict(disc_weight=1.0, disc_start=10_000, disc_period_channels=32,
-                                 disc_scale_channels=128, disc_max_channels=1024))
+                                 disc_scale_channels=128, disc_max_channels=1024, disc_conv="native"))
     crop_frames = 15  # 2 s at 7.5 Hz: whole latent frames
     c.audio_vae_train.update(dict(steps=200_000, batch_size=64, crop_seconds=crop_frames * hop_length(strides) / rate,
                                   log_every=100))

@@ -5,6 +5,7 @@ values pinned to pystoi 0.4.1)."""
 
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,7 +16,7 @@ import torch
 from latent_lm.audio import features
 from latent_lm.errors import ConfigError
 from latent_lm.evaluation import audio_metrics
-from latent_lm.models.audio_discriminators import AudioDiscriminator
+from latent_lm.models.audio_discriminators import CONV_IMPLS, AudioDiscriminator, TimeConv
 from latent_lm.training import audio_losses as al
 
 SR = 16_000
@@ -159,6 +160,32 @@ def test_discriminator_shapes():
     assert logits[1].shape == (2, strided(-(-t // 3), (3,) * 4), 3)  # reflect-padded to a multiple of 3
     assert logits[2].shape == (2, strided(t, (2, 2, 4, 4)))
     assert logits[3].shape == (2, strided(t // 2 + 1, (2, 2, 4, 4)))  # after AvgPool1d(4, 2, padding=2)
+
+
+@pytest.mark.parametrize("c_in,features,kernel,stride,groups,kernel_2d", [
+    (1, 8, 5, 3, 1, True), (8, 16, 5, 1, 1, True),                 # period discriminator layers ((k, 1) kernels)
+    (1, 8, 15, 1, 1, False), (8, 8, 41, 2, 4, False), (8, 16, 41, 4, 8, False), (16, 1, 3, 1, 1, False),  # scale
+])
+def test_time_conv_is_flax_conv_both_ways(c_in, features, kernel, stride, groups, kernel_2d):
+    """`TimeConv` (XLA's convolution, or a matmul over the strided windows) equals `nn.Conv` with the same
+    parameters, in value and in gradient (parameters and input)."""
+    x = jnp.asarray(noise((2, 101, c_in), 9))
+    pad = (kernel - 1) // 2
+    if kernel_2d:  # the (k, 1) kernel of a period discriminator, over one column
+        conv = nn.Conv(features, (kernel, 1), (stride, 1), padding=((pad, pad), (0, 0)))
+        ref = lambda p, x: conv.apply(p, x[:, :, None])[:, :, 0]
+    else:
+        conv = nn.Conv(features, (kernel,), (stride,), padding=((pad, pad),), feature_group_count=groups)
+        ref = conv.apply
+    params = TimeConv(features, kernel, stride, groups, kernel_2d).init(jax.random.PRNGKey(0), x)
+    want = ref(params, x)
+    want_grads = jax.grad(lambda p, x: jnp.sum(jnp.sin(ref(p, x))), (0, 1))(params, x)
+    for impl in CONV_IMPLS:
+        tc = TimeConv(features, kernel, stride, groups, kernel_2d, impl)
+        np.testing.assert_allclose(tc.apply(params, x), want, atol=1e-5)
+        grads = jax.grad(lambda p, x: jnp.sum(jnp.sin(tc.apply(p, x))), (0, 1))(params, x)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
 
 
 def test_gan_terms_train_each_player_only_on_its_own_loss():

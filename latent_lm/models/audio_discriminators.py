@@ -28,12 +28,51 @@ Dtype = Any
 LEAKY_SLOPE = 0.1  # HiFi-GAN LRELU_SLOPE
 
 
-def _conv(features: int, kernel: tuple[int, ...], strides: tuple[int, ...], fan_in: int, groups: int,
-          dtype: Dtype, name: str) -> nn.Conv:
-    pad = tuple(((k - 1) // 2, (k - 1) // 2) for k in kernel)
-    return nn.Conv(features, kernel, strides, padding=pad, feature_group_count=groups,
-                   kernel_init=torch_default_init(fan_in), bias_init=torch_default_init(fan_in), dtype=dtype,
-                   name=name)
+CONV_IMPLS = ("native", "matmul")
+
+
+class TimeConv(nn.Module):
+    """`nn.Conv(features, (k,), (s,), padding (k−1)//2 each side, feature_group_count=groups)` on x [N, T, C] with the
+    same parameters (`kernel` [k, C/G, features], or [k, 1, C/G, features] with `kernel_2d`: a period discriminator's
+    (k, 1) kernel; `bias`). `impl="native"` is XLA's convolution; `impl="matmul"` a matmul over the k strided windows
+    (per group a batched matmul), for XLA:CPU, which runs strided, grouped convolutions and above all their weight
+    gradients (window-dilated convolutions) an order of magnitude below its matmul speed (docs/method.md §12.1). The
+    windows hold k× the activations, so accelerators keep "native"."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    groups: int = 1
+    kernel_2d: bool = False
+    impl: str = "native"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, s, g = self.kernel_size, self.stride, self.groups
+        n, t, c_in = x.shape
+        cg, og = c_in // g, self.features // g
+        shape = (k, 1, cg, self.features) if self.kernel_2d else (k, cg, self.features)
+        kernel = self.param("kernel", torch_default_init(k * cg), shape, jnp.float32)
+        bias = self.param("bias", torch_default_init(k * cg), (self.features,), jnp.float32)
+        if self.impl not in CONV_IMPLS:
+            raise ValueError(f"TimeConv impl={self.impl!r}; choose one of {CONV_IMPLS}")
+        pad = (k - 1) // 2
+        if self.impl == "native":
+            y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.reshape(k, cg, -1).astype(self.dtype), (s,),
+                                             [(pad, pad)], dimension_numbers=("NWC", "WIO", "NWC"),
+                                             feature_group_count=g)
+            return y + bias.astype(self.dtype)
+        t_out = (t + 2 * pad - k) // s + 1
+        # Group-major [G, N, T + 2·pad, C/G], then the k strided windows side by side: [G, N·T', k·C/G].
+        x = jnp.pad(x.astype(self.dtype), ((0, 0), (pad, pad), (0, 0))).reshape(n, t + 2 * pad, g, cg)
+        x = jnp.transpose(x, (2, 0, 1, 3)) if g > 1 else x.reshape(1, n, t + 2 * pad, cg)
+        windows = jnp.stack([x[:, :, j:j + s * (t_out - 1) + 1:s] for j in range(k)], axis=3)
+        windows = windows.reshape(g, n * t_out, k * cg)
+        w = jnp.transpose(kernel.reshape(k, cg, g, og), (2, 0, 1, 3)).reshape(g, k * cg, og).astype(self.dtype)
+        y = jnp.matmul(windows, w)  # [G, N·T', O/G]
+        y = jnp.transpose(y.reshape(g, n, t_out, og), (1, 2, 0, 3)) if g > 1 else y.reshape(n, t_out, og)
+        return y.reshape(n, t_out, self.features) + bias.astype(self.dtype)
 
 
 class PeriodDiscriminator(nn.Module):
@@ -42,6 +81,7 @@ class PeriodDiscriminator(nn.Module):
     period: int
     channels: int = 32
     max_channels: int = 1024
+    conv: str = "native"  # TimeConv.impl
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -50,19 +90,19 @@ class PeriodDiscriminator(nn.Module):
         p = self.period
         if t % p:
             audio = jnp.pad(audio, ((0, 0), (0, p - t % p)), mode="reflect")
-        x = audio.reshape(b, -1, p, 1).astype(self.dtype)
+        # Each of the p phases is its own sequence: [B·p, T/p, 1] through 1-D convs along time (feature maps
+        # [B, p, T', C]; the losses compare them elementwise, so their layout is free).
+        x = jnp.swapaxes(audio.reshape(b, -1, p), 1, 2).reshape(b * p, -1, 1).astype(self.dtype)
         feats = []
         widths = [min(self.channels * m, self.max_channels) for m in (1, 4, 16, 32)]
-        c_in = 1
         for i, w in enumerate(widths + [widths[-1]]):
             stride = 3 if i < len(widths) else 1
-            x = _conv(w, (5, 1), (stride, 1), 5 * c_in, 1, self.dtype, f"conv{i}")(x)
+            x = TimeConv(w, 5, stride, kernel_2d=True, impl=self.conv, dtype=self.dtype, name=f"conv{i}")(x)
             x = nn.leaky_relu(x, LEAKY_SLOPE)
-            feats.append(x)
-            c_in = w
-        x = _conv(1, (3, 1), (1, 1), 3 * c_in, 1, self.dtype, "conv_post")(x)
-        feats.append(x)
-        return x[..., 0].astype(jnp.float32), feats
+            feats.append(x.reshape(b, p, *x.shape[1:]))
+        x = TimeConv(1, 3, kernel_2d=True, impl=self.conv, dtype=self.dtype, name="conv_post")(x)
+        feats.append(x.reshape(b, p, *x.shape[1:]))
+        return jnp.swapaxes(x.reshape(b, p, -1), 1, 2).astype(jnp.float32), feats
 
 
 class ScaleDiscriminator(nn.Module):
@@ -70,6 +110,7 @@ class ScaleDiscriminator(nn.Module):
 
     channels: int = 128
     max_channels: int = 1024
+    conv: str = "native"  # TimeConv.impl
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -83,11 +124,11 @@ class ScaleDiscriminator(nn.Module):
         for i, (w, k, s, g) in enumerate(layers):
             w = min(w, self.max_channels)
             g = math.gcd(g, c_in, w)
-            x = _conv(w, (k,), (s,), k * c_in // g, g, self.dtype, f"conv{i}")(x)
+            x = TimeConv(w, k, s, g, impl=self.conv, dtype=self.dtype, name=f"conv{i}")(x)
             x = nn.leaky_relu(x, LEAKY_SLOPE)
             feats.append(x)
             c_in = w
-        x = _conv(1, (3,), (1,), 3 * c_in, 1, self.dtype, "conv_post")(x)
+        x = TimeConv(1, 3, impl=self.conv, dtype=self.dtype, name="conv_post")(x)
         feats.append(x)
         return x[..., 0].astype(jnp.float32), feats
 
@@ -107,6 +148,7 @@ class AudioDiscriminator(nn.Module):
     period_channels: int = 32
     scale_channels: int = 128
     max_channels: int = 1024
+    conv: str = "native"  # TimeConv.impl: "matmul" on CPU
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -114,14 +156,15 @@ class AudioDiscriminator(nn.Module):
         chex.assert_rank(audio, 2)
         logits, feats = [], []
         for p in self.periods:
-            lg, ft = PeriodDiscriminator(p, self.period_channels, self.max_channels, self.dtype, name=f"mpd{p}")(audio)
+            lg, ft = PeriodDiscriminator(p, self.period_channels, self.max_channels, self.conv, self.dtype,
+                                         name=f"mpd{p}")(audio)
             logits.append(lg)
             feats.append(ft)
         x = audio.astype(jnp.float32)
         for k in range(self.num_scales):
             if k:
                 x = _avg_pool(x)
-            lg, ft = ScaleDiscriminator(self.scale_channels, self.max_channels, self.dtype, name=f"msd{k}")(x)
+            lg, ft = ScaleDiscriminator(self.scale_channels, self.max_channels, self.conv, self.dtype, name=f"msd{k}")(x)
             logits.append(lg)
             feats.append(ft)
         return logits, feats

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from latent_lm.errors import ConfigError
-from latent_lm.models.audio_discriminators import AudioDiscriminator
+from latent_lm.models.audio_discriminators import CONV_IMPLS, AudioDiscriminator
 from latent_lm.models.audio_vae import AudioVAE, make_audio_vae
 from latent_lm.training.audio_losses import AudioLossConfig, audio_vae_loss
 
@@ -36,10 +36,13 @@ def make_audio_discriminator(config) -> AudioDiscriminator | None:
     if any(p < 1 for p in periods) or scales < 0 or not (periods or scales):
         raise ConfigError("audio_vae_loss.disc_periods must be positive and disc_scales ≥ 0, with at least one "
                           "sub-discriminator")
+    conv = get("disc_conv", "native")
+    if conv not in CONV_IMPLS:
+        raise ConfigError(f"audio_vae_loss.disc_conv={conv!r}; choose one of {list(CONV_IMPLS)}")
     return AudioDiscriminator(periods=periods, num_scales=scales,
                               period_channels=int(get("disc_period_channels", 32)),
                               scale_channels=int(get("disc_scale_channels", 128)),
-                              max_channels=int(get("disc_max_channels", 1024)),
+                              max_channels=int(get("disc_max_channels", 1024)), conv=conv,
                               dtype=jnp.dtype(config.audio_vae.get("dtype", "float32")))
 
 
