@@ -177,15 +177,32 @@ def test_time_conv_is_flax_conv_both_ways(c_in, features, kernel, stride, groups
     else:
         conv = nn.Conv(features, (kernel,), (stride,), padding=((pad, pad),), feature_group_count=groups)
         ref = conv.apply
-    params = TimeConv(features, kernel, stride, groups, kernel_2d).init(jax.random.PRNGKey(0), x)
-    want = ref(params, x)
-    want_grads = jax.grad(lambda p, x: jnp.sum(jnp.sin(ref(p, x))), (0, 1))(params, x)
+    params = jax.jit(TimeConv(features, kernel, stride, groups, kernel_2d).init)(jax.random.PRNGKey(0), x)
+
+    def value_and_grads(f):  # one compile each (op by op, the eager version takes seconds per case)
+        return jax.jit(lambda p, x: (f(p, x), jax.grad(lambda p, x: jnp.sum(jnp.sin(f(p, x))), (0, 1))(p, x)))
+
+    want, want_grads = value_and_grads(ref)(params, x)
     for impl in CONV_IMPLS:
-        tc = TimeConv(features, kernel, stride, groups, kernel_2d, impl)
-        np.testing.assert_allclose(tc.apply(params, x), want, atol=1e-5)
-        grads = jax.grad(lambda p, x: jnp.sum(jnp.sin(tc.apply(p, x))), (0, 1))(params, x)
+        y, grads = value_and_grads(TimeConv(features, kernel, stride, groups, kernel_2d, impl).apply)(params, x)
+        np.testing.assert_allclose(y, want, atol=1e-5)
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_discriminators_compute_the_same_with_either_conv():
+    """`AudioDiscriminator(conv="matmul")` (the embedded config's) gives the logits and feature maps of
+    `conv="native"` from the same parameters."""
+    x = jnp.asarray(noise((2, 600), 10))
+    native = AudioDiscriminator(periods=(2, 3), num_scales=2, period_channels=2, scale_channels=4, max_channels=8)
+    rng = np.random.default_rng(11)  # parameters from the shapes: an eager init compiles op by op
+    params = jax.tree.map(lambda a: jnp.asarray(rng.uniform(-0.3, 0.3, a.shape), jnp.float32),
+                          jax.eval_shape(native.init, jax.random.PRNGKey(0), x))
+    want = jax.jit(native.apply)(params, x)
+    got = jax.jit(native.clone(conv="matmul").apply)(params, x)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_gan_terms_train_each_player_only_on_its_own_loss():
