@@ -1,5 +1,6 @@
-"""Shared helpers for the benchmark scripts: timing (alone, or several calls in turn), a random-weight model from a config, and the model-size flags
-(`--width/--depth/--head_depth`, default: the config's) that let tests run every script at a tiny size."""
+"""Shared helpers for the benchmark scripts: timing (alone, or several calls in turn), a random-weight model from a
+config, and the model-size flags (`--width/--depth/--head_depth`, default: the config's) that let tests run every
+script at a tiny size."""
 
 from __future__ import annotations
 

@@ -226,9 +226,10 @@ def sample(config, workdir, mesh, rules):
     images = []
     # Every process holds all labels; each batch is split over (data, fsdp), padded to the data-parallel size (a
     # row's noise does not depend on the padding: `row_noise`), and every process gathers the decoded images.
+    dp = data_parallel_size(mesh)
     for i in range(0, len(labels), config.eval.sample_batch):
         chunk = labels[i:i + config.eval.sample_batch]
-        z = sampler(params, global_rows(pad_rows(chunk, data_parallel_size(mesh)), mesh), jax.random.fold_in(rng, i))
+        z = sampler(params, global_rows(pad_rows(chunk, dp), mesh), jax.random.fold_in(rng, i))
         images.append(to_uint8(host_arrays(decode(task.norm.denormalize(z)))[:len(chunk)]))
     images = np.concatenate(images)
     elapsed = time.time() - t0

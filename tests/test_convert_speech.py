@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_random_checkpoint
-from test_convert_mllm import (_assert_same_params, _one_device_mesh,  # noqa: F401  (autouse: one torch thread,
-                               _one_torch_thread, export_run,         # see tests/test_convert.py)
-                               import_sharing_a_tokenizer)
+# _one_torch_thread is an autouse fixture (one torch thread, see tests/test_convert.py).
+from test_convert_mllm import (_assert_same_params, _one_device_mesh, _one_torch_thread,  # noqa: F401
+                               export_run, import_sharing_a_tokenizer)
 
 from configs import tts
 from data_pipelines.packing import make_packed_dataset

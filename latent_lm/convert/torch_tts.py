@@ -4,10 +4,10 @@
       --prompt=ref.wav --prompt_text="What the recording says." [--mode=reference|continuation] [--out=speech.wav]
 
 `speak` is the JAX generator's speech mode (`latent_lm/generation.py`) for one utterance, eager: the prompt
-`<bos> x… <bod> z…` and its null prompt `<bos> <null> <bod> z…` (the same latents) fill two KV caches; at every step the
-LM head reads the prompt row's last hidden state and ends the span with `<eod>` where p(`<eod>`) ≥ ½, otherwise
-DPM-Solver++ draws the next latent from the CFG-guided diffusion head (u + s·(c − u)), and what is emitted is fed to both
-rows. A span holds at most `max_frames` latents (the prompt's included); the LM head then picks the next token
+`<bos> x… <bod> z…` and its null prompt `<bos> <null> <bod> z…` (the same latents) fill two KV caches; at every step
+the LM head reads the prompt row's last hidden state and ends the span with `<eod>` where p(`<eod>`) ≥ ½, otherwise
+DPM-Solver++ draws the next latent from the CFG-guided diffusion head (u + s·(c − u)), and what is emitted is fed to
+both rows. A span holds at most `max_frames` latents (the prompt's included); the LM head then picks the next token
 greedily: a stop token (`<eod>`, `<eos>`) ends the utterance, `<bod>` opens another span. From the same initial noise it
 generates what the JAX generator does (tests/test_convert_speech.py). The CLI builds the prompt as `latent_lm.tts_cli`
 does (espeak-ng phonemes when the run reads phonemes, the recording encoded by the exported audio σ-VAE and σ-noised
@@ -29,8 +29,7 @@ from latent_lm.audio import espeak
 from latent_lm.audio.wav import read_recording, write_wav
 from latent_lm.convert.torch_files import ConversionError, load_audio_vae, load_model, load_tokenizer
 from latent_lm.convert.torch_sampling import make_sample_func
-
-SIGMA_DIVISOR = 0.8  # the σ-VAE's posterior draw σ_b = N(0, 1)·std/0.8 (docs/method.md §2.2)
+from latent_lm.convert.torch_sigma_vae import SIGMA_DIVISOR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +116,8 @@ def speak(model, prompt: Items, null_prompt: Items | None, *, sample_func: Calla
 
 def prompt_pair(ids: list[np.ndarray], mu: np.ndarray, special: dict[str, int], latent_norm: dict, std: float,
                 generator: torch.Generator | None = None) -> tuple[Items, Items]:
-    """(prompt, null prompt): `<bos> x… <bod> z…` and `<bos> <null> <bod> z…` with the same z, the recording's μ [n, C]
-    σ-noised once as in training (σ_b = N(0, 1)·std/0.8 times ε ~ N(0, I)) and normalised ((z + bias)·scale)."""
+    """(prompt, null prompt): `<bos> x… <bod> z…` and `<bos> <null> <bod> z…` with the same z, the recording's μ
+    [n, C] σ-noised once as in training (σ_b = N(0, 1)·std/0.8 times ε ~ N(0, I)) and normalised ((z + bias)·scale)."""
     mu = torch.as_tensor(np.asarray(mu, np.float32))
     sigma = torch.randn((), generator=generator) * std / SIGMA_DIVISOR
     z = (mu + sigma * torch.randn(mu.shape, generator=generator) + latent_norm["bias"]) * latent_norm["scale"]
@@ -176,8 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     sample_func = make_sample_func(d["num_sampling_steps"], d["prediction_type"], d["schedule"], d["num_train_steps"],
                                    d.get("x0_clip"))
     z, ended = speak(model, prompt, null if cfg_scale else None, sample_func=sample_func, cfg_scale=cfg_scale,
-                     max_frames=args.max_frames or int(speech["max_frames"]), latent_stop_id=int(speech["latent_stop_id"]),
-                     bod_id=special["<bod>"], stop_ids=(special["<eod>"], special["<eos>"]), generator=gen)
+                     max_frames=args.max_frames or int(speech["max_frames"]),
+                     latent_stop_id=int(speech["latent_stop_id"]), bod_id=special["<bod>"],
+                     stop_ids=(special["<eod>"], special["<eos>"]), generator=gen)
     # The prompt's μ and the new latents decode in one causal pass (the prompt is the decoder's left context).
     with torch.no_grad():
         full = torch.cat([torch.from_numpy(mu), z / norm["scale"] - norm["bias"]])

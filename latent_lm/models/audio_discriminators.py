@@ -164,7 +164,8 @@ class AudioDiscriminator(nn.Module):
         for k in range(self.num_scales):
             if k:
                 x = _avg_pool(x)
-            lg, ft = ScaleDiscriminator(self.scale_channels, self.max_channels, self.conv, self.dtype, name=f"msd{k}")(x)
+            lg, ft = ScaleDiscriminator(self.scale_channels, self.max_channels, self.conv, self.dtype,
+                                        name=f"msd{k}")(x)
             logits.append(lg)
             feats.append(ft)
         return logits, feats
