@@ -5,12 +5,13 @@ stages of `latent_lm.experiment` (which registers them in `RUNNERS`):
                     or LibriSpeech (speech.source="librispeech", data_pipelines/librispeech.py)
   train_audio_vae   the audio σ-VAE on random crops (AudioVAETask)           → <tok>/audio_vae/
   encode_audio      μ of every utterance of every split                      → <tok>/audio_latents/{split}/
-  eval_audio_vae    mel distance, STOI, collapse ratio on test_speakers      → <workdir>/eval/audio_vae.json,
-                                                                               <workdir>/samples/audio_vae/*.wav
-  train_judges      the CTC phoneme recogniser and the speaker model, and    → <tok>/judges/recogniser.msgpack,
+  train_judges      the CTC phoneme recogniser and the speaker model, and    → <judges>/judges/recogniser.msgpack,
                     their floors on real held-out audio                        speaker.msgpack, floors.json
+  eval_audio_vae    mel distance, STOI, collapse ratio on test_speakers,     → <workdir>/eval/audio_vae.json,
+                    and with the judges the resynthesis's WER/PER and SIM      <workdir>/samples/audio_vae/*.wav
 
-<tok>, the tokenizer dir, is `data.tokenizer_workdir` (relative to the workdir) or the workdir, as for images.
+<tok>, the tokenizer dir, is `data.tokenizer_workdir` (relative to the workdir) or the workdir, as for images;
+<judges> is `judges.workdir` (relative to the workdir) or <tok>.
 
 Utterances of any length go through the σ-VAE in few compiled shapes (`_Codec`): each is zero-padded at the end to a
 whole number of `audio_latents.bucket_frames` latent frames and batched with others of its bucket. Encoder and
@@ -47,14 +48,14 @@ from latent_lm.parallel.distributed import barrier
 from latent_lm.parallel.mesh import host_arrays
 from data_pipelines.tts_documents import load_speech_documents
 from latent_lm.evaluation import tts as tts_eval
-from latent_lm.stage_inputs import data_paths, generator_params, tokenizer_dir
+from latent_lm.stage_inputs import data_paths, generator_params, relative_to, tokenizer_dir
 from latent_lm.text.tokenizer import TextTokenizer
 from latent_lm.training.tasks.audio_vae import AudioVAETask
 from latent_lm.training.train_loop import load_state, train
 from latent_lm.training.train_loop import log_process0 as _log
 
 # The speech tokenizer stages in pipeline order (a TTS run then trains the generator on the audio latents).
-SPEECH_STAGES = ("build_corpus", "train_audio_vae", "encode_audio", "eval_audio_vae", "train_judges")
+SPEECH_STAGES = ("build_corpus", "train_audio_vae", "encode_audio", "train_judges", "eval_audio_vae")
 SPLITS = speech_corpus.SPLITS
 
 
@@ -74,7 +75,10 @@ def audio_latents_dir(config, workdir: str) -> str:
 
 
 def judges_dir(config, workdir: str) -> str:
-    return f"{tokenizer_dir(config, workdir)}/judges"
+    """`<judges.workdir>/judges` when set (relative to the workdir: a sweep's σ-VAE runs score with the main run's
+    judges), else `<tokenizer dir>/judges`."""
+    base = config.judges.get("workdir")
+    return f"{relative_to(workdir, base) if base else tokenizer_dir(config, workdir)}/judges"
 
 
 def _check_sample_rates(config) -> None:
@@ -276,15 +280,19 @@ def eval_audio_vae(config, workdir, mesh, rules):
     """Reconstruction of held-out speakers (test_speakers): mel distance, STOI and the variance-collapse ratio
     (docs/method.md §12) → eval/audio_vae.json; `audio_vae_eval.wav_samples` real/reconstructed pairs →
     samples/audio_vae/. Reconstructions decode μ (z = μ, no posterior noise). The utterances are read, coded and
-    scored `_chunk(codec)` at a time (the scores are means over utterances: the same as all at once)."""
-    _corpus_meta(config, workdir)
+    scored `_chunk(codec)` at a time (the scores are means over utterances: the same as all at once). With the
+    judges (`train_judges` runs first; `judges.workdir` names another run's), the reconstructions are also scored as
+    speech: the recogniser's WER/PER and the speaker judge's cosine to the speaker's other real utterances, beside
+    the judges' floors on the real audio: what the tokenizer alone costs the TTS scores (docs/method.md §12.4)."""
+    corpus_meta = _corpus_meta(config, workdir)
     task, params, step = _load_audio_vae(config, workdir, mesh, rules)
     codec = _codec(config, task, params)
     e, a = config.audio_vae_eval, config.audio_vae
     split = speech_corpus.load_corpus(corpus_dir(config, workdir), "test_speakers")
     n = len(split) if int(e.utterances) <= 0 else min(int(e.utterances), len(split))
     sr = split.sample_rate
-    mel, stoi, mus = [], [], []
+    judged = _reconstruction_judges(config, workdir, corpus_meta["fingerprint"])
+    mel, stoi, mus, heard, voices = [], [], [], [], ([], [])
     codec_seconds = 0.0
     for lo in range(0, n, _chunk(codec)):
         audio = split.audio.take(range(lo, min(lo + _chunk(codec), n)))
@@ -300,9 +308,15 @@ def eval_audio_vae(config, workdir, mesh, rules):
                 name = f"{workdir}/samples/audio_vae/{i:02d}_speaker{int(split.speaker[i])}"
                 write_wav(f"{name}_real.wav", audio[i - lo], sr)
                 write_wav(f"{name}_recon.wav", recon[i - lo], sr)
+        if judged is not None:
+            heard += judges.transcribe(judged["recogniser"], recon, sr)
+            voices[0].extend(judges.speaker_embeddings(judged["speaker"], recon, sr))
+            voices[1].extend(judges.speaker_embeddings(judged["speaker"], audio, sr))
     seconds = float(split.samples[:n].sum()) / sr
     metrics = {"mel_distance": float(np.mean(mel)), "stoi": float(np.mean(stoi)), "num_utterances": n,
                "variance_collapse_ratio": sigma_vae_collapse_ratio(float(a.std), np.concatenate(mus))}
+    if judged is not None:
+        metrics["judges"] = _judge_resynthesis(judged, split.phonemes[:n], split.speaker[:n], heard, voices)
     result = {**metrics, "split": "test_speakers", "frame_rate": frame_rate(sr, task.model.strides),
               "hop": task.model.hop, "latent_dim": task.model.latent_dim, "strides": list(task.model.strides),
               "std": float(a.std), "audio_vae_steps": step, "audio_seconds": round(seconds, 3),
@@ -312,8 +326,44 @@ def eval_audio_vae(config, workdir, mesh, rules):
         storage.write_json_atomic(f"{workdir}/eval/audio_vae.json", result, indent=2, sort_keys=True)
     _log(f"audio σ-VAE on {n} test_speakers utterances: mel distance {metrics['mel_distance']:.4f}, STOI "
          f"{metrics['stoi']:.3f}, collapse ratio {metrics['variance_collapse_ratio']:.3f}")
-    return {"audio_vae_mel_distance": metrics["mel_distance"], "audio_vae_stoi": metrics["stoi"],
-            "audio_vae_collapse_ratio": metrics["variance_collapse_ratio"]}
+    summary = {"audio_vae_mel_distance": metrics["mel_distance"], "audio_vae_stoi": metrics["stoi"],
+               "audio_vae_collapse_ratio": metrics["variance_collapse_ratio"]}
+    if judged is not None:
+        j = metrics["judges"]
+        _log(f"its resynthesis judged: WER {j['wer']:.3f} (real {j['real']['wer']:.3f}), PER {j['per']:.3f} (real "
+             f"{j['real']['per']:.3f}), SIM {j['sim']:.3f} (real same speaker {j['real']['same']:.3f}, different "
+             f"{j['real']['different']:.3f})")
+        summary.update(audio_vae_resynthesis_wer=j["wer"], audio_vae_resynthesis_sim=j["sim"])
+    return summary
+
+
+def _reconstruction_judges(config, workdir: str, corpus_fingerprint: str) -> dict[str, Any] | None:
+    """The judges and their floors for eval_audio_vae, or None (logged) where the tokenizer dir has none yet. A
+    `judges.workdir` that holds none, or judges of another corpus, is an error: their scores would not compare."""
+    jdir = judges_dir(config, workdir)
+    if not storage.exists(f"{jdir}/floors.json"):
+        if config.judges.get("workdir"):
+            raise MissingInputError(f"judges.workdir: {jdir}/floors.json not found: run --mode=train_judges there")
+        _log(f"no judges at {jdir} (train_judges): the reconstructions are not scored as speech")
+        return None
+    floors = load_floors(config, workdir)
+    if floors.get("fingerprint", {}).get("corpus") != corpus_fingerprint:
+        raise ConfigError(f"the judges at {jdir} were trained on another speech corpus than this run's: retrain them "
+                          f"(--mode=train_judges) or point judges.workdir at a run of the same corpus")
+    return {"floors": floors, "recogniser": judges.load_judge(f"{jdir}/recogniser.msgpack"),
+            "speaker": judges.load_judge(f"{jdir}/speaker.msgpack")}
+
+
+def _judge_resynthesis(judged: dict[str, Any], phonemes: Sequence[str], speakers: np.ndarray, heard: list[str],
+                       voices: tuple[list, list]) -> dict[str, Any]:
+    """WER/PER of the resynthesis's transcripts, and SIM: the cosine of each resynthesis to the speaker's other real
+    utterances (`embedding_baselines`); beside them the real audio's floors (every test_speakers utterance)."""
+    sim = judges.embedding_baselines(np.stack(voices[0]), speakers, against=np.stack(voices[1]))
+    real = judged["floors"]["recogniser"]["test_speakers"]
+    same = judged["floors"]["speaker"]["test_speakers"]
+    return {"per": judges.phoneme_error_rate(phonemes, heard), "wer": judges.word_error_rate(phonemes, heard),
+            "sim": sim["same"], "sim_different": sim["different"],
+            "real": {"per": real["per"], "wer": real["wer"], "same": same["same"], "different": same["different"]}}
 
 
 def _judge(path: str, fingerprint: dict[str, Any], fit: Callable[[], judges.Bundle], what: str) -> judges.Bundle:

@@ -215,3 +215,26 @@ def test_speaker_model_separates_unseen_voices(tmp_path):
     sj.save_judge(bundle, path)
     np.testing.assert_allclose(sj.speaker_embeddings(sj.load_judge(path), held_audio[:3]),
                                sj.speaker_embeddings(bundle, held_audio[:3]), atol=1e-6)
+
+
+def test_embedding_baselines_against_another_rendering():
+    """`against`: each utterance's embedding (e.g. its resynthesis) paired with the others' rows of a second set (their
+    real audio), i ≠ j; identical sets give the symmetric baselines."""
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal((6, 4))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    speakers = np.array([0, 0, 0, 1, 1, 2])
+    base = sj.embedding_baselines(e, speakers)
+    same_pairs = [(0, 1), (0, 2), (1, 2), (3, 4)]
+    assert base["n_same"] == 4 and base["n_different"] == 15 - 4
+    assert base["same"] == pytest.approx(np.mean([e[i] @ e[j] for i, j in same_pairs]))
+    crossed = sj.embedding_baselines(e, speakers, against=e)
+    assert crossed["n_same"] == 8 and crossed["n_different"] == 22
+    assert crossed["same"] == pytest.approx(base["same"]) and crossed["different"] == pytest.approx(base["different"])
+    other = -e  # each resynthesis the opposite of its real audio: every cross cosine flips sign
+    flipped = sj.embedding_baselines(e, speakers, against=other)
+    assert flipped["same"] == pytest.approx(-base["same"]) and flipped["different"] == pytest.approx(-base["different"])
+    # an utterance is never paired with itself: a perfect resynthesis does not score its own cosine of 1
+    assert sj.embedding_baselines(e[:2], speakers[:2], against=e[:2])["same"] == pytest.approx(e[0] @ e[1])
+    with pytest.raises(DataError, match="against has shape"):
+        sj.embedding_baselines(e, speakers, against=e[:5])

@@ -1,10 +1,12 @@
 """The speech stages (latent_lm/speech_stages.py) through `experiment.run`, tiny (configs/tts.py:tiny=1) on one device:
-build_corpus (20 utterances) → train_audio_vae (2 steps) → encode_audio → eval_audio_vae → train_judges (untrained
-judges: their training is test_speech_judges'); the latent cache against a direct encode, a killed cache resumed and
-never read; the audio σ-VAE task's loss with and without the GAN; the training crops."""
+build_corpus (20 utterances) → train_audio_vae (2 steps) → encode_audio → eval_audio_vae, then train_judges (untrained
+judges: their training is test_speech_judges') and eval_audio_vae with them; the latent cache against a direct encode, a
+killed cache resumed and never read; the audio σ-VAE task's loss with and without the GAN; the training crops."""
 
+import copy
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +82,7 @@ def test_stages_write_their_outputs(pipeline):
     assert np.isfinite(result["mel_distance"]) and -1 <= result["stoi"] <= 1
     assert result["variance_collapse_ratio"] > 0
     assert s["eval_audio_vae"]["audio_vae_mel_distance"] == result["mel_distance"]
+    assert "judges" not in result and "audio_vae_resynthesis_wer" not in s["eval_audio_vae"]  # none trained yet
     test = speech_corpus.load_corpus(f"{workdir}/speech_corpus", "test_speakers")
     wavs = sorted(os.listdir(f"{workdir}/samples/audio_vae"))
     assert len(wavs) == 2 * config.audio_vae_eval.wav_samples and not [w for w in wavs if ".tmp-" in w]
@@ -149,7 +152,7 @@ def test_killed_encode_is_never_read_and_resumes(pipeline):
 
 @requires_espeak
 @SLOW
-def test_train_judges_writes_floors_and_keeps_current_judges(pipeline):
+def test_train_judges_writes_floors_keeps_current_judges_and_scores_the_resynthesis(pipeline):
     workdir, config, _ = pipeline
     summary = experiment.run(config, workdir, "train_judges")
     floors = json.loads(open(f"{workdir}/judges/floors.json").read())
@@ -163,6 +166,28 @@ def test_train_judges_writes_floors_and_keeps_current_judges(pipeline):
     experiment.run(config, workdir, "train_judges")  # same corpus and configs: kept
     assert [os.stat(f"{workdir}/judges/{f}").st_mtime_ns for f in files] == mtimes
     assert speech_stages.load_floors(config, workdir) == floors
+
+    # With the judges, eval_audio_vae also scores the reconstructions as speech, beside the real audio's floors.
+    before = json.loads(open(f"{workdir}/eval/audio_vae.json").read())
+    summary = experiment.run(config, workdir, "eval_audio_vae")
+    judged = json.loads(open(f"{workdir}/eval/audio_vae.json").read())
+    assert judged["mel_distance"] == before["mel_distance"]
+    j = judged["judges"]
+    assert j["wer"] >= 0 and j["per"] >= 0 and -1 <= j["sim"] <= 1 and -1 <= j["sim_different"] <= 1
+    assert j["real"] == {"per": rec["per"], "wer": rec["wer"], "same": sim["same"], "different": sim["different"]}
+    assert summary["audio_vae_resynthesis_wer"] == j["wer"] and summary["audio_vae_resynthesis_sim"] == j["sim"]
+    # Another run's judges (`judges.workdir`): the same scores; none there, or another corpus's, is one clear error.
+    other = copy.deepcopy(config)
+    other.judges.workdir = f"{workdir}/.."  # holds no judges/
+    with pytest.raises(MissingInputError, match="judges.workdir"):
+        experiment.run(other, workdir, "eval_audio_vae")
+    shutil.copytree(f"{workdir}/judges", f"{workdir}/../elsewhere/judges")
+    other.judges.workdir = "../elsewhere"
+    assert experiment.run(other, workdir, "eval_audio_vae")["audio_vae_resynthesis_wer"] == j["wer"]
+    stale = dict(floors, fingerprint=dict(floors["fingerprint"], corpus="another"))
+    open(f"{workdir}/../elsewhere/judges/floors.json", "w").write(json.dumps(stale))
+    with pytest.raises(ConfigError, match="another speech corpus"):
+        experiment.run(other, workdir, "eval_audio_vae")
 
 
 @requires_espeak
@@ -243,6 +268,7 @@ def test_audio_vae_task_loss_with_and_without_gan():
     (off, m), grads = fn(params, {"audio": audio, "step": jnp.int32(2)})
     m = jax.device_get(m)
     assert m["gan_gate"] == 0.0 and norm(grads["disc"]) == 0.0 and norm(grads["params"]) > 0
+    assert m["d_loss"] == m["g_adv"] == m["feature_matching"] == 0.0  # not computed: the discriminators did not run
     assert float(off) == pytest.approx(m["rec_loss"] + kl * m["mu_reg"], rel=1e-6)  # the loss without the GAN
     (on, m), grads = fn(params, {"audio": audio, "step": jnp.int32(3)})
     m = jax.device_get(m)

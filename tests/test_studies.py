@@ -310,9 +310,10 @@ def test_tts_study_adds_the_frame_rate_table(tmp_path, capsys):
     for rate, hop, mel in ((50.0, 320, 0.7), (12.5, 1280, 1.3)):
         d = tmp_path / "rates" / f"audio_vae_{rate:g}hz"
         (d / "eval").mkdir(parents=True)
+        judged = {"judges": {"wer": 0.75, "sim": 0.5}} if rate == 50 else {}  # the 12.5 Hz run had no judges
         (d / "eval/audio_vae.json").write_text(json.dumps(dict(
             frame_rate=rate, hop=hop, latent_dim=16, audio_vae_params=10, audio_vae_steps=3200, mel_distance=mel,
-            stoi=0.7, variance_collapse_ratio=0.2)))
+            stoi=0.7, variance_collapse_ratio=0.2, **judged)))
         (d / "done.json").write_text("{}")
     (tmp_path / "rates/unfinished/eval").mkdir(parents=True)
     main = json.loads(open(f"{run}/eval/audio_vae.json").read())
@@ -322,6 +323,7 @@ def test_tts_study_adds_the_frame_rate_table(tmp_path, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 12.5") or
             line.startswith("| 25") or line.startswith("| 50")]
     assert [r.split(" | ")[5] for r in rows] == ["1.300", "0.960", "0.700"]  # sorted by rate
+    assert rows[0].endswith("| – | – |") and rows[2].endswith("| 0.750 | 0.500 |")
     assert len(json.loads((tmp_path / "tts/study/tts.json").read_text())["rates"]) == 3
 
 

@@ -41,6 +41,9 @@ def test_tiny_tts_run_writes_wavs_manifest_and_scores(tmp_path, monkeypatch):
     assert scores["fewer_ar_steps_than_codec"] == pytest.approx(75 / 25)
     for mode in ("continuation", "reference"):
         assert set(scores[mode]) >= {"wer", "per", "sim", "duration_within_20pct", "ended_by_eod", "floors_met"}
+    # train_judges ran before eval_audio_vae, which judged the σ-VAE's reconstructions beside the real audio's floors
+    judged = json.loads((tmp_path / "eval/audio_vae.json").read_text())["judges"]
+    assert summary["audio_vae_resynthesis_wer"] == judged["wer"] and judged["real"]["wer"] == summary["judge_wer"]
 
     # A user's recording (a held-out utterance, written at another rate in stereo) and text, in every mode.
     split = load_corpus(str(tmp_path / "speech_corpus"), "test_speakers")

@@ -709,13 +709,29 @@ def speaker_baselines(params: Bundle, audio_list: Sequence[np.ndarray], speakers
                       sample_rate: int | None = None) -> dict[str, float]:
     """Real-audio reference points for SIM: mean (and std) cosine over all pairs of distinct utterances of the same
     speaker, and over all pairs of different speakers (docs/method.md §12); NaN where a kind of pair is missing."""
-    e = speaker_embeddings(params, audio_list, sample_rate)
+    return embedding_baselines(speaker_embeddings(params, audio_list, sample_rate), speakers)
+
+
+def embedding_baselines(embeddings: np.ndarray, speakers: Sequence[Any], against: np.ndarray | None = None
+                        ) -> dict[str, float]:
+    """`speaker_baselines` from embeddings [N, D]: cosines of utterance pairs (i, j ≠ i), split by same or different
+    speaker. `against` [N, D] (row j the same utterance as row j of `embeddings`, e.g. its real audio where
+    `embeddings` are a codec's resynthesis): j's side of each pair comes from it, so `same` is how close the
+    resynthesis of one utterance is to the speaker's other real utterances, comparable to the real audio's `same`."""
+    e = np.asarray(embeddings)
     speakers = np.asarray(speakers)
     if len(speakers) != len(e) or len(e) < 2:
         raise DataError(f"speaker_baselines needs ≥ 2 waveforms with a speaker id each; got {len(e)} waveforms, "
                         f"{len(speakers)} ids")
-    i, j = np.triu_indices(len(e), k=1)
-    cos = np.sum(e[i] * e[j], axis=1)
+    if against is None:  # symmetric: each unordered pair once
+        i, j = np.triu_indices(len(e), k=1)
+        other = e
+    else:
+        if np.shape(against) != e.shape:
+            raise DataError(f"embedding_baselines: against has shape {np.shape(against)}, embeddings {e.shape}")
+        i, j = np.nonzero(~np.eye(len(e), dtype=bool))
+        other = np.asarray(against)
+    cos = np.sum(e[i] * other[j], axis=1)
     same = speakers[i] == speakers[j]
     stats = lambda x: (float(x.mean()), float(x.std())) if len(x) else (float("nan"), float("nan"))  # noqa: E731
     (s_mean, s_std), (d_mean, d_std) = stats(cos[same]), stats(cos[~same])

@@ -77,7 +77,17 @@ def table(run: dict[str, Any]) -> str:
 RATE_COLUMNS = (("frame_rate", "frame rate (Hz)", "{:g}"), ("hop", "hop", "{:d}"), ("latent_dim", "C", "{:d}"),
                 ("audio_vae_params", "params", "{:,d}"), ("audio_vae_steps", "steps", "{:,d}"),
                 ("mel_distance", "mel distance ↓", "{:.3f}"), ("stoi", "STOI ↑", "{:.3f}"),
-                ("variance_collapse_ratio", "collapse ratio", "{:.3f}"))
+                ("variance_collapse_ratio", "collapse ratio", "{:.3f}"),
+                ("judges.wer", "resynthesis WER ↓", "{:.3f}"), ("judges.sim", "resynthesis SIM ↑", "{:.3f}"))
+
+
+def _cell(scores: dict[str, Any], key: str, fmt: str) -> str:
+    """A table cell from a dotted key of eval/audio_vae.json; "–" where a run has no such score (no judges)."""
+    for part in key.split("."):
+        if not isinstance(scores, dict) or part not in scores:
+            return "–"
+        scores = scores[part]
+    return fmt.format(scores)
 
 
 def rate_runs(workdir: str, rates_root: str | None) -> list[dict[str, Any]]:
@@ -92,9 +102,10 @@ def rate_runs(workdir: str, rates_root: str | None) -> list[dict[str, Any]]:
 
 
 def rate_table(scores: list[dict[str, Any]]) -> str:
-    """Markdown: the audio σ-VAE's reconstruction of held-out speakers by frame rate."""
+    """Markdown: the audio σ-VAE's reconstruction of held-out speakers by frame rate (and, where its run had the
+    judges, its resynthesis's WER and SIM: eval_audio_vae)."""
     lines = ["| " + " | ".join(t for _, t, _ in RATE_COLUMNS) + " |", "|" + "---|" * len(RATE_COLUMNS)]
-    lines += ["| " + " | ".join(fmt.format(v[k]) for k, _, fmt in RATE_COLUMNS) + " |" for v in scores]
+    lines += ["| " + " | ".join(_cell(v, k, fmt) for k, _, fmt in RATE_COLUMNS) + " |" for v in scores]
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,8 @@ sample rate (`stft_resolutions`).
 
 As `training/tasks/vae.py`, one optimizer step trains both players: the generator terms see the discriminator's
 params through `stop_gradient`, the discriminator's loss sees x̂ through `stop_gradient`, so each parameter set
-receives only its own player's gradient. Both GAN terms are gated off until `step ≥ disc_start`.
+receives only its own player's gradient. Both GAN terms are off until `step ≥ disc_start` (a `lax.cond`: the
+discriminators do not run before; their terms and metrics are 0).
 All terms are fp32.
 """
 
@@ -195,17 +196,33 @@ def audio_vae_loss(audio: jax.Array, out: dict[str, jax.Array], cfg: AudioLossCo
     if disc is not None and cfg.disc_weight > 0:
         if disc_params is None:
             raise ValueError("audio_vae_loss: the GAN is on (disc_weight > 0) but no disc_params were given")
-        gate = jnp.float32(1.0) if step is None else (step >= cfg.disc_start).astype(jnp.float32)
-        live = {"params": disc_params}
-        frozen = {"params": jax.lax.stop_gradient(disc_params)}
-        logits_real, feats_real = disc.apply(live, audio.astype(jnp.float32))
-        logits_fake_d, _ = disc.apply(live, jax.lax.stop_gradient(recon).astype(jnp.float32))
-        logits_fake_g, feats_fake = disc.apply(frozen, recon.astype(jnp.float32))
-        g_adv = generator_loss(logits_fake_g, cfg.gan_loss)
-        fm = feature_matching_loss(feats_real, feats_fake)
-        d_loss = discriminator_loss(logits_real, logits_fake_d, cfg.gan_loss)
-        loss = loss + gate * (cfg.disc_weight * (g_adv + cfg.fm_ratio * fm) + d_loss)
-        metrics = dict(metrics, g_adv=g_adv, feature_matching=fm, d_loss=d_loss, gan_gate=gate,
-                       logits_real=jnp.mean(jnp.stack([jnp.mean(x) for x in logits_real])),
-                       logits_fake=jnp.mean(jnp.stack([jnp.mean(x) for x in logits_fake_d])))
+
+        def gan(recon, disc_params):
+            live = {"params": disc_params}
+            frozen = {"params": jax.lax.stop_gradient(disc_params)}
+            logits_real, feats_real = disc.apply(live, audio.astype(jnp.float32))
+            logits_fake_d, _ = disc.apply(live, jax.lax.stop_gradient(recon).astype(jnp.float32))
+            logits_fake_g, feats_fake = disc.apply(frozen, recon.astype(jnp.float32))
+            g_adv = generator_loss(logits_fake_g, cfg.gan_loss)
+            fm = feature_matching_loss(feats_real, feats_fake)
+            d_loss = discriminator_loss(logits_real, logits_fake_d, cfg.gan_loss)
+            terms = dict(g_adv=g_adv, feature_matching=fm, d_loss=d_loss,
+                         logits_real=jnp.mean(jnp.stack([jnp.mean(x) for x in logits_real])),
+                         logits_fake=jnp.mean(jnp.stack([jnp.mean(x) for x in logits_fake_d])))
+            return cfg.disc_weight * (g_adv + cfg.fm_ratio * fm) + d_loss, terms
+
+        if step is None:
+            gate = jnp.float32(1.0)
+            term, terms = gan(recon, disc_params)
+        else:
+            # A conditional, not a multiplication by the gate: before disc_start the step runs no discriminator
+            # (there 5× faster on XLA:CPU, docs/method.md §12.1).
+            gate = (step >= cfg.disc_start).astype(jnp.float32)
+
+            def off(recon, disc_params):
+                return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(gan, recon, disc_params))
+
+            term, terms = jax.lax.cond(step >= cfg.disc_start, gan, off, recon, disc_params)
+        loss = loss + term
+        metrics = dict(metrics, **terms, gan_gate=gate)
     return loss, dict(metrics, loss=loss)
