@@ -48,7 +48,8 @@ mllm: venv
 # speakers, the audio σ-VAE at two more frame rates, then the tables, plot and a few WAVs, also written to docs/tts/.
 tts: venv
 	$(VENV)/bin/python -m latent_lm.main --config=configs/tts.py --workdir=runs/tts --mode=all
-	$(VENV)/bin/python -m latent_lm.sweep --config=configs/tts.py --root=runs/tts_rates
+	$(VENV)/bin/python -m latent_lm.sweep --config=configs/tts.py --root=runs/tts_rates \
+		--extra="--config.judges.workdir=$(abspath runs/tts)"
 	$(VENV)/bin/python -m latent_lm.studies.tts --workdir=runs/tts --rates_root=runs/tts_rates --docs=docs/tts
 
 # pytest's exit status passes through: 5 ("no tests collected") fails the target. The suite runs in TEST_WORKERS

@@ -85,9 +85,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         disc_conv="matmul"))
     # Training on random crops of the train split (a whole number of latent frames; shorter utterances zero-padded).
     # Many small steps: the decoder's output ignores its input for the first ≈ 700 steps whatever the batch, then
-    # reconstruction improves steadily (docs/experiments.md §11): 4 × 0.64 s at ≈ 0.16 s per step here, 3,200 steps
-    # ≈ 9 min → held-out mel distance 0.96, STOI 0.70 (400 steps of 8 × 1.28 s: 1.71 and 0.47, on the plateau).
-    c.audio_vae_train = ml_collections.ConfigDict(dict(steps=3200, batch_size=4, crop_seconds=0.64, log_every=100,
+    # reconstruction improves steadily (docs/experiments.md §11): 4 × 0.64 s at ≈ 0.17 s per step here. 3,200 steps
+    # (≈ 11 min) → held-out mel distance 0.95, STOI 0.70, resynthesis judged WER 1.02, SIM 0.21; 9,600 (≈ 30 min) →
+    # 0.72, 0.77, 0.88, 0.45, and the TTS model's SIM 0.16–0.22 → 0.31–0.36.
+    c.audio_vae_train = ml_collections.ConfigDict(dict(steps=9600, batch_size=4, crop_seconds=0.64, log_every=100,
                                                        seed=a.seed))
     c.audio_vae_optim = ml_collections.ConfigDict(dict(
         lr=1e-3, warmup_steps=40, final_lr_ratio=0.1, b1=0.8, b2=0.99, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
@@ -101,7 +102,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The judges (evaluation/speech_judges.py): CTC phoneme recogniser (PER, WER) and speaker model (cosine SIM).
     rec, spk = speech_judges.recogniser_config(), speech_judges.speaker_config()
     rec.sample_rate = spk.sample_rate = c.speech.sample_rate
-    c.judges = ml_collections.ConfigDict(dict(seed=a.seed, recogniser=rec, speaker=spk))
+    # `workdir`: score with the judges of another run of the same corpus (relative to the workdir; "": this one's).
+    c.judges = ml_collections.ConfigDict(dict(seed=a.seed, workdir="", recogniser=rec, speaker=spk))
 
     if a.tiny:
         c.speech.update(dict(num_speakers=20, num_sentences=30, workers=1))
