@@ -86,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Training on random crops of the train split (a whole number of latent frames; shorter utterances zero-padded).
     # Many small steps: the decoder's output ignores its input for the first ≈ 700 steps whatever the batch, then
     # reconstruction improves steadily (docs/experiments.md §11): 4 × 0.64 s at ≈ 0.17 s per step here. 3,200 steps
-    # (≈ 11 min) → held-out mel distance 0.95, STOI 0.70, resynthesis judged WER 1.02, SIM 0.21; 9,600 (≈ 30 min) →
+    # (≈ 11 min) → held-out mel distance 0.95, STOI 0.70, resynthesis judged WER 1.02, SIM 0.21; 9,600 (28–34 min) →
     # 0.72, 0.77, 0.88, 0.45, and the TTS model's SIM 0.16–0.22 → 0.31–0.36.
     c.audio_vae_train = ml_collections.ConfigDict(dict(steps=9600, batch_size=4, crop_seconds=0.64, log_every=100,
                                                        seed=a.seed))

@@ -217,12 +217,13 @@ def audio_vae_loss(audio: jax.Array, out: dict[str, jax.Array], cfg: AudioLossCo
         else:
             # A conditional, not a multiplication by the gate: before disc_start the step runs no discriminator
             # (there 5× faster on XLA:CPU, docs/method.md §12.1).
-            gate = (step >= cfg.disc_start).astype(jnp.float32)
+            on = step >= cfg.disc_start
+            gate = on.astype(jnp.float32)
 
             def off(recon, disc_params):
                 return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(gan, recon, disc_params))
 
-            term, terms = jax.lax.cond(step >= cfg.disc_start, gan, off, recon, disc_params)
+            term, terms = jax.lax.cond(on, gan, off, recon, disc_params)
         loss = loss + term
         metrics = dict(metrics, **terms, gan_gate=gate)
     return loss, dict(metrics, loss=loss)
