@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.seed = a.seed
 
     # Byte-level BPE (docs/method.md §7.3): `vocab_size` counts the 8 special tokens and the 256 bytes.
-    c.text = ml_collections.ConfigDict(dict(vocab_size=1024, min_frequency=2))
+    c.text = ml_collections.ConfigDict(dict(vocab_size=1024, min_frequency=2, split="words"))
 
     grid = (c.data.image_size // c.vae.patch_size) ** 2
     seq_len = 128  # the longest document (two images, "the digit after … is …") fits one row

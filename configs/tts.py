@@ -29,7 +29,7 @@ from latent_lm.models.audio_vae import STRIDE_PRESETS, hop_length
 from latent_lm.models.presets import apply_preset
 from latent_lm.speech_stages import SPEECH_STAGES
 
-ARGS = dict(role="all", seed=0, tiny=False, scale="embedded", size="Medium", rate="25")
+ARGS = dict(role="all", seed=0, tiny=False, scale="embedded", size="Medium", rate="25", frames_per_step=0)
 ROLES = ("all", "tokenizer", "generator", "audio_vae")
 # The frame-rate study of the audio σ-VAE (`get_sweep`, docs/experiments.md §11): embedded rates besides the
 # default's 25 Hz, each σ-VAE trained and scored alone (`role=audio_vae`).
@@ -43,7 +43,8 @@ TTS_STAGES = ("train_tokenizer", "train", "eval_loss", "generate_tts", "eval_tts
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """`tts.py:tiny=1`, `tts.py:role=tokenizer`, `tts.py:seed=1` (the audio σ-VAE's and the judges' seed),
     `tts.py:scale=paper,size=L` (`size` is read at paper scale only), `tts.py:role=audio_vae,rate=50` (the audio
-    σ-VAE alone at another embedded frame rate)."""
+    σ-VAE alone at another embedded frame rate), `tts.py:frames_per_step=3` (latent frames per autoregressive step of
+    the TTS model; 0: the scale's default)."""
     a = args.parse(arg, ARGS)
     if a.role not in ROLES:
         raise ConfigError(f"unknown role {a.role!r}; choose one of {list(ROLES)}")
@@ -121,7 +122,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                      eval_batch_size=8, norm_examples=8, fast_compile=True))
     if a.scale == "paper":
         _paper_scale(c)
-    _tts_model(c, a.tiny)
+    # Latent frames per autoregressive step (docs/method.md §12.2): 2 (12.5 steps per second) at embedded scale, 1 at
+    # paper scale, whose σ-VAE already runs at 7.5 Hz.
+    _tts_model(c, a.tiny, frames_per_step=a.frames_per_step or (1 if a.scale == "paper" else 2))
     if a.scale == "paper":
         _paper_tts_model(c, a.size)
     return c
@@ -176,23 +179,29 @@ def _paper_tts_model(c: ml_collections.ConfigDict, size: str) -> None:
     c.eval.update(dict(loss_batch=64))
 
 
-def _tts_model(c: ml_collections.ConfigDict, tiny: bool) -> None:
+def _tts_model(c: ml_collections.ConfigDict, tiny: bool, frames_per_step: int) -> None:
     """The TTS model (docs/method.md §12.2–12.4, training/tasks/tts.py): the multimodal LatentLM over
     `<bos> phonemes <bod> z₁ … z_n <eod> <eos>` documents, its phoneme tokenizer and its zero-shot evaluation."""
     fps = c.speech.sample_rate / math.prod(c.audio_vae.strides)
     # Byte-level BPE on the train phonemes (`tts.input`), with the special tokens of docs/method.md §7.3.
-    c.text = ml_collections.ConfigDict(dict(vocab_size=512, min_frequency=2))
+    c.text = ml_collections.ConfigDict(dict(vocab_size=512, min_frequency=2, split="words"))
+    # `frames_per_step` latent frames are stacked into each sequence position (one autoregressive step, docs/method.md
+    # §12.2): the model then speaks at fps / frames_per_step steps per second.
+    k = frames_per_step
+    steps_per_second = fps / k
     # Rows hold a pair of utterances (reference-utterance documents): up to 2 × 4.5 s of latents plus their phonemes
     # (≤ 95 positions): 320 at 25 Hz.
-    seq_len = 192 if tiny else int(round(9.0 * fps)) + 95
-    max_frames = int(round((6.0 if tiny else 10.0) * fps))  # the longest span (a reference's frames included)
+    seq_len = 192 if tiny else int(round(9.0 * steps_per_second)) + 95
+    max_frames = int(round((6.0 if tiny else 10.0) * steps_per_second))  # the longest span in positions (a
+    # reference's included)
     c.tts = ml_collections.ConfigDict(dict(input="phonemes", pair_rate=0.5, null_prompt_rate=0.1,
-                                           max_frames=max_frames))
+                                           max_frames=max_frames, frames_per_step=k))
     c.model.update(dict(arch="tts", num_classes=0, text_vocab_size=c.text.vocab_size, max_len=seq_len,
-                        latent_dim=c.audio_vae.latent_dim, class_dropout=0.0, head_capacity=seq_len - 8))
+                        latent_dim=k * c.audio_vae.latent_dim, class_dropout=0.0, head_capacity=seq_len - 8))
     if not tiny:
-        # 3.1e10 training FLOPs per step (40% in the head): ≈ 0.6 s here, 2,500 steps ≈ 25 min idle. The first
-        # default (width 192, depth 6, batch 16, batch_mul 4: 2.3e11 per step) took ≈ 8 s per step: over 3 h.
+        # With 2 frames per step (rows of 207): 1.9e10 training FLOPs per step (44% in the head), 2.9 steps/s here,
+        # 2,500 steps ≈ 15 min (1 frame per step, rows of 320: 3.1e10, 1.8 steps/s, 25 min). The first default
+        # (width 192, depth 6, batch 16, batch_mul 4: 2.3e11 per step) took ≈ 8 s per step: over 3 h.
         c.model.update(dict(width=128, depth=4, num_heads=4))
         c.train.update(dict(steps=2500, batch_size=8))
         c.diffusion.batch_mul = 2

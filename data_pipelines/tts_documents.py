@@ -17,6 +17,7 @@ audio is never read.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 from typing import Any, Sequence
 
@@ -59,15 +60,50 @@ class SpeechDocuments:
         return int(getattr(self.mu, "latent_dim", None) or self.mu[0].shape[-1])
 
 
+def stack_frames(mu: np.ndarray, k: int) -> np.ndarray:
+    """Latent frames [n, C] → [n // k, k·C]: k consecutive frames per sequence position (one autoregressive step,
+    docs/method.md §12.2); the last n mod k frames are dropped."""
+    n, c = mu.shape
+    return np.ascontiguousarray(mu[:n // k * k].reshape(n // k, k * c))
+
+
+def unstack_frames(z: np.ndarray, k: int) -> np.ndarray:
+    """The inverse of `stack_frames`: [m, k·C] → [m·k, C]."""
+    m, kc = z.shape
+    return np.asarray(z).reshape(m * k, kc // k)
+
+
+class StackedFrames(collections.abc.Sequence):
+    """A sequence of latents [n_i, C] seen as `stack_frames` of each: [n_i // k, k·C] (read when indexed)."""
+
+    def __init__(self, mu: Sequence[np.ndarray], k: int, frames: np.ndarray, latent_dim: int):
+        self.mu, self.k = mu, k
+        self.frames = np.asarray(frames, np.int64) // k
+        self.latent_dim = latent_dim * k
+
+    def __len__(self) -> int:
+        return len(self.mu)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        return stack_frames(self.mu[index], self.k)
+
+
 def load_speech_documents(corpus_dir: str, latents_dir: str, split: str, tokenizer: TextTokenizer, seq_len: int,
-                          input: str = "phonemes") -> SpeechDocuments:
+                          input: str = "phonemes", frames_per_step: int = 1) -> SpeechDocuments:
     """The corpus split's text and speakers (no audio: `load_corpus` decodes none) joined with its audio latents,
-    read when a document needs them (record i of both is utterance i). In memory: the BPE ids, text and ids,
-    ≈ 1 kB per utterance (docs/experiments.md §11.1)."""
+    read when a document needs them (record i of both is utterance i), `frames_per_step` latent frames stacked per
+    position (`stack_frames`). In memory: the BPE ids, text and ids, ≈ 1 kB per utterance (docs/experiments.md
+    §11.1)."""
     if input not in INPUTS:
         raise ConfigError(f"tts.input={input!r} must be one of {list(INPUTS)}")
+    if frames_per_step < 1:
+        raise ConfigError(f"tts.frames_per_step={frames_per_step} must be ≥ 1")
     corpus = load_corpus(corpus_dir, split)
     latents = AudioLatentSequence(latents_dir, split)
+    if frames_per_step > 1:
+        latents = StackedFrames(latents, frames_per_step, latents.frames, latents.latent_dim)
     if len(latents) != len(corpus):
         raise DataError(f"{latents_dir}/{split} holds {len(latents)} utterances but the corpus split has "
                         f"{len(corpus)}: re-run --mode=encode_audio")

@@ -19,6 +19,7 @@ from absl import logging
 from latent_lm.diffusion import PREDICTION_TYPES
 from latent_lm.errors import ConfigError
 from latent_lm.models.transformer import REMAT_POLICIES
+from latent_lm.text.tokenizer import SPLITS
 from latent_lm.training.tasks import GENERATOR_TASKS
 from latent_lm.training.train_state import ema_init_weight
 
@@ -68,7 +69,7 @@ def validate(config, stages: Collection[str]) -> list[str]:
     checks = [
         (d.image_size % v.patch_size == 0,
          f"data.image_size={d.image_size} is not divisible by vae.patch_size={v.patch_size}"),
-        (m.latent_dim == tokenizer.latent_dim,
+        (m.latent_dim == tokenizer.latent_dim or m.arch == "tts",  # TTS stacks frames: its own check
          f"model.latent_dim={m.latent_dim} must equal {'audio_vae' if tokenizer is not v else 'vae'}.latent_dim="
          f"{tokenizer.latent_dim}"),
         (m.width % m.num_heads == 0 and (m.width // m.num_heads) % 2 == 0,
@@ -91,6 +92,8 @@ def validate(config, stages: Collection[str]) -> list[str]:
         (config.eval.loss_batch >= 1 and config.eval.loss_repeats >= 1, "eval.loss_batch and eval.loss_repeats "
          "must be ≥ 1"),
     ]
+    if "text" in config:  # the BPE text tokenizer's settings (configs/mllm.py, configs/tts.py)
+        checks.append((config.text.split in SPLITS, f"text.split={config.text.split!r} must be one of {list(SPLITS)}"))
     if m.arch in GENERATOR_TASKS:  # the kind's own rules (e.g. what a sequence holds)
         checks += list(GENERATOR_TASKS[m.arch].config_checks(config))
     checks += schedule_checks(config)

@@ -81,7 +81,8 @@ def train_text_tokenizer(config, workdir, mesh, rules):
     if storage.exists(storage.join(path, TOKENIZER_FILE)):
         tok = TextTokenizer.load(path)
     else:
-        tok = train_tokenizer(_tokenizer_texts(config, workdir), config.text.vocab_size, config.text.min_frequency)
+        tok = train_tokenizer(_tokenizer_texts(config, workdir), config.text.vocab_size, config.text.min_frequency,
+                              config.text.split)
         if jax.process_index() == 0:
             tok.save(path)
         barrier("train_tokenizer")

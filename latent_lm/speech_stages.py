@@ -46,7 +46,7 @@ from latent_lm.models.audio_vae import AudioVAE, frame_rate, hop_length
 from latent_lm.audio.wav import read_wav, write_wav
 from latent_lm.parallel.distributed import barrier
 from latent_lm.parallel.mesh import host_arrays
-from data_pipelines.tts_documents import load_speech_documents
+from data_pipelines.tts_documents import load_speech_documents, unstack_frames
 from latent_lm.evaluation import tts as tts_eval
 from latent_lm.stage_inputs import data_paths, generator_params, relative_to, tokenizer_dir
 from latent_lm.text.tokenizer import TextTokenizer
@@ -449,7 +449,7 @@ def _tts_setup(config, workdir, mesh, rules):
     e, d = config.tts_eval, config.diffusion
     paths = data_paths(config, workdir)
     data = load_speech_documents(paths.speech_corpus, paths.latents, e.split, TextTokenizer.load(paths.text_tokenizer),
-                                 task.seq_len, config.tts.input)
+                                 task.seq_len, config.tts.input, config.tts.frames_per_step)
     gen = tts_eval.TTSGenerator(task, params, d.num_sampling_steps, d.cfg_scale or None, d.x0_clip, e.batch)
     return (gen, data, audio_codec(config, workdir, mesh, rules),
             speech_corpus.load_corpus(corpus_dir(config, workdir), e.split))
@@ -466,13 +466,16 @@ def generate_tts(config, workdir, mesh, rules):
     pairs = tts_eval.evaluation_pairs(data, int(e.utterances), int(e.seed))
     if not pairs:
         raise DataError(f"the {e.split} split has no speaker with two utterances to evaluate zero-shot TTS on")
-    out = tts_eval.zero_shot(gen, data, pairs, max(1, round(float(e.prompt_seconds) * fps)),
+    k = int(config.tts.frames_per_step)
+    out = tts_eval.zero_shot(gen, data, pairs, max(1, round(float(e.prompt_seconds) * fps / k)),
                              jax.random.PRNGKey(int(e.seed)))
     manifest, root = [], f"{workdir}/samples/tts"
     for mode, res in out.items():
-        # Decode prompt + generation in one causal pass (the decoder's left context is the prompt's), then cut.
-        full = codec.decode([np.concatenate([p, g]) for p, g in zip(res["prompt_mu"], res["generated"])])
-        for i, ((r, u), p, g, audio) in enumerate(zip(pairs, res["prompt_mu"], res["generated"], full)):
+        # Positions back to latent frames; prompt + generation decode in one causal pass (the decoder's left context
+        # is the prompt's), then are cut.
+        prompts, generated = ([unstack_frames(z, k) for z in res[key]] for key in ("prompt_mu", "generated"))
+        full = codec.decode([np.concatenate([p, g]) for p, g in zip(prompts, generated)])
+        for i, ((r, u), p, g, audio) in enumerate(zip(pairs, prompts, generated, full)):
             cut = len(p) * codec.hop
             prompt_audio = split.audio[u][:cut] if mode == "continuation" else split.audio[r]
             speech = audio if mode == "continuation" else audio[cut:]
@@ -518,9 +521,10 @@ def eval_tts(config, workdir, mesh, rules):
     recogniser, speaker = judges.load_judge(f"{jdir}/recogniser.msgpack"), judges.load_judge(f"{jdir}/speaker.msgpack")
     sr = int(config.speech.sample_rate)
     fps = frame_rate(sr, tuple(config.audio_vae.strides))
-    result: dict[str, Any] = {"split": config.tts_eval.split, "frame_rate": fps, "ar_steps_per_second": fps,
+    steps = fps / int(config.tts.frames_per_step)  # autoregressive steps per second of speech
+    result: dict[str, Any] = {"split": config.tts_eval.split, "frame_rate": fps, "ar_steps_per_second": steps,
                               "codec_ar_steps_per_second": tts_eval.CODEC_FRAME_RATE,
-                              "fewer_ar_steps_than_codec": tts_eval.CODEC_FRAME_RATE / fps, "floors": floors}
+                              "fewer_ar_steps_than_codec": tts_eval.CODEC_FRAME_RATE / steps, "floors": floors}
     real_wer = floors["recogniser"][config.tts_eval.split]["wer"]
     sim_floor = floors["speaker"][config.tts_eval.split]
     for mode in tts_eval.MODES:

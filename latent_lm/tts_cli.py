@@ -11,8 +11,9 @@ the model says the text next in that voice. continuation: the recording is the b
 the corpus was (docs/method.md §12.1) when the run reads phonemes (`tts.input`). The recording (any WAV: mono or
 stereo, any rate, resampled to the run's) is encoded by the run's audio σ-VAE; without `--prompt_text` it is
 transcribed by the run's phoneme recogniser (judges/recogniser.msgpack). The model stops each utterance with
-`<eod>` (§12.3), at most `tts.max_frames` latent frames. Writes `<out>/speech_<i>.wav` and `<out>/speech.json`
-(default out: `<workdir>/speech/`). The run's config is `<workdir>/config.json`.
+`<eod>` (§12.3), at most `tts.max_frames` positions (of `tts.frames_per_step` latent frames each). Writes
+`<out>/speech_<i>.wav` and `<out>/speech.json` (default out: `<workdir>/speech/`). The run's config is
+`<workdir>/config.json`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from data_pipelines.tts_documents import prompt_document
+from data_pipelines.tts_documents import prompt_document, stack_frames, unstack_frames
 from latent_lm import cli, storage
 from latent_lm.audio import espeak
 from latent_lm.audio.wav import read_recording, write_wav
@@ -92,12 +93,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     tok = TextTokenizer.load(data_paths(config, args.workdir).text_tokenizer)
     codec = audio_codec(config, args.workdir, mesh, rules)
+    k = int(config.tts.frames_per_step)
     mu = codec.encode([recording])[0] if recording is not None else np.zeros((0, codec.latent_dim), np.float32)
+    mu = mu[:len(mu) // k * k]  # whole positions
     if args.mode == "continuation":
         texts = [np.asarray(tok.encode(" ".join(x for x in (prompt_input, say(args.text)) if x)), np.int32)]
     else:
         texts = [np.asarray(tok.encode(x), np.int32) for x in (prompt_input, say(args.text)) if x]
-    doc = prompt_document(texts, mu)
+    doc = prompt_document(texts, stack_frames(mu, k))
     task, params, _ = generator_params(config, args.workdir, mesh, rules)
     room = task.seq_len - len(doc["tokens"])
     if room < 1:
@@ -106,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     d = config.diffusion
     gen = tts_eval.TTSGenerator(task, params, d.num_sampling_steps, d.cfg_scale or None, d.x0_clip, args.num)
     speech = gen.speak([doc] * args.num, jax.random.PRNGKey(args.seed))
-    generated = [np.asarray(task.norm.denormalize(z)) for z in speech.latents]
+    generated = [unstack_frames(np.asarray(task.norm.denormalize(z)), k) for z in speech.latents]
     # Prompt and generation decode in one causal pass (the decoder's left context is the prompt's), then are cut.
     audio = [a[len(mu) * codec.hop:] for a in codec.decode([np.concatenate([mu, g]) for g in generated])]
 

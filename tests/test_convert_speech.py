@@ -182,9 +182,9 @@ def test_export_holds_the_generator_the_tokenizer_and_the_audio_vae(tts_run, tts
                                         tokenizer_vocab_size=tok.vocab_size, text_token_offset=0,
                                         special_tokens=tok.special, input="phonemes", latent_stop_id=EOD,
                                         max_frames=run["config"].tts.max_frames, audio_vae="audio_vae",
-                                        sample_rate=16_000, hop_length=640, frame_rate=25.0)
+                                        sample_rate=16_000, hop_length=640, frame_rate=25.0, frames_per_step=2)
     k = config["kwargs"]
-    assert (k["num_classes"], k["text_vocab_size"], k["max_len"], k["in_channels"]) == (0, 512, 192, a.latent_dim)
+    assert (k["num_classes"], k["text_vocab_size"], k["max_len"], k["in_channels"]) == (0, 512, 192, 2 * a.latent_dim)
     assert config["latent_norm"] == {"scale": 0.8, "bias": 0.1} and config["source"]["step"] == STEP
 
     audio_config = read_config(os.path.join(out, "audio_vae"))
@@ -309,18 +309,19 @@ def test_torch_speak_generates_what_the_jax_generator_does(tts_run, tts_export):
 
 
 def test_torch_tts_cli_speaks_in_the_voice_of_a_recording(tts_export, tmp_path, capsys):
-    """`python -m latent_lm.convert.torch_tts` on the export: a 0.2 s recording (5 latent frames at 25 Hz) as the
-    reference, `--max_frames=8` (the span holds the prompt's 5), so 3 new frames; empty text is one error line."""
+    """`python -m latent_lm.convert.torch_tts` on the export: a 0.2 s recording (5 latent frames at 25 Hz: 2 positions
+    of 2 frames, the fifth dropped) as the reference, `--max_frames=4` (the span holds the prompt's 2 positions), so 2
+    new positions, 4 frames; empty text is one error line."""
     out = tts_export[0]
     t = np.arange(3200) / 16_000
     write_wav(str(tmp_path / "ref.wav"), 0.3 * np.sin(2 * np.pi * 220 * t), 16_000)
     args = ["--export_dir", out, "--prompt", str(tmp_path / "ref.wav"), "--prompt_text", "a test",
-            "--max_frames", "8", "--out", str(tmp_path / "speech.wav")]
+            "--max_frames", "4", "--out", str(tmp_path / "speech.wav")]
     assert cli.run(torch_tts.main, [*args, "--text", "hello there"]) == 0
-    assert capsys.readouterr().out.strip() == (f"wrote 0.12 s of speech (3 latent frames, stopped at max_frames) to "
+    assert capsys.readouterr().out.strip() == (f"wrote 0.16 s of speech (4 latent frames, stopped at max_frames) to "
                                                f"{tmp_path}/speech.wav")
     audio = read_wav(str(tmp_path / "speech.wav"))
-    assert audio.shape == (3 * 640,) and np.abs(audio).max() > 0
+    assert audio.shape == (4 * 640,) and np.abs(audio).max() > 0
     assert cli.run(torch_tts.main, [*args, "--text", " "]) == 2
     assert capsys.readouterr().err.strip() == "error: --text is empty"
 

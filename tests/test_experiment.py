@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from configs import default, tts
 from latent_lm import experiment
 from latent_lm.checkpoint import Checkpointer
 from latent_lm.config_validation import ConfigError, validate
@@ -122,6 +122,13 @@ def test_invalid_configs_fail_with_one_clear_error(path, value, msg):
     c = default.get_config()
     setattr(c[path[0]], path[1], value)
     with pytest.raises(ConfigError, match=msg):
+        validate(c, experiment.STAGES)
+
+
+def test_a_text_split_the_tokenizer_lacks_is_one_clear_error():
+    c = tts.get_config()
+    c.text.split = "syllables"
+    with pytest.raises(ConfigError, match="text.split='syllables' must be one of"):
         validate(c, experiment.STAGES)
 
 

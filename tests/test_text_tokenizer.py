@@ -81,3 +81,22 @@ def test_bad_inputs_are_one_clear_error(corpus, tmp_path):
         TextTokenizer.load(str(tmp_path / "foreign.json"))
     with pytest.raises(ConfigError, match="vocab_size=100 must be ≥ 264"):
         train_tokenizer(corpus[0][:10], 100)
+
+
+def test_character_split_gives_one_token_per_character_and_round_trips(tmp_path):
+    phonemes = ["zoʊi peɪntᵻd ðə bɹoʊkən kaɪt", "ðiːz ɹɛpɹɪzɛnt ɐ pɑːk", "ɪn fɛbɹuːəɹi ðə kaɪt"] * 4
+    tok = train_tokenizer(phonemes, VOCAB, split="characters")
+    chars = sorted(set("".join(phonemes)))
+    # Merges only join a character's UTF-8 bytes (n − 1 for n bytes): the vocabulary stops at the characters seen.
+    assert tok.vocab_size == len(SPECIAL_TOKENS) + 256 + sum(len(c.encode()) - 1 for c in chars)
+    for text in phonemes[:3]:
+        ids = tok.encode(text)
+        assert [tok.decode([i]) for i in ids] == list(text)
+    for text in ["unseen ʒ and 東京\n\ttabs", "", "<eod> stays text"]:  # unseen characters fall back to bytes
+        assert tok.decode(tok.encode(text)) == text
+    tok.save(str(tmp_path))
+    assert TextTokenizer.load(str(tmp_path)).encode(phonemes[0]) == tok.encode(phonemes[0])
+    words = train_tokenizer(phonemes, VOCAB)
+    assert len(words.encode(phonemes[0])) < len(tok.encode(phonemes[0]))  # word merges span characters
+    with pytest.raises(ConfigError, match="split='syllables'"):
+        train_tokenizer(phonemes, VOCAB, split="syllables")

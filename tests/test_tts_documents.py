@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from data_pipelines.packing import make_packed_dataset
-from data_pipelines.tts_documents import (BOD, BOS, EOD, EOS, NULL, SpeechDocuments, TTSDocumentSource,
-                                          continuation_prompt, document_length, reference_prompt, tts_document)
+from data_pipelines.tts_documents import (BOD, BOS, EOD, EOS, NULL, SpeechDocuments, StackedFrames,
+                                          TTSDocumentSource, continuation_prompt, document_length, reference_prompt,
+                                          stack_frames, tts_document, unstack_frames)
 from latent_lm.errors import ConfigError
 
 C = 3
@@ -35,6 +36,24 @@ def test_single_and_pair_documents_are_laid_out_as_specified():
     pair = tts_document(data, [1, 4], null=True)
     np.testing.assert_array_equal(pair["tokens"][:3], [BOS, NULL, BOD])  # the text dropped, both voices kept
     np.testing.assert_array_equal(pair["latents"][pair["is_latent"]], np.concatenate([data.mu[1], data.mu[4]]))
+
+
+def test_stacked_frames_put_k_consecutive_frames_side_by_side_and_unstack_exactly():
+    mu = np.arange(7 * C, dtype=np.float32).reshape(7, C)
+    z = stack_frames(mu, 2)
+    assert z.shape == (3, 2 * C)
+    np.testing.assert_array_equal(z[1], np.r_[mu[2], mu[3]])  # position 1: frames 2 and 3, in order
+    np.testing.assert_array_equal(unstack_frames(z, 2), mu[:6])  # the odd last frame is dropped
+    np.testing.assert_array_equal(stack_frames(mu, 1), mu)
+    data = _data()
+    stacked = StackedFrames(data.mu, 2, data.frames, C)
+    assert stacked.latent_dim == 2 * C and len(stacked) == len(data)
+    np.testing.assert_array_equal(stacked.frames, data.frames // 2)
+    docs = SpeechDocuments(data.ids, stacked, data.speaker, data.text, data.seq_len)
+    assert docs.latent_dim == 2 * C and list(docs.frames) == [len(m) for m in stacked[:]]
+    doc = tts_document(docs, [0])
+    np.testing.assert_array_equal(unstack_frames(doc["latents"][doc["is_latent"]], 2),
+                                  data.mu[0][:len(data.mu[0]) // 2 * 2])
 
 
 def test_source_pairs_one_speaker_drops_text_and_is_deterministic():
@@ -98,6 +117,7 @@ def test_tts_task_trains_the_stop_on_packed_rows():
 
     config = get_config("tiny=1")
     config.audio_vae.latent_dim = config.model.latent_dim = C
+    config.tts.frames_per_step = 1  # the documents here hold C-channel latents as they are
     task = make_generator_task(config, LatentNormalization(scale=1.0, bias=0.0))
     data = _data(n=20, seq_len=task.seq_len)
     batch = next(iter(make_packed_dataset(TTSDocumentSource(data, 0), task.seq_len, 2, seed=0,

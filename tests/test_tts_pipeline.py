@@ -38,7 +38,9 @@ def test_tiny_tts_run_writes_wavs_manifest_and_scores(tmp_path, monkeypatch):
         assert len(pcm) == frames * hop and m["duration"] == pytest.approx(len(pcm) / rate)
         assert (tmp_path / "samples/tts" / m["prompt_file"]).exists() and m["text"] and m["phonemes"]
     scores = json.loads((tmp_path / "eval/tts.json").read_text())
-    assert scores["fewer_ar_steps_than_codec"] == pytest.approx(75 / 25)
+    k = config.tts.frames_per_step  # 2: 25 Hz frames, 12.5 autoregressive steps per second
+    assert scores["ar_steps_per_second"] == 25 / k and scores["fewer_ar_steps_than_codec"] == pytest.approx(75 * k / 25)
+    assert all(m["generated_frames"] % k == 0 and m["prompt_frames"] % k == 0 for m in manifest)
     for mode in ("continuation", "reference"):
         assert set(scores[mode]) >= {"wer", "per", "sim", "duration_within_20pct", "ended_by_eod", "floors_met"}
     # train_judges ran before eval_audio_vae, which judged the σ-VAE's reconstructions beside the real audio's floors

@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mode", choices=("reference", "continuation"), default="reference")
     p.add_argument("--accent", default="en-us", help="espeak-ng voice that phonemises the texts (tts.input=phonemes)")
     p.add_argument("--cfg_scale", type=float, default=None, help="default: the export's diffusion.cfg_scale")
-    p.add_argument("--max_frames", type=int, default=None, help="longest span in latent frames, the prompt's "
-                   "included (default: the export's multimodal.max_frames)")
+    p.add_argument("--max_frames", type=int, default=None, help="longest span in positions (of frames_per_step "
+                   "latent frames), the prompt's included (default: the export's multimodal.max_frames)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--out", default="speech.wav")
@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     tok = load_tokenizer(args.export_dir)
     rate = int(speech["sample_rate"])
     recording = read_recording(args.prompt, rate)
-    recording = recording[:len(recording) // vae.hop * vae.hop]  # whole latent frames
+    k = int(speech.get("frames_per_step", 1))  # latent frames per position (docs/method.md §12.2)
+    recording = recording[:len(recording) // (k * vae.hop) * k * vae.hop]  # whole positions
     say = (lambda text: espeak.phonemes(text, args.accent)) if speech["input"] == "phonemes" else (lambda text: text)
     texts = ([say(args.prompt_text), say(args.text)] if args.mode == "reference" else
              [" ".join((say(args.prompt_text), say(args.text)))])
@@ -170,7 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         mu = vae.encode(torch.from_numpy(recording)[None])[0].numpy()
     gen = torch.Generator().manual_seed(args.seed)
     special, norm, d = speech["special_tokens"], cfg["latent_norm"], cfg["diffusion"]
-    prompt, null = prompt_pair(ids, mu, special, norm, float(vae_cfg["kwargs"]["std"]), gen)
+    # k frames side by side per position, as data_pipelines.tts_documents.stack_frames.
+    stacked = mu.reshape(len(mu) // k, k * mu.shape[-1])
+    prompt, null = prompt_pair(ids, stacked, special, norm, float(vae_cfg["kwargs"]["std"]), gen)
     cfg_scale = (d["cfg_scale"] if args.cfg_scale is None else args.cfg_scale) or None
     sample_func = make_sample_func(d["num_sampling_steps"], d["prediction_type"], d["schedule"], d["num_train_steps"],
                                    d.get("x0_clip"))
@@ -180,11 +183,12 @@ def main(argv: list[str] | None = None) -> None:
                      stop_ids=(special["<eod>"], special["<eos>"]), generator=gen)
     # The prompt's μ and the new latents decode in one causal pass (the prompt is the decoder's left context).
     with torch.no_grad():
-        full = torch.cat([torch.from_numpy(mu), z / norm["scale"] - norm["bias"]])
+        frames = (z / norm["scale"] - norm["bias"]).reshape(len(z) * k, mu.shape[-1])
+        full = torch.cat([torch.from_numpy(mu), frames])
         audio = vae.decode(full[None])[0, len(mu) * vae.hop:].numpy()
     storage.makedirs(os.path.dirname(os.path.abspath(args.out)))
     write_wav(args.out, audio, rate)
-    print(f"wrote {len(audio) / rate:.2f} s of speech ({len(z)} latent frames, "
+    print(f"wrote {len(audio) / rate:.2f} s of speech ({len(z) * k} latent frames, "
           f"{'ended by <eod>' if ended else 'stopped at max_frames'}) to {args.out}")
 
 

@@ -83,14 +83,26 @@ class TextTokenizer:
         return cls(tokenizer)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> TextTokenizer:
-    """Trains byte-level BPE on `texts` with the special tokens first; `vocab_size` counts them and the 256 bytes."""
+SPLITS = ("words", "characters")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+                    split: str = "words") -> TextTokenizer:
+    """Trains byte-level BPE on `texts` with the special tokens first; `vocab_size` counts them and the 256 bytes.
+
+    BPE never merges across a pre-tokenizer piece. `split="words"` is GPT-2's word split (merges build words);
+    `"characters"` makes every character a piece, so merges only join a character's UTF-8 bytes and each phoneme
+    symbol is one token (docs/method.md §12.2); the vocabulary then stops at the characters seen."""
+    if split not in SPLITS:
+        raise ConfigError(f"text split={split!r}; choose one of {list(SPLITS)}")
     floor = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size < floor:
         raise ConfigError(f"text vocab_size={vocab_size} must be ≥ {floor} (the special tokens and the 256 bytes)")
     tok = tokenizers.Tokenizer(models.BPE())
     # add_prefix_space=False and no regex tweaks: decode(encode(s)) == s for every string.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split == "words")
+    tok.pre_tokenizer = byte_level if split == "words" else pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated"), byte_level])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=list(SPECIAL_TOKENS), show_progress=False,

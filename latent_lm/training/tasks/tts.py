@@ -48,8 +48,10 @@ class TTSTask(MultimodalTask):
             (0 < m.get("head_capacity", 0) <= m.max_len,
              f"model.head_capacity={m.get('head_capacity')} must lie in [1, model.max_len={m.max_len}]"),
             (0 < t.max_frames < m.max_len, f"tts.max_frames={t.max_frames} must lie in [1, model.max_len)"),
-            (m.latent_dim == config.audio_vae.latent_dim,
-             f"model.latent_dim={m.latent_dim} must equal audio_vae.latent_dim={config.audio_vae.latent_dim}"),
+            (t.frames_per_step >= 1, f"tts.frames_per_step={t.frames_per_step} must be ≥ 1"),
+            (m.latent_dim == t.frames_per_step * config.audio_vae.latent_dim,
+             f"model.latent_dim={m.latent_dim} must equal tts.frames_per_step × audio_vae.latent_dim = "
+             f"{t.frames_per_step} × {config.audio_vae.latent_dim}"),
         ]
 
     def make_dataset(self, paths: DataPaths, split: str, batch_size: int, seed: int, num_workers: int = 0):
@@ -59,7 +61,8 @@ class TTSTask(MultimodalTask):
         t = self.documents
         split = "test_speakers" if split == "test" else split
         data = load_speech_documents(paths.speech_corpus, paths.latents, split,
-                                     TextTokenizer.load(paths.text_tokenizer), self.seq_len, t["input"])
+                                     TextTokenizer.load(paths.text_tokenizer), self.seq_len, t["input"],
+                                     t["frames_per_step"])
         train = split == "train"
         source = TTSDocumentSource(data, seed, pair_rate=t["pair_rate"] if train else 0.0,
                                    null_prompt_rate=t["null_prompt_rate"] if train else 0.0)
