@@ -143,9 +143,8 @@ class TTSDocumentSource:
     sentence of its speaker when both fit a row, its text dropped to `<null>` with probability `null_prompt_rate`."""
 
     def __init__(self, data: SpeechDocuments, seed: int, pair_rate: float = 0.5, null_prompt_rate: float = 0.1):
-        if not (0 <= pair_rate <= 1 and 0 <= null_prompt_rate < 1):
-            raise ConfigError(f"tts.pair_rate={pair_rate} must lie in [0, 1] and null_prompt_rate="
-                              f"{null_prompt_rate} in [0, 1)")
+        if not (0 <= pair_rate <= 1 and 0 <= null_prompt_rate <= 1):
+            raise ConfigError(f"tts.pair_rate={pair_rate} and null_prompt_rate={null_prompt_rate} must lie in [0, 1]")
         self.data, self.seed, self.pair_rate, self.null_prompt_rate = data, seed, pair_rate, null_prompt_rate
         self.same_speaker = {int(s): np.flatnonzero(data.speaker == s) for s in np.unique(data.speaker)}
 

@@ -185,32 +185,44 @@ def eval_loss(config, workdir, mesh, rules):
     """Held-out loss of the generator on the test latents, with its exact training FLOPs (the scaling-law point).
 
     The same loss as training (docs/method.md §6.1–6.3) without class dropout, averaged over `eval.loss_repeats` draws
-    of (t, ε, σ) per test batch from a fixed seed, so runs of one sweep see identical noise.
+    of (t, ε, σ) per test batch from a fixed seed, so runs of one sweep see identical noise; beside it the mean of
+    each of the loss's metrics (`metrics`), and the same for each of the task's `eval_loss_variants` (named datasets
+    of the same split, e.g. TTS with every text dropped).
     """
     task, params, step = _generator_params(config, workdir, mesh, rules)
     e = config.eval
     if e.loss_batch % data_parallel_size(mesh):
         raise ConfigError(f"eval.loss_batch={e.loss_batch} is not divisible by the data-parallel size "
                           f"{data_parallel_size(mesh)} (mesh data×fsdp)")
-    it = task.make_dataset(data_paths(config, workdir), "test", e.loss_batch, seed=0)
-    loss_fn = jax.jit(lambda p, b, r: task.loss(p, b, r, train=False)[0])
-    total, count = 0.0, 0
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        for i, batch in enumerate(DevicePrefetcher(iter(it), mesh)):
-            for r in range(e.loss_repeats):
-                total += float(loss_fn(params, batch, jax.random.PRNGKey(e.seed * 1_000_003 + i * 1009 + r)))
-                count += 1
-    if not count:
-        raise DataError(f"the test split under {tokenizer_dir(config, workdir)} holds fewer than "
-                        f"eval.loss_batch={e.loss_batch} examples")
+    loss_fn = jax.jit(lambda p, b, r: task.loss(p, b, r, train=False))
+
+    def held_out(**dataset_kwargs) -> tuple[float, dict[str, float], int]:
+        it = task.make_dataset(data_paths(config, workdir), "test", e.loss_batch, seed=0, **dataset_kwargs)
+        losses, metrics = [], []
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            for i, batch in enumerate(DevicePrefetcher(iter(it), mesh)):
+                for r in range(e.loss_repeats):
+                    loss, m = loss_fn(params, batch, jax.random.PRNGKey(e.seed * 1_000_003 + i * 1009 + r))
+                    losses.append(float(loss))
+                    metrics.append({k: float(v) for k, v in m.items()})
+        if not losses:
+            raise DataError(f"the test split under {tokenizer_dir(config, workdir)} holds fewer than "
+                            f"eval.loss_batch={e.loss_batch} examples"
+                            + (f" as {dataset_kwargs}" if dataset_kwargs else ""))
+        return float(np.mean(losses)), {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}, len(losses)
+
+    loss, metrics, count = held_out()
+    variants = {name: dict(zip(("eval_loss", "metrics"), held_out(**kwargs)[:2]))
+                for name, kwargs in getattr(task, "eval_loss_variants", {}).items()}
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     per_step = task.train_flops_per_example() * config.train.batch_size
-    result = {"eval_loss": total / count, "family": config.model.get("arch", "latent_lm"), "params": num_params,
+    result = {"eval_loss": loss, "family": config.model.get("arch", "latent_lm"), "params": num_params,
               "flops_per_step": per_step, "train_flops": per_step * step, "steps": step,
-              "eval_batches": count // e.loss_repeats}
+              "eval_batches": count // e.loss_repeats, "metrics": metrics, **variants}
     if jax.process_index() == 0:
         _atomic_write_json(f"{workdir}/eval/loss.json", result)
-    return {"eval_loss": result["eval_loss"], "train_flops": result["train_flops"]}
+    return {"eval_loss": result["eval_loss"], "train_flops": result["train_flops"],
+            **{f"eval_loss_{name}": v["eval_loss"] for name, v in variants.items()}}
 
 
 def sample(config, workdir, mesh, rules):

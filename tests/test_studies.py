@@ -270,14 +270,16 @@ def _tts_run(root) -> str:
     row = dict(wer=0.5, per=0.2, sim=0.8, utterances=2)
     gen = dict(row, duration_within_20pct=0.5, ended_by_eod=1.0, rtf=0.3,
                floors_met=dict(wer=True, sim=True, duration=False))
-    scores = dict(split="test_speakers", frame_rate=25.0, ar_steps_per_second=25.0, codec_ar_steps_per_second=75.0,
-                  fewer_ar_steps_than_codec=3.0, real=row, resynthesis=dict(row, wer=0.6), continuation=gen,
+    scores = dict(split="test_speakers", frame_rate=25.0, ar_steps_per_second=12.5, codec_ar_steps_per_second=75.0,
+                  fewer_ar_steps_than_codec=6.0, real=row, resynthesis=dict(row, wer=0.6), continuation=gen,
                   reference=dict(gen, wer=0.9),
                   floors=dict(recogniser=dict(test_speakers=dict(wer=0.45, per=0.2)),
                               speaker=dict(test_speakers=dict(same=0.85, different=0.1))))
     (run / "eval/tts.json").write_text(json.dumps(scores))
     (run / "eval/audio_vae.json").write_text(json.dumps(dict(
         frame_rate=25.0, latent_dim=16, mel_distance=0.96, stoi=0.7, variance_collapse_ratio=1.1, num_utterances=9)))
+    (run / "eval/loss.json").write_text(json.dumps(dict(eval_loss=3.0, metrics=dict(diffusion_loss=0.45),
+                                                        null_text=dict(eval_loss=2.9, metrics=dict(diffusion_loss=0.5)))))
     manifest = []
     for mode in ("continuation", "reference"):
         for i, (real, dur) in enumerate(((2.0, 2.1), (3.0, 4.0))):
@@ -298,7 +300,9 @@ def test_tts_study_writes_table_plot_and_docs_wavs(tmp_path, capsys):
     lines = text.splitlines()
     assert lines[2].startswith("| real audio") and "| 0.500 | 0.200 | 0.800 | – | – | – |" in lines[2]
     assert lines[5].startswith("| zero-shot: reference") and "0.900" in lines[5] and "50%" in lines[5]
-    assert "3.0× fewer" in text and "mel distance 0.960" in text and "duration not met" in text
+    assert "12.5 (the audio σ-VAE's 25 Hz frames, 2 per step)" in text and "6.0× fewer" in text
+    assert "mel distance 0.960" in text and "duration not met" in text
+    assert "diffusion loss with the text 0.4500, with every text dropped to <null> 0.5000 (10.0% lower" in text
     assert (docs / "tts.png").read_bytes()[:8] == PNG_MAGIC
     assert sorted(os.listdir(docs)) == ["continuation_000.wav", "continuation_000_prompt.wav", "reference_000.wav",
                                         "reference_000_prompt.wav", "tts.json", "tts.md", "tts.png"]

@@ -25,8 +25,14 @@ def test_tiny_tts_run_writes_wavs_manifest_and_scores(tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "make_mesh", lambda cfg: one_device)
     config = get_config("tiny=1")
     config.mesh.shape = (1, 1, 1)
+    config.eval.loss_batch = 1  # without their text the 4 test documents pack into one row
     summary = experiment.run(config, str(tmp_path), "all")
     assert np.isfinite(summary["eval_loss"])
+    # The held-out loss again with every text dropped: no text CE targets then, the same latent targets.
+    loss = json.loads((tmp_path / "eval/loss.json").read_text())
+    assert summary["eval_loss_null_text"] == loss["null_text"]["eval_loss"] != loss["eval_loss"]
+    assert loss["null_text"]["metrics"].keys() == loss["metrics"].keys() >= {"diffusion_loss", "ce_loss"}
+    assert np.isfinite(loss["null_text"]["metrics"]["diffusion_loss"])
     manifest = json.loads((tmp_path / "samples/tts/manifest.json").read_text())
     modes = [m["mode"] for m in manifest]
     assert set(modes) == {"continuation", "reference"} and modes.count("reference") == modes.count("continuation")

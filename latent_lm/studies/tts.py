@@ -44,8 +44,10 @@ def collect(workdir: str) -> dict[str, Any]:
     manifest_path = f"{workdir}/samples/tts/manifest.json"
     if not storage.exists(manifest_path):
         raise DataError(f"{manifest_path} is missing: run --mode=generate_tts")
+    loss_path = f"{workdir}/eval/loss.json"  # eval_loss's, when it ran
     return {"tts": scores, "audio_vae": read_json(f"{workdir}/eval/audio_vae.json"),
-            "manifest": json.loads(storage.read_text(manifest_path))}
+            "manifest": json.loads(storage.read_text(manifest_path)),
+            "loss": read_json(loss_path) if storage.exists(loss_path) else {}}
 
 
 def table(run: dict[str, Any]) -> str:
@@ -60,7 +62,8 @@ def table(run: dict[str, Any]) -> str:
     met = {mode: t[mode]["floors_met"] for mode in ("continuation", "reference")}
     lines += [
         "",
-        f"Autoregressive steps per second of audio: {t['ar_steps_per_second']:g} (the audio σ-VAE's frame rate) "
+        f"Autoregressive steps per second of audio: {t['ar_steps_per_second']:g} (the audio σ-VAE's "
+        f"{t['frame_rate']:g} Hz frames, {t['frame_rate'] / t['ar_steps_per_second']:g} per step) "
         f"against {t['codec_ar_steps_per_second']:g} for a codec LM: {t['fewer_ar_steps_than_codec']:.1f}× fewer. "
         f"Audio σ-VAE at {v['frame_rate']:g} Hz, {v['latent_dim']} channels: mel distance {v['mel_distance']:.3f}, "
         f"STOI {v['stoi']:.3f}, variance-collapse ratio {v['variance_collapse_ratio']:.2f} on {v['num_utterances']} "
@@ -71,6 +74,11 @@ def table(run: dict[str, Any]) -> str:
         + "; ".join(f"{mode} " + ", ".join(f"{k} {'met' if ok else 'not met'}" for k, ok in m.items())
                     for mode, m in met.items()) + ".",
     ]
+    loss = run.get("loss", {})
+    if "null_text" in loss:  # how much the model's latents depend on the text (eval_loss, docs/method.md §12.4)
+        with_text, without = loss["metrics"]["diffusion_loss"], loss["null_text"]["metrics"]["diffusion_loss"]
+        lines.append(f"Held-out diffusion loss with the text {with_text:.4f}, with every text dropped to <null> "
+                     f"{without:.4f} ({(without - with_text) / without:.1%} lower with the text).")
     return "\n".join(lines) + "\n"
 
 

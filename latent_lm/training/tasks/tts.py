@@ -54,10 +54,16 @@ class TTSTask(MultimodalTask):
              f"{t.frames_per_step} × {config.audio_vae.latent_dim}"),
         ]
 
-    def make_dataset(self, paths: DataPaths, split: str, batch_size: int, seed: int, num_workers: int = 0):
+    # The held-out loss once more with every text dropped to `<null>` (`eval_loss` → eval/loss.json
+    # "null_text"): how much the model's predictions use the text (docs/method.md §12.4).
+    eval_loss_variants: ClassVar[dict[str, dict]] = {"null_text": {"null_text": True}}
+
+    def make_dataset(self, paths: DataPaths, split: str, batch_size: int, seed: int, num_workers: int = 0,
+                     null_text: bool = False):
         """Packed TTS documents of `split`; "train" shuffled, repeated, half of them pairs, 10% null prompts (by
-        `config.tts`); any other split once in order, single utterances, every text kept. "test" (the generic
-        held-out split of `eval_loss`) is the corpus's `test_speakers`: unseen voices saying unseen sentences."""
+        `config.tts`); any other split once in order, single utterances, every text kept (`null_text`: every text
+        dropped). "test" (the generic held-out split of `eval_loss`) is the corpus's `test_speakers`: unseen voices
+        saying unseen sentences."""
         t = self.documents
         split = "test_speakers" if split == "test" else split
         data = load_speech_documents(paths.speech_corpus, paths.latents, split,
@@ -65,6 +71,6 @@ class TTSTask(MultimodalTask):
                                      t["frames_per_step"])
         train = split == "train"
         source = TTSDocumentSource(data, seed, pair_rate=t["pair_rate"] if train else 0.0,
-                                   null_prompt_rate=t["null_prompt_rate"] if train else 0.0)
+                                   null_prompt_rate=t["null_prompt_rate"] if train else float(null_text))
         return make_packed_dataset(source, self.seq_len, batch_size, seed, latent_capacity=self.head_capacity,
                                    shuffle=train, repeat=train, num_workers=num_workers if train else 0)
