@@ -42,7 +42,10 @@ class DataPaths:
 
 @runtime_checkable
 class GeneratorTask(Task, Protocol):
-    """A generator trained on σ-VAE latents: LatentLM, its DiT twin, the multimodal LatentLM, and what comes next."""
+    """A generator trained on σ-VAE latents: LatentLM, its DiT twin, the multimodal LatentLM, and what comes next.
+
+    Optional: `eval_loss_variants`, {name: keyword arguments of `make_dataset`}: `eval_loss` scores the held-out split
+    once more per entry (TTS: every text dropped, training/tasks/tts.py)."""
 
     model: Any  # the Flax module; `model.config` is its dataclass config
     norm: LatentNormalization  # cached latents → LM space
