@@ -9,7 +9,7 @@ reconstruction scores, the judges of intelligibility and voice, and the TTS mode
 LibriSpeech through tfds (data_pipelines/librispeech.py) at 24 kHz, the paper's 7.5 Hz σ-VAE₆₄ (docs/method.md
 §12.1) and a `size=` preset of latent_lm/models/presets.py for the TTS model (Medium by default); the
 paper's TTS model size and recipe are not recovered, so those values are our defaults, marked below.
-Stages (latent_lm/speech_stages.py): build_corpus → train_audio_vae → encode_audio → eval_audio_vae → train_judges.
+Stages (latent_lm/speech_stages.py): build_corpus → train_audio_vae → encode_audio → train_judges → eval_audio_vae.
 `tiny=1` shrinks every part to a smoke run of about a minute. `role=tokenizer` runs the same stages (the sweep's
 shared tokenizer run). The sections of the image default (data, vae, model, …) are kept so that the generic
 validation applies; the TTS model's sections replace `model` when the TTS stages are added.
