@@ -192,8 +192,8 @@ def _tts_model(c: ml_collections.ConfigDict, tiny: bool, frames_per_step: int) -
     # Rows hold a pair of utterances (reference-utterance documents): up to 2 × 4.5 s of latents plus their phonemes
     # (≤ 95 positions): 320 at 25 Hz.
     seq_len = 192 if tiny else int(round(9.0 * steps_per_second)) + 95
-    max_frames = int(round((6.0 if tiny else 10.0) * steps_per_second))  # the longest span in positions (a
-    # reference's included)
+    # The longest span in positions (a reference's included).
+    max_frames = int(round((6.0 if tiny else 10.0) * steps_per_second))
     c.tts = ml_collections.ConfigDict(dict(input="phonemes", pair_rate=0.5, null_prompt_rate=0.1,
                                            max_frames=max_frames, frames_per_step=k))
     c.model.update(dict(arch="tts", num_classes=0, text_vocab_size=c.text.vocab_size, max_len=seq_len,

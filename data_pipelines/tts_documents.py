@@ -74,12 +74,13 @@ def unstack_frames(z: np.ndarray, k: int) -> np.ndarray:
 
 
 class StackedFrames(collections.abc.Sequence):
-    """A sequence of latents [n_i, C] seen as `stack_frames` of each: [n_i // k, k·C] (read when indexed)."""
+    """A sequence of latents [n_i, C] with their `frames` and `latent_dim` (an `AudioLatentSequence`) seen as
+    `stack_frames` of each: [n_i // k, k·C] (read when indexed)."""
 
-    def __init__(self, mu: Sequence[np.ndarray], k: int, frames: np.ndarray, latent_dim: int):
+    def __init__(self, mu: AudioLatentSequence, k: int):
         self.mu, self.k = mu, k
-        self.frames = np.asarray(frames, np.int64) // k
-        self.latent_dim = latent_dim * k
+        self.frames = np.asarray(mu.frames, np.int64) // k
+        self.latent_dim = int(mu.latent_dim) * k
 
     def __len__(self) -> int:
         return len(self.mu)
@@ -103,7 +104,7 @@ def load_speech_documents(corpus_dir: str, latents_dir: str, split: str, tokeniz
     corpus = load_corpus(corpus_dir, split)
     latents = AudioLatentSequence(latents_dir, split)
     if frames_per_step > 1:
-        latents = StackedFrames(latents, frames_per_step, latents.frames, latents.latent_dim)
+        latents = StackedFrames(latents, frames_per_step)
     if len(latents) != len(corpus):
         raise DataError(f"{latents_dir}/{split} holds {len(latents)} utterances but the corpus split has "
                         f"{len(corpus)}: re-run --mode=encode_audio")

@@ -66,12 +66,13 @@ def validate(config, stages: Collection[str]) -> list[str]:
     (`experiment.RUNNERS`). Logs a warning line for each of `ema_warnings` and returns them."""
     d, v, m, diff = config.data, config.vae, config.model, config.diffusion
     tokenizer = config.audio_vae if "audio_vae" in config else v  # the latents the generator reads
+    per_position = int(config.tts.frames_per_step) if "tts" in config else 1  # TTS stacks frames (§12.2)
     checks = [
         (d.image_size % v.patch_size == 0,
          f"data.image_size={d.image_size} is not divisible by vae.patch_size={v.patch_size}"),
-        (m.latent_dim == tokenizer.latent_dim or m.arch == "tts",  # TTS stacks frames: its own check
+        (m.latent_dim == tokenizer.latent_dim * per_position,
          f"model.latent_dim={m.latent_dim} must equal {'audio_vae' if tokenizer is not v else 'vae'}.latent_dim="
-         f"{tokenizer.latent_dim}"),
+         f"{tokenizer.latent_dim}" + (f" × tts.frames_per_step={per_position}" if per_position != 1 else "")),
         (m.width % m.num_heads == 0 and (m.width // m.num_heads) % 2 == 0,
          f"model.width={m.width} must split into num_heads={m.num_heads} heads of even size (RoPE pairs)"),
         (m.num_kv_heads is None or m.num_heads % m.num_kv_heads == 0,

@@ -17,6 +17,14 @@ from latent_lm.errors import ConfigError
 C = 3
 
 
+class _Latents(list):
+    """A list of μ with the `frames` and `latent_dim` an `AudioLatentSequence` carries."""
+
+    def __init__(self, mu, frames, latent_dim):
+        super().__init__(mu)
+        self.frames, self.latent_dim = frames, latent_dim
+
+
 def _data(n=12, seq_len=64, seed=0) -> SpeechDocuments:
     rng = np.random.default_rng(seed)
     ids = [rng.integers(300, 400, rng.integers(3, 8)).astype(np.int32) for _ in range(n)]
@@ -46,7 +54,7 @@ def test_stacked_frames_put_k_consecutive_frames_side_by_side_and_unstack_exactl
     np.testing.assert_array_equal(unstack_frames(z, 2), mu[:6])  # the odd last frame is dropped
     np.testing.assert_array_equal(stack_frames(mu, 1), mu)
     data = _data()
-    stacked = StackedFrames(data.mu, 2, data.frames, C)
+    stacked = StackedFrames(_Latents(data.mu, frames=data.frames, latent_dim=C), 2)
     assert stacked.latent_dim == 2 * C and len(stacked) == len(data)
     np.testing.assert_array_equal(stacked.frames, data.frames // 2)
     docs = SpeechDocuments(data.ids, stacked, data.speaker, data.text, data.seq_len)

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from data_pipelines.tts_documents import stack_frames, unstack_frames
 from latent_lm import cli, storage
 from latent_lm.audio import espeak
 from latent_lm.audio.wav import read_recording, write_wav
@@ -171,9 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         mu = vae.encode(torch.from_numpy(recording)[None])[0].numpy()
     gen = torch.Generator().manual_seed(args.seed)
     special, norm, d = speech["special_tokens"], cfg["latent_norm"], cfg["diffusion"]
-    # k frames side by side per position, as data_pipelines.tts_documents.stack_frames.
-    stacked = mu.reshape(len(mu) // k, k * mu.shape[-1])
-    prompt, null = prompt_pair(ids, stacked, special, norm, float(vae_cfg["kwargs"]["std"]), gen)
+    prompt, null = prompt_pair(ids, stack_frames(mu, k), special, norm, float(vae_cfg["kwargs"]["std"]), gen)
     cfg_scale = (d["cfg_scale"] if args.cfg_scale is None else args.cfg_scale) or None
     sample_func = make_sample_func(d["num_sampling_steps"], d["prediction_type"], d["schedule"], d["num_train_steps"],
                                    d.get("x0_clip"))
@@ -183,8 +182,8 @@ def main(argv: list[str] | None = None) -> None:
                      stop_ids=(special["<eod>"], special["<eos>"]), generator=gen)
     # The prompt's μ and the new latents decode in one causal pass (the prompt is the decoder's left context).
     with torch.no_grad():
-        frames = (z / norm["scale"] - norm["bias"]).reshape(len(z) * k, mu.shape[-1])
-        full = torch.cat([torch.from_numpy(mu), frames])
+        frames = unstack_frames((z / norm["scale"] - norm["bias"]).numpy(), k)
+        full = torch.cat([torch.from_numpy(mu), torch.from_numpy(frames)])
         audio = vae.decode(full[None])[0, len(mu) * vae.hop:].numpy()
     storage.makedirs(os.path.dirname(os.path.abspath(args.out)))
     write_wav(args.out, audio, rate)
