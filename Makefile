@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 WORKDIR ?= runs/default
 
-.PHONY: venv venv-test run test test-all test-tpu scaling tokenizer-variance mllm tts clean distclean
+.PHONY: venv venv-test run test test-all test-tpu scaling tokenizer-variance mllm tts tts-rates clean distclean
 
 venv: $(STAMP)
 venv-test: $(TEST_STAMP)
@@ -45,9 +45,13 @@ mllm: venv
 	$(VENV)/bin/python -m latent_lm.studies.mllm --root=runs/mllm
 
 # The speech study (docs/experiments.md §11): corpus → audio σ-VAE → judges → TTS model → zero-shot TTS of held-out
-# speakers, the audio σ-VAE at two more frame rates, then the tables, plot and a few WAVs, also written to docs/tts/.
+# speakers, then the table, plot and a few WAVs, also written to docs/tts/. `make tts-rates` (after it): the audio
+# σ-VAE alone at two more frame rates (≈ 30 min each here), judged by that run's judges, and the table by rate.
 tts: venv
 	$(VENV)/bin/python -m latent_lm.main --config=configs/tts.py --workdir=runs/tts --mode=all
+	$(VENV)/bin/python -m latent_lm.studies.tts --workdir=runs/tts --docs=docs/tts
+
+tts-rates: venv
 	$(VENV)/bin/python -m latent_lm.sweep --config=configs/tts.py --root=runs/tts_rates \
 		--extra="--config.judges.workdir=$(abspath runs/tts)"
 	$(VENV)/bin/python -m latent_lm.studies.tts --workdir=runs/tts --rates_root=runs/tts_rates --docs=docs/tts

@@ -165,7 +165,8 @@ def _paper_tts_model(c: ml_collections.ConfigDict, size: str) -> None:
     # + ≲ 600 tokens, so 1024 positions hold one with room to pack shorter documents beside it.
     seq_len = 1024
     max_frames = int(round(2 * float(c.speech.train_seconds[1]) * fps))
-    c.text.vocab_size = 1024
+    c.text.update(dict(vocab_size=1024, split="words"))
+    c.tts.positions = "continue"  # the paper's one sequence; restarted positions are measured at embedded scale only
     # Latent positions are ≈ half of a packed row (7.5 latents per second against ≈ 5–8 tokens): the gathered head
     # runs on 5/8 of the row, and a row whose latents fill it packs its remaining documents into the next row.
     c.model.update(dict(text_vocab_size=c.text.vocab_size, max_len=seq_len, head_capacity=seq_len * 5 // 8,
@@ -183,19 +184,26 @@ def _tts_model(c: ml_collections.ConfigDict, tiny: bool, frames_per_step: int) -
     """The TTS model (docs/method.md §12.2–12.4, training/tasks/tts.py): the multimodal LatentLM over
     `<bos> phonemes <bod> z₁ … z_n <eod> <eos>` documents, its phoneme tokenizer and its zero-shot evaluation."""
     fps = c.speech.sample_rate / math.prod(c.audio_vae.strides)
-    # Byte-level BPE on the train phonemes (`tts.input`), with the special tokens of docs/method.md §7.3.
-    c.text = ml_collections.ConfigDict(dict(vocab_size=512, min_frequency=2, split="words"))
+    # Byte-level BPE on the train phonemes (`tts.input`), with the special tokens of docs/method.md §7.3; split into
+    # characters, one token per phoneme symbol (with restarted positions, docs/experiments.md §11: the text is then
+    # read further into the utterance).
+    c.text = ml_collections.ConfigDict(dict(vocab_size=512, min_frequency=2, split="characters"))
     # `frames_per_step` latent frames are stacked into each sequence position (one autoregressive step, docs/method.md
     # §12.2): the model then speaks at fps / frames_per_step steps per second.
     k = frames_per_step
     steps_per_second = fps / k
     # Rows hold a pair of utterances (reference-utterance documents): up to 2 × 4.5 s of latents plus their phonemes
-    # (≤ 95 positions): 320 at 25 Hz.
+    # (95 positions: a pair of average utterances, 2 × 47 phoneme symbols; longer pairs are single documents): 207
+    # at 25 Hz and 2 frames per step.
     seq_len = 192 if tiny else int(round(9.0 * steps_per_second)) + 95
     # The longest span in positions (a reference's included).
     max_frames = int(round((6.0 if tiny else 10.0) * steps_per_second))
+    # `latent_input_dropout`: the rate at which training hides a teacher-forced input latent; `positions`: "continue"
+    # (one sequence, as the paper) or "restart" (speech positions count again from `<bod>`, as the text's do from
+    # `<bos>`: docs/method.md §12.2; with characters, the embedded default's best durations and PER).
     c.tts = ml_collections.ConfigDict(dict(input="phonemes", pair_rate=0.5, null_prompt_rate=0.1,
-                                           max_frames=max_frames, frames_per_step=k))
+                                           max_frames=max_frames, frames_per_step=k, latent_input_dropout=0.0,
+                                           positions="restart"))
     c.model.update(dict(arch="tts", num_classes=0, text_vocab_size=c.text.vocab_size, max_len=seq_len,
                         latent_dim=k * c.audio_vae.latent_dim, class_dropout=0.0, head_capacity=seq_len - 8))
     if not tiny:
@@ -216,8 +224,9 @@ def _tts_model(c: ml_collections.ConfigDict, tiny: bool, frames_per_step: int) -
 
 
 def get_sweep(arg: str | None = None) -> list[dict]:
-    """The audio σ-VAE's frame-rate study (`make tts`, docs/experiments.md §11): one `role=audio_vae` run per rate of
-    RATE_STUDY, with the default's corpus, model widths, loss and budget; the 25 Hz row is the TTS run's own."""
+    """The audio σ-VAE's frame-rate study (`make tts-rates`, docs/experiments.md §11): one `role=audio_vae` run per
+    rate of RATE_STUDY, with the default's corpus, model widths, loss and budget; the 25 Hz row is the TTS run's
+    own."""
     a = args.parse(arg, dict(tiny=False))
     base = "tiny=1," if a.tiny else ""
     return [{"name": f"audio_vae_{rate}hz", "config_arg": f"{base}role=audio_vae,rate={rate}"} for rate in RATE_STUDY]

@@ -76,13 +76,18 @@ def train_text_tokenizer(config, workdir, mesh, rules):
     """Trains the byte-level BPE text tokenizer on the run's training text (docs/method.md §7.3) into
     `<tokenizer dir>/text/tokenizer.json`; a tokenizer already there is kept, since every later stage reads it.
 
-    Training is deterministic, so every process trains the same one and process 0 writes it."""
+    Training is deterministic, so every process trains the same one and process 0 writes it. A kept tokenizer must
+    have been trained with the config's `text.split` (one error line otherwise: it is not silently reused)."""
     path = data_paths(config, workdir).text_tokenizer
+    split = config.text.get("split", "words")
     if storage.exists(storage.join(path, TOKENIZER_FILE)):
         tok = TextTokenizer.load(path)
+        if tok.split != split:
+            raise ConfigError(f"the text tokenizer at {path} was trained with text.split={tok.split!r}, not the "
+                              f"config's {split!r}: remove it to train another, or use another tokenizer workdir")
     else:
         tok = train_tokenizer(_tokenizer_texts(config, workdir), config.text.vocab_size, config.text.min_frequency,
-                              config.text.split)
+                              split)
         if jax.process_index() == 0:
             tok.save(path)
         barrier("train_tokenizer")

@@ -8,8 +8,9 @@ to latent mode; in latent mode the diffusion head's K-step DPM-Solver++ samples 
 have stopped.
 
 Prompts of different lengths are left-padded to one width P. Every row writes cache slot s at step s (one shared
-write slot), its RoPE position is s − pad[row] (a prompt's first item is position 0, as in training), and a per-row
-mask over cache slots hides the padding (`layers.Attention`'s `mask`/`cache_index` with a cache).
+write slot), its RoPE position is s − pad[row] (a prompt's first item is position 0, as in training; with
+`restart_positions`, s − the slot of the prompt's last span opener up to s, where there is one), and a per-row mask
+over cache slots hides the padding (`layers.Attention`'s `mask`/`cache_index` with a cache).
 CFG doubles the batch [conditional prompts; null prompts]; an element's tokens come from its conditional row's logits,
 its latents from the guided head u + s·(c − u), and whatever it emits is fed to both of its rows.
 Element e draws its token and its x_T at step i from fold_in(fold_in(rng, i), e) (`step_keys`), so a no-cache
@@ -92,6 +93,9 @@ class GenerationSettings:
     pad_id: int = PAD_ID
     image_codes: tuple[int, int] | None = None
     latent_stop_id: int | None = None
+    # RoPE positions count again from each `boi_id` of the prompt (the generated items hold none), as training with
+    # `positions="restart"` (docs/method.md §12.2).
+    restart_positions: bool = False
 
     def __post_init__(self):
         if self.max_new < 1 or self.num_latents < 1 or self.num_steps < 1:
@@ -269,6 +273,10 @@ def generate(model: LatentLM, params, prompt: Prompt, rng: jax.Array, schedule: 
     max_new, n_lat_max = settings.max_new, settings.num_latents
     num_slots = width + max_new  # the last step's (unused) write still fits
     slots = jnp.arange(num_slots)
+    if settings.restart_positions:  # per slot, the prompt's last opener up to it (-1: none), as training counts
+        opener = (padded.tokens == settings.boi_id) & ~padded.is_latent & (slots[None, :width] >= pad[:, None])
+        opened = jax.lax.cummax(jnp.where(opener, slots[None, :width], -1), axis=1)
+        opened = jnp.concatenate([opened, jnp.repeat(opened[:, -1:], max_new, axis=1)], axis=1)  # [rows, num_slots]
 
     def dup(a):  # an element's value for both of its rows (conditional, unconditional)
         return jnp.concatenate([a, a]) if guided else a
@@ -278,6 +286,9 @@ def generate(model: LatentLM, params, prompt: Prompt, rng: jax.Array, schedule: 
         start = jnp.asarray(start, jnp.int32)
         q_slots = start + jnp.arange(h.shape[1])
         positions = jnp.maximum(q_slots[None] - pad[:, None], 0)  # padding: 0, never seen by a real item
+        if settings.restart_positions:
+            since = jax.lax.dynamic_slice_in_dim(opened, start, h.shape[1], axis=1)
+            positions = jnp.where(since >= 0, q_slots[None] - since, positions)
         sees = (slots[None, None] <= q_slots[None, :, None]) & key_valid[:, None]
         mask = (sees | (slots[None, None] == q_slots[None, :, None]))[:, None]  # [rows, 1, T, S]
         cond, hidden, caches = model.apply(params, h, positions, caches, mask, start,

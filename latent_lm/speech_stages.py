@@ -32,6 +32,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -61,6 +62,17 @@ SPLITS = speech_corpus.SPLITS
 
 # ---------------------------------------------------------------------------------------------------------------
 # Paths.
+
+def tts_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """A TTS run's resolved config (`<workdir>/config.json`) as a ConfigDict; one error line for any other run."""
+    path = f"{workdir}/config.json"
+    if not storage.exists(path):
+        raise MissingInputError(f"{path} not found: is --workdir a TTS run (configs/tts.py)?")
+    config = ml_collections.ConfigDict(json.loads(storage.read_text(path)))
+    if config.model.get("arch") != "tts":
+        raise ConfigError(f"{workdir} is a model.arch={config.model.get('arch')!r} run; speech needs a TTS run "
+                          f"(configs/tts.py)")
+    return config
 
 def corpus_dir(config, workdir: str) -> str:
     return f"{tokenizer_dir(config, workdir)}/speech_corpus"

@@ -34,22 +34,11 @@ from latent_lm.errors import ConfigError, MissingInputError
 from latent_lm.evaluation import speech_judges as judges
 from latent_lm.evaluation import tts as tts_eval
 from latent_lm.parallel.mesh import logical_rules, make_mesh
-from latent_lm.speech_stages import audio_codec, judges_dir
+from latent_lm.speech_stages import audio_codec, judges_dir, tts_run_config
 from latent_lm.stage_inputs import data_paths, generator_params
 from latent_lm.text.tokenizer import TextTokenizer
 
 MODES = ("reference", "continuation")
-
-
-def _run_config(workdir: str) -> ml_collections.ConfigDict:
-    path = f"{workdir}/config.json"
-    if not storage.exists(path):
-        raise MissingInputError(f"{path} not found: is --workdir a TTS run (configs/tts.py)?")
-    config = ml_collections.ConfigDict(json.loads(storage.read_text(path)))
-    if config.model.get("arch") != "tts":
-        raise ConfigError(f"{workdir} is a model.arch={config.model.get('arch')!r} run; speech needs a TTS run "
-                          f"(configs/tts.py)")
-    return config
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -71,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise ConfigError("--text is empty")
     if args.mode == "continuation" and args.prompt is None:
         raise ConfigError("--mode=continuation needs --prompt (the recording the model continues)")
-    config = _run_config(args.workdir)
+    config = tts_run_config(args.workdir)
     if args.cfg_scale is not None:
         config.diffusion.cfg_scale = args.cfg_scale
     sr = int(config.speech.sample_rate)

@@ -21,6 +21,7 @@ from latent_lm.generation import (BOI_ID, EOS_ID, GenerationSettings, guided_cod
                                   mask_codes, sample_tokens, step_keys, top_p_filter)
 from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
 from latent_lm.text.tokenizer import SPECIAL_TOKENS
+from latent_lm.training.batches import restart_positions
 
 
 CFG = LatentLMConfig(width=32, depth=2, num_heads=4, num_kv_heads=2, latent_dim=3, head_depth=1, text_vocab_size=16,
@@ -70,8 +71,8 @@ def _programmed_params(seed=0):
 # The no-cache reference: Python state per element, the full forward over every sequence at every step.
 
 @jax.jit
-def _forward(params, toks, lats, is_lat):
-    cond, hidden = MODEL.apply(params, toks, lats, is_lat)
+def _forward(params, toks, lats, is_lat, positions=None):
+    cond, hidden = MODEL.apply(params, toks, lats, is_lat, positions)
     return cond, MODEL.apply(params, hidden, method=LatentLM.lm_logits)
 
 
@@ -131,7 +132,11 @@ def reference_generate(params, prompts, rng, settings, null_prompts=None):
                     l_in[r, j], m_in[r, j] = item, True
                 else:
                     t_in[r, j] = item
-        cond, logits = _forward(params, t_in, l_in, m_in)
+        positions = None
+        if settings.restart_positions:  # as training computes them (right padding never precedes an item)
+            positions = restart_positions(t_in, np.broadcast_to(np.arange(REF_LEN), t_in.shape),
+                                          settings.boi_id)
+        cond, logits = _forward(params, t_in, l_in, m_in, positions)
         last = np.array([len(s) - 1 for s in seqs])
         cond, logits = cond[np.arange(rows), last], logits[np.arange(b), last[:b]]
         k_tok, k_noise = step_keys(rng, i, b)
@@ -310,22 +315,47 @@ def _speech_params():
     return jax.tree.map(jnp.asarray, params)
 
 
+SPEECH_PROMPTS = [[BOS, 5, BOD], [BOS, 11, BOD, Z0], [BOS, 12, 3, 4, BOD], [BOS, 7, 9, BOD, -Z0]]
+
+
+def _speech_settings(restart: bool = False) -> GenerationSettings:
+    return GenerationSettings(max_new=11, num_latents=8, num_steps=2, prediction_type="v_prediction", boi_id=BOD,
+                              latent_stop_id=EOD, stop_ids=(EOD, EOS_ID), restart_positions=restart)
+
+
 def test_speech_mode_lm_head_ends_spans_and_matches_reference():
     """Speech spans (docs/method.md §12.3): `<bod>` opens a span of no fixed length; before each latent the LM head's
     p(`<eod>`) decides whether the span ends (≥ 1/2: `<eod>` is emitted as a text item and stops the element). Spans
     end where the model says (after 1, 0 and 4 new latents here), or at `num_latents`, back in text mode."""
-    params = _speech_params()
-    settings = GenerationSettings(max_new=11, num_latents=8, num_steps=2, prediction_type="v_prediction",
-                                  boi_id=BOD, latent_stop_id=EOD, stop_ids=(EOD, EOS_ID))
-    prompts = [[BOS, 5, BOD], [BOS, 11, BOD, Z0], [BOS, 12, 3, 4, BOD], [BOS, 7, 9, BOD, -Z0]]
+    params, settings = _speech_params(), _speech_settings()
     rng = jax.random.PRNGKey(2)
-    out = jax.device_get(make_generator(MODEL, SCHEDULE, settings)(params, make_prompt(prompts, C), rng))
-    _check_against_reference(out, reference_generate(params, prompts, rng, settings))
+    out = jax.device_get(make_generator(MODEL, SCHEDULE, settings)(params, make_prompt(SPEECH_PROMPTS, C), rng))
+    _check_against_reference(out, reference_generate(params, SPEECH_PROMPTS, rng, settings))
     z = LATENT
     assert _pattern(out, 0) == [z, EOD]
     assert _pattern(out, 1) == [EOD]  # the prompt's last latent has z₀ = 0.3 > 0
     assert _pattern(out, 2)[:9] == [z] * 8 + [4]  # the longest span, then text mode
     assert _pattern(out, 3) == [z, z, z, z, EOD]
+
+
+def test_restarted_positions_match_training_and_change_the_latents():
+    """`restart_positions` (docs/method.md §12.2): the compiled loop's RoPE positions count again from each prompt's
+    `<bod>`, left padding and the null prompt's other width included, exactly as `batches.restart_positions` gives
+    training (the reference's positions); the latents then differ from those of positions that run on."""
+    params, settings = _speech_params(), _speech_settings(restart=True)
+    rng = jax.random.PRNGKey(2)
+    nulls = [[BOS, NULL, BOD]] * 2 + [[BOS, NULL, BOD, Z0]] * 2
+    guided = dataclasses.replace(settings, cfg_scale=2.0)
+    for s, null in ((settings, None), (guided, nulls)):
+        run = make_generator(MODEL, SCHEDULE, s)
+        out = jax.device_get(run(params, make_prompt(SPEECH_PROMPTS, C), rng,
+                                 None if null is None else make_prompt(null, C)))
+        _check_against_reference(out, reference_generate(params, SPEECH_PROMPTS, rng, s, null))
+    plain = jax.device_get(make_generator(MODEL, SCHEDULE, _speech_settings())(
+        params, make_prompt(SPEECH_PROMPTS, C), rng))
+    restarted = jax.device_get(make_generator(MODEL, SCHEDULE, settings)(params, make_prompt(SPEECH_PROMPTS, C), rng))
+    first = restarted.is_latent[:, 0] & plain.is_latent[:, 0]
+    assert first.any() and not np.allclose(restarted.latents[first, 0], plain.latents[first, 0], atol=1e-3)
 
 
 def test_top_p_filter():

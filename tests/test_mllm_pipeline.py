@@ -16,7 +16,8 @@ from latent_lm.text.tokenizer import TextTokenizer, train_tokenizer
 
 def test_train_tokenizer_stage_writes_once_and_checks_the_model_vocabulary(tmp_path, monkeypatch):
     """The stage trains on the run's texts and writes text/tokenizer.json; a second run keeps the file (later stages
-    read it); a tokenizer larger than the model's table is one clear error."""
+    read it); a kept tokenizer of another `text.split` and one larger than the model's table are one clear error
+    each."""
     monkeypatch.setattr(experiment, "tokenizer_training_texts", lambda name: ["a digit seven, thick."] * 50)
     config = get_config("tiny=1")
     config.text.vocab_size = 300
@@ -26,6 +27,10 @@ def test_train_tokenizer_stage_writes_once_and_checks_the_model_vocabulary(tmp_p
     mtime = path.stat().st_mtime_ns
     experiment.train_text_tokenizer(config, str(tmp_path), None, None)
     assert path.stat().st_mtime_ns == mtime
+    config.text.split = "characters"
+    with pytest.raises(ConfigError, match="trained with text.split='words', not the config's 'characters'"):
+        experiment.train_text_tokenizer(config, str(tmp_path), None, None)
+    config.text.split = "words"
     big = train_tokenizer([f"word{i} " * 3 for i in range(2000)], 600, min_frequency=1)
     big.save(str(tmp_path / "other" / "text"))
     config.data.tokenizer_workdir = str(tmp_path / "other")

@@ -134,5 +134,9 @@ def test_mllm_config_validates_and_rejects_what_cannot_train():
     bad.eval.prompt_latents = "median"
     with pytest.raises(ConfigError, match="prompt_latents"):
         validate(bad, STAGES)
+    bad = get_config("tiny=1")
+    bad.documents.positions = "restart"
+    with pytest.raises(ConfigError, match="documents.positions: only 'continue'"):
+        validate(bad, STAGES)
     with pytest.raises(ConfigError, match="arm"):
         get_config("arm=vqgan")

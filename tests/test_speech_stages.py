@@ -237,6 +237,12 @@ def test_configs_validate():
     config.audio_vae_optim.warmup_steps = config.audio_vae_train.steps
     with pytest.raises(ConfigError, match="audio_vae_optim.warmup_steps"):
         validate(config, experiment.STAGES)
+    for key, value, message in (("latent_input_dropout", 1.0, r"tts.latent_input_dropout=1.0 must lie in \[0, 1\)"),
+                                ("positions", "relative", r"tts.positions='relative' must be one of")):
+        config = tts.get_config("tiny=1")
+        config.tts[key] = value
+        with pytest.raises(ConfigError, match=message):
+            validate(config, experiment.STAGES)
     with pytest.raises(ConfigError, match="unknown role"):
         tts.get_config("role=judge")
 

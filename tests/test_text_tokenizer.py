@@ -98,5 +98,6 @@ def test_character_split_gives_one_token_per_character_and_round_trips(tmp_path)
     assert TextTokenizer.load(str(tmp_path)).encode(phonemes[0]) == tok.encode(phonemes[0])
     words = train_tokenizer(phonemes, VOCAB)
     assert len(words.encode(phonemes[0])) < len(tok.encode(phonemes[0]))  # word merges span characters
+    assert (tok.split, words.split, TextTokenizer.load(str(tmp_path)).split) == ("characters", "words", "characters")
     with pytest.raises(ConfigError, match="split='syllables'"):
         train_tokenizer(phonemes, VOCAB, split="syllables")

@@ -137,3 +137,63 @@ def test_tts_task_trains_the_stop_on_packed_rows():
     params = task.init_params(jax.random.PRNGKey(1))
     loss, metrics = jax.jit(task.loss)(params, batch, jax.random.PRNGKey(2))
     assert np.isfinite(loss) and {"ce_loss", "diffusion_loss", "stop_accuracy"} <= set(metrics)
+
+
+def test_latent_input_dropout_hides_inputs_in_training_only():
+    """`tts.latent_input_dropout` (docs/method.md §12.2): training zeroes that share of the input latents and keeps
+    every target; evaluation (`train=False`) sees the inputs whole."""
+    import jax
+
+    from configs.tts import get_config
+    from latent_lm.latents import LatentNormalization
+    from latent_lm.training.tasks import make_generator_task
+
+    config = get_config("tiny=1")
+    config.audio_vae.latent_dim = config.model.latent_dim = C
+    config.tts.update(frames_per_step=1, latent_input_dropout=0.5)
+    task = make_generator_task(config, LatentNormalization(scale=1.0, bias=0.0))
+    data = _data(n=40, seq_len=task.seq_len)
+    batch = next(iter(make_packed_dataset(TTSDocumentSource(data, 0), task.seq_len, 4, seed=0,
+                                          latent_capacity=task.head_capacity)))
+    rng = jax.random.PRNGKey(0)
+    kept, trained = task.make_batch(batch, rng), task.make_batch(batch, rng, train=True)
+    is_latent = np.asarray(batch["is_latent"])
+    full, seen = np.asarray(kept["latents"])[is_latent], np.asarray(trained["latents"])[is_latent]
+    hidden = np.all(seen == 0, axis=-1)
+    assert np.all(np.any(full != 0, axis=-1))  # σ-noised latents: none is 0 before the dropout
+    assert 0.35 < hidden.mean() < 0.65, hidden.mean()
+    # The dropout has its own key: the latents it keeps are the evaluation batch's, and so are the targets.
+    np.testing.assert_array_equal(seen[~hidden], full[~hidden])
+    for key in ("latent_targets", "latent_mask", "text_targets", "continue_mask"):
+        np.testing.assert_array_equal(np.asarray(trained[key]), np.asarray(kept[key]))
+
+
+def test_restarted_positions_count_speech_from_bod():
+    """`tts.positions="restart"` (docs/method.md §12.2): in every packed document the text keeps positions 0, 1, …
+    and `<bod>`, the speech and `<eod> <eos>` count again from 0; "continue" keeps the packer's positions."""
+    import jax
+
+    from configs.tts import get_config
+    from latent_lm.latents import LatentNormalization
+    from latent_lm.training.tasks import make_generator_task
+
+    config = get_config("tiny=1")
+    config.audio_vae.latent_dim = config.model.latent_dim = C
+    config.tts.update(frames_per_step=1, positions="restart")
+    task = make_generator_task(config, LatentNormalization(scale=1.0, bias=0.0))
+    data = _data(n=40, seq_len=task.seq_len)
+    batch = next(iter(make_packed_dataset(TTSDocumentSource(data, 0), task.seq_len, 4, seed=0,
+                                          latent_capacity=task.head_capacity)))
+    got = np.asarray(task.make_batch(batch, jax.random.PRNGKey(0))["positions"])
+    docs = 0
+    for row in range(4):
+        seg, tokens = batch["segment_ids"][row], batch["tokens"][row]
+        for s in set(seg[seg > 0].tolist()):
+            where = np.flatnonzero(seg == s)
+            bod = int(np.flatnonzero(tokens[where] == BOD)[0])
+            np.testing.assert_array_equal(got[row, where], [*range(bod), *range(len(where) - bod)])
+            docs += 1
+    assert docs > 4
+    config.tts.positions = "continue"
+    plain = make_generator_task(config, LatentNormalization(scale=1.0, bias=0.0))
+    np.testing.assert_array_equal(plain.make_batch(batch, jax.random.PRNGKey(0))["positions"], batch["positions"])

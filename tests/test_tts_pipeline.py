@@ -15,6 +15,7 @@ import scipy.io.wavfile
 from configs.tts import get_config
 from data_pipelines.speech_corpus import load_corpus
 from latent_lm import experiment, tts_cli
+from latent_lm.studies import tts_text_use
 from latent_lm.parallel import mesh as mesh_lib
 
 pytestmark = pytest.mark.slow
@@ -33,6 +34,12 @@ def test_tiny_tts_run_writes_wavs_manifest_and_scores(tmp_path, monkeypatch):
     assert summary["eval_loss_null_text"] == loss["null_text"]["eval_loss"] != loss["eval_loss"]
     assert loss["null_text"]["metrics"].keys() == loss["metrics"].keys() >= {"diffusion_loss", "ce_loss"}
     assert np.isfinite(loss["null_text"]["metrics"]["diffusion_loss"])
+    # The same two held-out runs by position in the speech span (latent_lm.studies.tts_text_use).
+    tts_text_use.main([f"--workdir={tmp_path}", "--buckets=0,2,500", f"--out={tmp_path}/text_use.json"])
+    rows = json.loads((tmp_path / "text_use.json").read_text())
+    assert [r["positions"] for r in rows] == [[0, 2], [2, 500]] and rows[0]["documents"] == 4
+    for r in rows:
+        assert np.isfinite(r["with_text"]) and np.isclose(r["gap"], 1 - r["with_text"] / r["null_text"], rtol=1e-5)
     manifest = json.loads((tmp_path / "samples/tts/manifest.json").read_text())
     modes = [m["mode"] for m in manifest]
     assert set(modes) == {"continuation", "reference"} and modes.count("reference") == modes.count("continuation")

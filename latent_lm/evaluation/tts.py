@@ -54,7 +54,8 @@ class TTSGenerator:
         return GenerationSettings(max_new=self.task.num_latents + 1, num_latents=self.task.num_latents,
                                   num_steps=self.num_steps, cfg_scale=self.cfg_scale,
                                   prediction_type=self.task.prediction_type, x0_clip=self.x0_clip, boi_id=BOD,
-                                  latent_stop_id=EOD, stop_ids=(EOD, EOS))
+                                  latent_stop_id=EOD, stop_ids=(EOD, EOS),
+                                  restart_positions=self.task.restart_positions)
 
     def _items(self, doc: dict, key: jax.Array) -> tuple[list, list]:
         """(conditional items, null items) of a prompt document: its latents σ-noised and normalised as in training

@@ -10,8 +10,8 @@ and writes one table, one plot and a few WAVs:
 
 `--out` gets tts.md, tts.json and tts.png; `--docs` also gets them, with the first `--wavs` generations of each mode
 and their prompts (what `make tts` puts in the repository's docs). `--rates_root`: the finished audio σ-VAE runs of
-the frame-rate sweep (`configs/tts.py`'s `get_sweep`); their reconstruction scores and the TTS run's own make a
-second table, by frame rate.
+the frame-rate sweep (`make tts-rates`: `configs/tts.py`'s `get_sweep`); their reconstruction scores and the TTS
+run's own make a second table, by frame rate.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ bracket speech latents, and `<null>` is the null prompt that classifier-free gui
 
 from __future__ import annotations
 
+import json
 from typing import Iterable, Sequence
 
 import tokenizers
@@ -47,6 +48,12 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         """Rows of the embedding table the tokenizer needs (special tokens included)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def split(self) -> str:
+        """The `train_tokenizer` split it was trained with, read back from its pre-tokenizer."""
+        pre = json.loads(self.to_json()).get("pre_tokenizer") or {}
+        return "characters" if pre.get("type") == "Sequence" else "words"
 
     def encode(self, text: str) -> list[int]:
         """Text → ids; no special token is added, and a special token's spelling inside the text is plain text."""

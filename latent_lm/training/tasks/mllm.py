@@ -21,12 +21,12 @@ from latent_lm.diffusion import NoiseSchedule, make_schedule
 from latent_lm.latents import LatentNormalization, LatentPosterior
 from latent_lm.models.latent_lm import LatentLM, LatentLMConfig
 from latent_lm.text.tokenizer import SPECIAL_TOKENS, TextTokenizer
-from latent_lm.training.batches import document_targets, image_span_ids
+from latent_lm.training.batches import document_targets, image_span_ids, restart_positions
 from latent_lm.training.flops import train_flops_per_step
 from latent_lm.training.generator_losses import latent_lm_loss
 from latent_lm.training.tasks.registry import DataPaths, latent_grid_tokens, register_generator
 
-PAD_ID, NULL_ID = SPECIAL_TOKENS.index("<pad>"), SPECIAL_TOKENS.index("<null>")
+PAD_ID, NULL_ID, BOI_ID = (SPECIAL_TOKENS.index(t) for t in ("<pad>", "<null>", "<boi>"))
 BYTE_TOKENS = 256  # byte-level BPE holds every byte as a token
 # eval.prompt_latents → the σ of a prompt's image latents in `model_latents` (docs/method.md §10.5): "sampled" draws
 # one per image as training does, "mean" shows the σ-VAE's posterior mean μ (σ = 0).
@@ -50,9 +50,16 @@ class MultimodalTask:
     num_latents: int  # latent vectors per image
     dataset: str
     documents: dict  # config.documents: the document mix, null-prompt rate, ...
+    # Training only: the rate at which a teacher-forced input latent is replaced by 0 (its targets are kept), so the
+    # next latent must come from the condition and the earlier latents (docs/method.md §12.2).
+    latent_input_dropout: float = 0.0
+    # Positions count again from the span's opening token (`span_open_id`) instead of running on from the text
+    # (`positions="restart"` in the documents' config; docs/method.md §12.2).
+    restart_positions: bool = False
     # Images have N latents each; a kind with variable-length spans (speech) names the token that ends one, which
     # the LM head learns at every latent (docs/method.md §12.3).
     latent_stop_id: ClassVar[int | None] = None
+    span_open_id: ClassVar[int] = BOI_ID
 
     @classmethod
     def from_config(cls, config, norm: LatentNormalization) -> "MultimodalTask":
@@ -69,7 +76,8 @@ class MultimodalTask:
                    batch_mul=d.batch_mul, diffusion_weight=d.diffusion_weight,
                    posterior=LatentPosterior.from_vae_config(tokenizer), norm=norm, seq_len=config.model.max_len,
                    head_capacity=config.model.head_capacity, num_latents=num_latents, dataset=dataset,
-                   documents=documents)
+                   documents=documents, latent_input_dropout=documents.get("latent_input_dropout", 0.0),
+                   restart_positions=documents.get("positions", "continue") == "restart")
 
     @classmethod
     def config_checks(cls, config) -> list[tuple[bool, str]]:
@@ -85,6 +93,9 @@ class MultimodalTask:
              f"model.head_capacity={m.get('head_capacity')} must lie in [{n} (one image), model.max_len={m.max_len}]"),
             (config.eval.get("prompt_latents", "sampled") in PROMPT_LATENTS,
              f"eval.prompt_latents={config.eval.get('prompt_latents')!r} must be one of {list(PROMPT_LATENTS)}"),
+            # Restarted positions assume one span per document and are generated for speech only.
+            ((config.get("documents") or {}).get("positions", "continue") == "continue",
+             "documents.positions: only 'continue' for image documents (restarted positions are tts.positions)"),
         ] + cls.source_checks(config)
 
     @staticmethod
@@ -135,13 +146,23 @@ class MultimodalTask:
         z = self.posterior.sample(rng, latents, example_ids=image_span_ids(is_latent), sampling_std=sampling_std)
         return jnp.where(is_latent[..., None], self.norm.normalize(z), 0.0)
 
-    def make_batch(self, batch, rng):
-        """Packed rows → model inputs and targets (`model_latents`, `batches.document_targets`)."""
+    def make_batch(self, batch, rng, train: bool = False):
+        """Packed rows → model inputs and targets (`model_latents`, `batches.document_targets`); with `train`, input
+        latents dropped at `latent_input_dropout`; positions restarted at each span's opener with
+        `restart_positions`."""
         is_latent = batch["is_latent"]
         z = self.model_latents(rng, batch["latents"], is_latent)
         targets = document_targets(batch["tokens"], is_latent, z, batch["segment_ids"], (PAD_ID, NULL_ID),
                                    variable_spans=self.latent_stop_id is not None)
-        return dict(tokens=batch["tokens"], latents=z, is_latent=is_latent, positions=batch["positions"],
+        inputs = z
+        if train and self.latent_input_dropout:
+            # A key folded from `rng`: the σ draws stay those of `train=False` (and of runs without the dropout).
+            dropped = jax.random.bernoulli(jax.random.fold_in(rng, 1), self.latent_input_dropout, is_latent.shape)
+            inputs = jnp.where(dropped[..., None], 0.0, z)
+        positions = batch["positions"]
+        if self.restart_positions:
+            positions = restart_positions(batch["tokens"], positions, self.span_open_id)
+        return dict(tokens=batch["tokens"], latents=inputs, is_latent=is_latent, positions=positions,
                     segment_ids=batch["segment_ids"], **targets)
 
     def train_flops_per_example(self) -> float:
@@ -150,10 +171,10 @@ class MultimodalTask:
         return train_flops_per_step(self.model.config, 1, self.seq_len, self.batch_mul, self.head_capacity)["total"]
 
     def loss(self, params, batch, rng, train: bool = True):
-        """Condition dropout is data-side here (captions dropped to `<null>`), so `train` changes nothing."""
-        del train
+        """Condition dropout is data-side here (captions dropped to `<null>`); `train` turns on the input latents'
+        dropout."""
         rng_vae, rng_loss = jax.random.split(rng)
-        return latent_lm_loss(self.model, params, self.make_batch(batch, rng_vae), rng_loss,
+        return latent_lm_loss(self.model, params, self.make_batch(batch, rng_vae, train), rng_loss,
                               schedule=self.schedule, prediction_type=self.prediction_type,
                               batch_mul=self.batch_mul, class_dropout=0.0, diffusion_weight=self.diffusion_weight,
                               head_capacity=self.head_capacity, latent_stop_id=self.latent_stop_id)

@@ -19,7 +19,10 @@ from latent_lm.text.tokenizer import SPECIAL_TOKENS, TextTokenizer
 from latent_lm.training.tasks.mllm import BYTE_TOKENS, MultimodalTask
 from latent_lm.training.tasks.registry import DataPaths, register_generator
 
-EOD_ID = SPECIAL_TOKENS.index("<eod>")
+BOD_ID, EOD_ID = SPECIAL_TOKENS.index("<bod>"), SPECIAL_TOKENS.index("<eod>")
+# Speech positions run on from the text's ("continue", the paper's one sequence) or count again from `<bod>`
+# ("restart", VALL-E's separate positions; docs/method.md §12.2).
+POSITIONS = ("continue", "restart")
 
 
 @register_generator("tts")
@@ -29,6 +32,7 @@ class TTSTask(MultimodalTask):
     spans end where the LM head says `<eod>`."""
 
     latent_stop_id: ClassVar[int | None] = EOD_ID
+    span_open_id: ClassVar[int] = BOD_ID
 
     @classmethod
     def from_config(cls, config, norm: LatentNormalization) -> "TTSTask":
@@ -49,6 +53,10 @@ class TTSTask(MultimodalTask):
              f"model.head_capacity={m.get('head_capacity')} must lie in [1, model.max_len={m.max_len}]"),
             (0 < t.max_frames < m.max_len, f"tts.max_frames={t.max_frames} must lie in [1, model.max_len)"),
             (t.frames_per_step >= 1, f"tts.frames_per_step={t.frames_per_step} must be ≥ 1"),
+            (t.get("positions", "continue") in POSITIONS,
+             f"tts.positions={t.get('positions')!r} must be one of {list(POSITIONS)}"),
+            (0.0 <= t.get("latent_input_dropout", 0.0) < 1.0,
+             f"tts.latent_input_dropout={t.get('latent_input_dropout')} must lie in [0, 1)"),
         ]
 
     # The held-out loss once more with every text dropped to `<null>` (`eval_loss` → eval/loss.json
