@@ -346,14 +346,15 @@ def test_restarted_positions_match_training_and_change_the_latents():
     rng = jax.random.PRNGKey(2)
     nulls = [[BOS, NULL, BOD]] * 2 + [[BOS, NULL, BOD, Z0]] * 2
     guided = dataclasses.replace(settings, cfg_scale=2.0)
+    outs = []
     for s, null in ((settings, None), (guided, nulls)):
         run = make_generator(MODEL, SCHEDULE, s)
-        out = jax.device_get(run(params, make_prompt(SPEECH_PROMPTS, C), rng,
-                                 None if null is None else make_prompt(null, C)))
-        _check_against_reference(out, reference_generate(params, SPEECH_PROMPTS, rng, s, null))
+        outs.append(jax.device_get(run(params, make_prompt(SPEECH_PROMPTS, C), rng,
+                                       None if null is None else make_prompt(null, C))))
+        _check_against_reference(outs[-1], reference_generate(params, SPEECH_PROMPTS, rng, s, null))
     plain = jax.device_get(make_generator(MODEL, SCHEDULE, _speech_settings())(
         params, make_prompt(SPEECH_PROMPTS, C), rng))
-    restarted = jax.device_get(make_generator(MODEL, SCHEDULE, settings)(params, make_prompt(SPEECH_PROMPTS, C), rng))
+    restarted = outs[0]
     first = restarted.is_latent[:, 0] & plain.is_latent[:, 0]
     assert first.any() and not np.allclose(restarted.latents[first, 0], plain.latents[first, 0], atol=1e-3)
 

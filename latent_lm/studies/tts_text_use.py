@@ -2,7 +2,7 @@
 
   python -m latent_lm.studies.tts_text_use --workdir=runs/tts [--buckets=0,2,5,10,20,30,45,60] [--out=FILE.json]
 
-The held-out documents of `eval_loss` (test_speakers, single utterances, rows of `eval.loss_batch`) go through the trained model (EMA when
+The held-out documents of `eval_loss` (test_speakers, single utterances, one packed row at a time) go through the trained model (EMA when
 `eval.use_ema`) twice, with their text and with it dropped to `<null>`; at every speech position the diffusion loss is
 averaged over fixed t ∈ T_STEPS, and both runs are lined up document by document. Per bucket of positions in the
 span it prints the mean loss with and without the text and the gap, (without − with) / without. A model that reads
@@ -34,12 +34,16 @@ from latent_lm.training.generator_losses import training_target
 T_STEPS = (100, 300, 500, 700, 900)  # of the 1,000 training steps: from little noise to much
 
 
-def span_losses(config, workdir: str, null_text: bool) -> list[np.ndarray]:
-    """The diffusion loss at each speech position of every held-out document, in document order."""
+def span_losses(config, workdir: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The diffusion loss at each speech position of every held-out document, in document order: with the text, and
+    with it dropped to `<null>` (the model loaded once)."""
     mesh = make_mesh(ml_collections.ConfigDict(dict(shape=(-1, 1, 1))), jax.devices()[:1])  # one device suffices
     rules = logical_rules(config.mesh)
     task, params, _ = generator_params(config, workdir, mesh, rules)
+    return tuple(_held_out(config, workdir, task, params, mesh, rules, null_text) for null_text in (False, True))
 
+
+def _held_out(config, workdir, task, params, mesh, rules, null_text: bool) -> list[np.ndarray]:
     @jax.jit
     def per_position(b, key):
         cond, _ = task.model.apply(params, b["tokens"], b["latents"], b["is_latent"], b["positions"],
@@ -54,8 +58,9 @@ def span_losses(config, workdir: str, null_text: bool) -> list[np.ndarray]:
         return jnp.mean(jnp.stack(errs), axis=0)
 
     docs = []
-    # Rows of `eval.loss_batch`, as eval_loss reads them.
-    data = task.make_dataset(data_paths(config, workdir), "test", config.eval.loss_batch, seed=0, null_text=null_text)
+    # One row per batch: a batch of several rows would leave out the documents of an unfilled last one, and unequally
+    # with and without the text (they pack into different numbers of rows).
+    data = task.make_dataset(data_paths(config, workdir), "test", 1, seed=0, null_text=null_text)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for i, raw in enumerate(data):
             b = task.make_batch({k: jnp.asarray(v) for k, v in raw.items()}, jax.random.PRNGKey(i))
@@ -63,7 +68,7 @@ def span_losses(config, workdir: str, null_text: bool) -> list[np.ndarray]:
             for row, seg in enumerate(raw["segment_ids"]):
                 docs += [err[row][(seg == s) & mask[row]] for s in sorted(set(seg[seg > 0].tolist()))]
     if not docs:
-        raise DataError(f"the held-out split of {workdir} fills no batch of eval.loss_batch={config.eval.loss_batch}")
+        raise DataError(f"the held-out split of {workdir} holds no speech document")
     return docs
 
 
@@ -91,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     buckets = [int(b) for b in args.buckets.split(",")]
     config = tts_run_config(args.workdir)
-    rows = text_use(span_losses(config, args.workdir, False), span_losses(config, args.workdir, True), buckets)
+    rows = text_use(*span_losses(config, args.workdir), buckets)
     print("| speech positions | documents | diffusion loss with the text | with `<null>` | gap |")
     print("|---|---|---|---|---|")
     for r in rows:
