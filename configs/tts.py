@@ -38,6 +38,9 @@ SCALES = ("embedded", "paper")
 # The TTS model's stages (docs/method.md §12.2–12.4): the phoneme tokenizer, the model, its held-out loss, zero-shot
 # generation on held-out speakers and its scores.
 TTS_STAGES = ("train_tokenizer", "train", "eval_loss", "generate_tts", "eval_tts")
+# The embedded corpus's speaking rate in phoneme symbols (one token each with `text.split="characters"`) per second
+# of speech, measured on its train split (2,600 utterances: 47.0 symbols in 2.59 s on average).
+PHONEME_SYMBOLS_PER_SECOND = 18.13
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -166,7 +169,8 @@ def _paper_tts_model(c: ml_collections.ConfigDict, size: str) -> None:
     seq_len = 1024
     max_frames = int(round(2 * float(c.speech.train_seconds[1]) * fps))
     c.text.update(dict(vocab_size=1024, split="words"))
-    c.tts.positions = "continue"  # the paper's one sequence; restarted positions are measured at embedded scale only
+    c.tts.update(dict(positions="continue", position_scale=1.0))  # the paper's one sequence (restarted, scaled
+    # positions are measured at embedded scale only)
     # Latent positions are ≈ half of a packed row (7.5 latents per second against ≈ 5–8 tokens): the gathered head
     # runs on 5/8 of the row, and a row whose latents fill it packs its remaining documents into the next row.
     c.model.update(dict(text_vocab_size=c.text.vocab_size, max_len=seq_len, head_capacity=seq_len * 5 // 8,
@@ -200,18 +204,22 @@ def _tts_model(c: ml_collections.ConfigDict, tiny: bool, frames_per_step: int) -
     max_frames = int(round((6.0 if tiny else 10.0) * steps_per_second))
     # `latent_input_dropout`: the rate at which training hides a teacher-forced input latent; `positions`: "continue"
     # (one sequence, as the paper) or "restart" (speech positions count again from `<bod>`, as the text's do from
-    # `<bos>`: docs/method.md §12.2; with characters, the embedded default's best durations and PER).
+    # `<bos>`: docs/method.md §12.2; with characters, the embedded default's best durations and PER), the speech's
+    # then times `position_scale`: phoneme symbols per step, so that a step's position is that of the symbol it says.
     c.tts = ml_collections.ConfigDict(dict(input="phonemes", pair_rate=0.5, null_prompt_rate=0.1,
                                            max_frames=max_frames, frames_per_step=k, latent_input_dropout=0.0,
-                                           positions="restart"))
+                                           positions="restart",
+                                           position_scale=round(PHONEME_SYMBOLS_PER_SECOND / steps_per_second, 3)))
     c.model.update(dict(arch="tts", num_classes=0, text_vocab_size=c.text.vocab_size, max_len=seq_len,
                         latent_dim=k * c.audio_vae.latent_dim, class_dropout=0.0, head_capacity=seq_len - 8))
     if not tiny:
-        # With 2 frames per step (rows of 207): 1.9e10 training FLOPs per step (44% in the head), 2.9 steps/s here,
-        # 2,500 steps ≈ 15 min (1 frame per step, rows of 320: 3.1e10, 1.8 steps/s, 25 min). The first default
-        # (width 192, depth 6, batch 16, batch_mul 4: 2.3e11 per step) took ≈ 8 s per step: over 3 h.
+        # With 2 frames per step (rows of 207): 1.9e10 training FLOPs per step (44% in the head), 4.3–4.6 steps/s
+        # here, 5,000 steps ≈ 19 min (1 frame per step, rows of 320: 3.1e10, 1.8 steps/s). The first default (width
+        # 192, depth 6, batch 16, batch_mul 4: 2.3e11 per step) took ≈ 8 s per step. 5,000 steps rather than 2,500
+        # (docs/experiments.md §11): with scaled positions the second half doubles the text's share of the held-out
+        # loss and gives the best PER and durations; `make tts` then takes about an hour.
         c.model.update(dict(width=128, depth=4, num_heads=4))
-        c.train.update(dict(steps=2500, batch_size=8))
+        c.train.update(dict(steps=5000, batch_size=8))
         c.diffusion.batch_mul = 2
     c.diffusion.diffusion_weight = 5.0  # as the multimodal model (docs/experiments.md §10.3)
     # Zero-shot TTS on `utterances` held-out-speaker targets, both modes (continuation of the first

@@ -9,8 +9,8 @@ have stopped.
 
 Prompts of different lengths are left-padded to one width P. Every row writes cache slot s at step s (one shared
 write slot), its RoPE position is s − pad[row] (a prompt's first item is position 0, as in training; with
-`restart_positions`, s − the slot of the prompt's last span opener up to s, where there is one), and a per-row mask
-over cache slots hides the padding (`layers.Attention`'s `mask`/`cache_index` with a cache).
+`restart_positions`, (s − the slot of the prompt's last span opener up to s) · `span_position_scale`, where there is
+one), and a per-row mask over cache slots hides the padding (`layers.Attention`'s `mask`/`cache_index` with a cache).
 CFG doubles the batch [conditional prompts; null prompts]; an element's tokens come from its conditional row's logits,
 its latents from the guided head u + s·(c − u), and whatever it emits is fed to both of its rows.
 Element e draws its token and its x_T at step i from fold_in(fold_in(rng, i), e) (`step_keys`), so a no-cache
@@ -96,10 +96,14 @@ class GenerationSettings:
     # RoPE positions count again from each `boi_id` of the prompt (the generated items hold none), as training with
     # `positions="restart"` (docs/method.md §12.2).
     restart_positions: bool = False
+    # With `restart_positions`: the positions after an opener times this (training's `tts.position_scale`).
+    span_position_scale: float = 1.0
 
     def __post_init__(self):
         if self.max_new < 1 or self.num_latents < 1 or self.num_steps < 1:
             raise ValueError(f"max_new, num_latents and num_steps must be >= 1: {self}")
+        if not self.span_position_scale > 0:
+            raise ValueError(f"span_position_scale must be > 0: {self}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1: {self}")
         check_prediction_type(self.prediction_type)
@@ -288,7 +292,8 @@ def generate(model: LatentLM, params, prompt: Prompt, rng: jax.Array, schedule: 
         positions = jnp.maximum(q_slots[None] - pad[:, None], 0)  # padding: 0, never seen by a real item
         if settings.restart_positions:
             since = jax.lax.dynamic_slice_in_dim(opened, start, h.shape[1], axis=1)
-            positions = jnp.where(since >= 0, q_slots[None] - since, positions)
+            positions = jnp.where(since >= 0, (q_slots[None] - since) * jnp.float32(settings.span_position_scale),
+                                  positions)
         sees = (slots[None, None] <= q_slots[None, :, None]) & key_valid[:, None]
         mask = (sees | (slots[None, None] == q_slots[None, :, None]))[:, None]  # [rows, 1, T, S]
         cond, hidden, caches = model.apply(params, h, positions, caches, mask, start,

@@ -183,7 +183,7 @@ def test_export_holds_the_generator_the_tokenizer_and_the_audio_vae(tts_run, tts
                                         special_tokens=tok.special, input="phonemes", latent_stop_id=EOD,
                                         max_frames=run["config"].tts.max_frames, audio_vae="audio_vae",
                                         sample_rate=16_000, hop_length=640, frame_rate=25.0, frames_per_step=2,
-                                        positions="restart")
+                                        positions="restart", position_scale=run["config"].tts.position_scale)
     k = config["kwargs"]
     assert (k["num_classes"], k["text_vocab_size"], k["max_len"], k["in_channels"]) == (0, 512, 192, 2 * a.latent_dim)
     assert config["latent_norm"] == {"scale": 0.8, "bias": 0.1} and config["source"]["step"] == STEP
@@ -254,9 +254,11 @@ def test_tts_documents_match_jax(tts_run, tts_export):
     assert np.abs(np.asarray(p_stop["jax"]) - np.asarray(p_stop["torch"])).max() <= 1e-6
 
 
-def _speak_both(run, model, params, max_frames: int, prompt_latents: int = 3, restart: bool = False):
+def _speak_both(run, model, params, max_frames: int, prompt_latents: int = 3, restart: bool = False,
+                scale: float = 1.0):
     """The JAX generator's speech mode and `torch_tts.speak` on one prompt (phonemes, `<bod>`, latents), its null
-    prompt and the JAX generator's own initial noise (`restart`: positions counted again from `<bod>`); returns
+    prompt and the JAX generator's own initial noise (`restart`: positions counted again from `<bod>`, times
+    `scale`); returns
     ((latents, ended) JAX, (latents, ended) PyTorch)."""
     config, c = run["config"], run["config"].model.latent_dim
     task = make_generator_task(config, LatentNormalization(0.8, 0.1))
@@ -266,7 +268,7 @@ def _speak_both(run, model, params, max_frames: int, prompt_latents: int = 3, re
     items, null_items = [BOS, *text, BOD, *z], [BOS, NULL, BOD, *z]
     settings = GenerationSettings(max_new=max_frames + 1, num_latents=max_frames, num_steps=3, cfg_scale=2.0,
                                   prediction_type=task.prediction_type, boi_id=BOD, latent_stop_id=EOD,
-                                  stop_ids=(EOD, EOS), restart_positions=restart)
+                                  stop_ids=(EOD, EOS), restart_positions=restart, span_position_scale=scale)
     key = jax.random.PRNGKey(4)
     g = make_generator(task.model, task.schedule, settings)(params, make_prompt([items], c), key,
                                                            make_prompt([null_items], c))
@@ -284,7 +286,7 @@ def _speak_both(run, model, params, max_frames: int, prompt_latents: int = 3, re
     sample_func = torch_sampling.make_sample_func(3, task.prediction_type)
     got = torch_tts.speak(model, of(items), of(null_items), sample_func=sample_func, cfg_scale=2.0,
                           max_frames=max_frames, latent_stop_id=EOD, bod_id=BOD, stop_ids=(EOD, EOS), noise=noise,
-                          restart_positions=restart)
+                          restart_positions=restart, position_scale=scale)
     return want, (got[0].numpy(), got[1])
 
 
@@ -300,6 +302,8 @@ def test_torch_speak_generates_what_the_jax_generator_does(tts_run, tts_export):
     # Positions counted again from `<bod>` (docs/method.md §12.2): both loops agree, on other latents.
     (restarted, _), (got, _) = _speak_both(run, model, run["lm_ema"], max_frames=7, restart=True)
     assert np.abs(got - restarted).max() <= 1e-4 and np.abs(restarted - want).max() > 1e-3
+    (scaled, _), (got, _) = _speak_both(run, model, run["lm_ema"], max_frames=7, restart=True, scale=1.5)
+    assert np.abs(got - scaled).max() <= 1e-4 and np.abs(scaled - restarted).max() > 1e-3
 
     # The <eod> row along the prompt's last hidden state (after the LM head's RMSNorm): p(<eod>) ≈ 1 right away.
     params, c = jax.tree.map(np.array, run["lm_ema"]), run["config"].model.latent_dim

@@ -135,7 +135,7 @@ def reference_generate(params, prompts, rng, settings, null_prompts=None):
         positions = None
         if settings.restart_positions:  # as training computes them (right padding never precedes an item)
             positions = restart_positions(t_in, np.broadcast_to(np.arange(REF_LEN), t_in.shape),
-                                          settings.boi_id)
+                                          settings.boi_id, settings.span_position_scale)
         cond, logits = _forward(params, t_in, l_in, m_in, positions)
         last = np.array([len(s) - 1 for s in seqs])
         cond, logits = cond[np.arange(rows), last], logits[np.arange(b), last[:b]]
@@ -318,9 +318,10 @@ def _speech_params():
 SPEECH_PROMPTS = [[BOS, 5, BOD], [BOS, 11, BOD, Z0], [BOS, 12, 3, 4, BOD], [BOS, 7, 9, BOD, -Z0]]
 
 
-def _speech_settings(restart: bool = False) -> GenerationSettings:
+def _speech_settings(restart: bool = False, scale: float = 1.0) -> GenerationSettings:
     return GenerationSettings(max_new=11, num_latents=8, num_steps=2, prediction_type="v_prediction", boi_id=BOD,
-                              latent_stop_id=EOD, stop_ids=(EOD, EOS_ID), restart_positions=restart)
+                              latent_stop_id=EOD, stop_ids=(EOD, EOS_ID), restart_positions=restart,
+                              span_position_scale=scale)
 
 
 def test_speech_mode_lm_head_ends_spans_and_matches_reference():
@@ -341,7 +342,8 @@ def test_speech_mode_lm_head_ends_spans_and_matches_reference():
 def test_restarted_positions_match_training_and_change_the_latents():
     """`restart_positions` (docs/method.md §12.2): the compiled loop's RoPE positions count again from each prompt's
     `<bod>`, left padding and the null prompt's other width included, exactly as `batches.restart_positions` gives
-    training (the reference's positions); the latents then differ from those of positions that run on."""
+    training (the reference's positions), scaled from there by `span_position_scale` as well; the latents then differ
+    from those of positions that run on, and scaled from unscaled ones."""
     params, settings = _speech_params(), _speech_settings(restart=True)
     rng = jax.random.PRNGKey(2)
     nulls = [[BOS, NULL, BOD]] * 2 + [[BOS, NULL, BOD, Z0]] * 2
@@ -354,9 +356,14 @@ def test_restarted_positions_match_training_and_change_the_latents():
         _check_against_reference(outs[-1], reference_generate(params, SPEECH_PROMPTS, rng, s, null))
     plain = jax.device_get(make_generator(MODEL, SCHEDULE, _speech_settings())(
         params, make_prompt(SPEECH_PROMPTS, C), rng))
+    scaled_settings = _speech_settings(restart=True, scale=1.5)
+    scaled = jax.device_get(make_generator(MODEL, SCHEDULE, scaled_settings)(params, make_prompt(SPEECH_PROMPTS, C),
+                                                                             rng))
+    _check_against_reference(scaled, reference_generate(params, SPEECH_PROMPTS, rng, scaled_settings))
     restarted = outs[0]
-    first = restarted.is_latent[:, 0] & plain.is_latent[:, 0]
-    assert first.any() and not np.allclose(restarted.latents[first, 0], plain.latents[first, 0], atol=1e-3)
+    for other in (plain, scaled):
+        first = restarted.is_latent[:, 0] & other.is_latent[:, 0]
+        assert first.any() and not np.allclose(restarted.latents[first, 0], other.latents[first, 0], atol=1e-3)
 
 
 def test_top_p_filter():
@@ -376,6 +383,8 @@ def test_settings_and_guidance_checks():
         GenerationSettings(max_new=0, num_latents=N)
     with pytest.raises(ValueError):
         GenerationSettings(max_new=4, num_latents=N, top_p=0.0)
+    with pytest.raises(ValueError, match="span_position_scale"):
+        GenerationSettings(max_new=4, num_latents=N, restart_positions=True, span_position_scale=0.0)
     gen = make_generator(MODEL, SCHEDULE, GREEDY)  # no cfg_scale: a null prompt is an error, not silently ignored
     prompt = make_prompt([[BOS]], C)
     with pytest.raises(ValueError, match="null prompt"):

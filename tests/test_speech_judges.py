@@ -2,10 +2,11 @@
 synthetic audio — a CTC recogniser that must read tone 'phonemes', a speaker model that must tell synthetic
 voices (fundamental frequency + harmonic timbre) apart on speakers it never saw."""
 
+import jax
 import numpy as np
 import pytest
 
-from latent_lm.errors import DataError
+from latent_lm.errors import ConfigError, DataError
 from latent_lm.evaluation import speech_judges as sj
 
 SR = 8000
@@ -215,6 +216,53 @@ def test_speaker_model_separates_unseen_voices(tmp_path):
     sj.save_judge(bundle, path)
     np.testing.assert_allclose(sj.speaker_embeddings(sj.load_judge(path), held_audio[:3]),
                                sj.speaker_embeddings(bundle, held_audio[:3]), atol=1e-6)
+
+
+def _clips(lengths: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-padded tones of the given lengths (samples at SR): (audio [B, T], lengths [B])."""
+    audio = np.zeros((len(lengths), max(lengths)), np.float32)
+    for r, n in enumerate(lengths):
+        audio[r, :n] = 0.3 * np.sin(2 * np.pi * (200 + 50 * r) * np.arange(n) / SR)
+    return audio, np.asarray(lengths, np.int32)
+
+
+def test_speaker_noise_augmentation_hits_its_snr_on_the_clip_only():
+    audio, lengths = _clips((8000, 6000, 3000, 0))
+    c = dict(sj.speaker_config(), noise_snr_min_db=10.0, noise_snr_max_db=10.0, noise_prob=1.0)
+    noisy = np.asarray(sj._add_noise(jax.random.PRNGKey(0), audio, lengths, c))
+    for r, n in enumerate(lengths):
+        assert not noisy[r, n:].any()  # the padding stays silent
+        if n:
+            snr = 10 * np.log10(np.mean(audio[r, :n] ** 2) / np.mean((noisy[r, :n] - audio[r, :n]) ** 2))
+            assert abs(snr - 10.0) < 0.5, (r, snr)
+    off = np.asarray(sj._add_noise(jax.random.PRNGKey(0), audio, lengths, dict(c, noise_prob=0.0)))
+    np.testing.assert_array_equal(off, audio)
+
+
+def test_speaker_eq_augmentation_is_a_bounded_gain_per_mel_band():
+    audio, lengths = _clips((8000, 5000))
+    c = dict(sj.speaker_config(), sample_rate=SR, n_fft=256, hop=80, n_mels=32, noise_prob=0.0, eq_db=6.0,
+             spec_time_masks=0, spec_freq_masks=0)
+    norm = dict(mean=np.zeros(32, np.float32), std=np.linspace(0.5, 2.0, 32).astype(np.float32))
+    clean, mask = (np.asarray(x) for x in sj._features(audio, lengths, c, norm))
+    aug, aug_mask = (np.asarray(x) for x in sj._channel_augment(jax.random.PRNGKey(1), audio, lengths, c, norm))
+    np.testing.assert_array_equal(aug_mask, mask)
+    gain = (aug - clean) * norm["std"]  # natural log of the mel magnitude
+    assert not gain[~mask].any()
+    for r in range(2):
+        g = gain[r][mask[r]]
+        np.testing.assert_allclose(g, np.broadcast_to(g[:1], g.shape), atol=1e-4)  # one curve for the whole clip
+        assert 0.05 < np.abs(g).max() <= 6.0 * np.log(10) / 20 + 1e-5
+    assert np.abs(gain[0][mask[0]][0] - gain[1][mask[1]][0]).max() > 0.01  # its own curve per clip
+    off = np.asarray(sj._channel_augment(jax.random.PRNGKey(1), audio, lengths, dict(c, eq_db=0.0), norm)[0])
+    np.testing.assert_array_equal(off, clean)
+
+
+@pytest.mark.parametrize("bad", [dict(noise_snr_min_db=30.0, noise_snr_max_db=10.0), dict(noise_prob=1.5),
+                                 dict(eq_db=-1.0)])
+def test_speaker_augmentation_config_is_checked(bad):
+    with pytest.raises(ConfigError, match="speaker judge augmentation"):
+        sj.train_speaker_model([np.zeros(800, np.float32)] * 2, [0, 1], SR, dict(SPEAKER, **bad))
 
 
 def test_embedding_baselines_against_another_rendering():

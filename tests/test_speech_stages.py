@@ -237,12 +237,15 @@ def test_configs_validate():
     config.audio_vae_optim.warmup_steps = config.audio_vae_train.steps
     with pytest.raises(ConfigError, match="audio_vae_optim.warmup_steps"):
         validate(config, experiment.STAGES)
-    for key, value, message in (("latent_input_dropout", 1.0, r"tts.latent_input_dropout=1.0 must lie in \[0, 1\)"),
-                                ("positions", "relative", r"tts.positions='relative' must be one of")):
+    for changes, message in ((dict(latent_input_dropout=1.0), r"tts.latent_input_dropout=1.0 must lie in \[0, 1\)"),
+                             (dict(positions="relative"), r"tts.positions='relative' must be one of"),
+                             (dict(position_scale=0.0), r"tts.position_scale=0.0 must be > 0"),
+                             (dict(positions="continue"), r"tts.position_scale=1.45 scales restarted speech")):
         config = tts.get_config("tiny=1")
-        config.tts[key] = value
+        config.tts.update(changes)
         with pytest.raises(ConfigError, match=message):
             validate(config, experiment.STAGES)
+    assert tts.get_config("scale=paper").tts.position_scale == 1.0
     with pytest.raises(ConfigError, match="unknown role"):
         tts.get_config("role=judge")
 

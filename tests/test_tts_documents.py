@@ -170,7 +170,8 @@ def test_latent_input_dropout_hides_inputs_in_training_only():
 
 def test_restarted_positions_count_speech_from_bod():
     """`tts.positions="restart"` (docs/method.md §12.2): in every packed document the text keeps positions 0, 1, …
-    and `<bod>`, the speech and `<eod> <eos>` count again from 0; "continue" keeps the packer's positions."""
+    and `<bod>`, the speech and `<eod> <eos>` count again from 0 (times `tts.position_scale` from there); "continue"
+    keeps the packer's positions."""
     import jax
 
     from configs.tts import get_config
@@ -179,7 +180,7 @@ def test_restarted_positions_count_speech_from_bod():
 
     config = get_config("tiny=1")
     config.audio_vae.latent_dim = config.model.latent_dim = C
-    config.tts.update(frames_per_step=1, positions="restart")
+    config.tts.update(frames_per_step=1, positions="restart", position_scale=1.0)
     task = make_generator_task(config, LatentNormalization(scale=1.0, bias=0.0))
     data = _data(n=40, seq_len=task.seq_len)
     batch = next(iter(make_packed_dataset(TTSDocumentSource(data, 0), task.seq_len, 4, seed=0,
@@ -194,6 +195,13 @@ def test_restarted_positions_count_speech_from_bod():
             np.testing.assert_array_equal(got[row, where], [*range(bod), *range(len(where) - bod)])
             docs += 1
     assert docs > 4
+    config.tts.position_scale = 1.5
+    scaled = make_generator_task(config, LatentNormalization(scale=1.0, bias=0.0))
+    got_scaled = np.asarray(scaled.make_batch(batch, jax.random.PRNGKey(0))["positions"])
+    speech = np.asarray(batch["segment_ids"] > 0) & (got_scaled != got)
+    np.testing.assert_allclose(got_scaled[speech], 1.5 * got[speech])
+    np.testing.assert_array_equal(got_scaled[~speech], got[~speech])  # the text's, `<bod>` and padding
+    assert speech.sum() > 20
     config.tts.positions = "continue"
     plain = make_generator_task(config, LatentNormalization(scale=1.0, bias=0.0))
     np.testing.assert_array_equal(plain.make_batch(batch, jax.random.PRNGKey(0))["positions"], batch["positions"])

@@ -157,10 +157,11 @@ def multimodal_metadata(tokenizer: TextTokenizer, cfg: LatentLMConfig, latents_p
 def tts_metadata(config, latent_stop_id: int) -> dict:
     """The speech fields of a TTS export's "multimodal" entry (docs/pytorch.md §2.2): what a span's latents are (the
     audio σ-VAE in `audio_vae/`, its rates, the latent frames stacked per position), the token the LM head ends a span
-    with, the longest span (in positions), the input, whether speech positions restart at `<bod>`."""
+    with, the longest span (in positions), the input, whether speech positions restart at `<bod>` and their scale."""
     a = config.audio_vae
     return dict(input=config.tts.input, latent_stop_id=int(latent_stop_id), max_frames=int(config.tts.max_frames),
                 frames_per_step=int(config.tts.frames_per_step), positions=str(config.tts.get("positions", "continue")),
+                position_scale=float(config.tts.get("position_scale", 1.0)),
                 audio_vae=AUDIO_VAE_DIR, sample_rate=int(a.sample_rate), hop_length=int(math.prod(a.strides)),
                 frame_rate=frame_rate(int(a.sample_rate), a.strides))
 

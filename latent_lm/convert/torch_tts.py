@@ -50,25 +50,27 @@ class Items:
 
 class _Row:
     """One sequence with its own KV cache (`slots` long), fed item by item after its prompt. `restart_id`: positions
-    count again from each such token of the prompt (`positions="restart"`, docs/method.md §12.2)."""
+    count again from each such token of the prompt (`positions="restart"`, docs/method.md §12.2), times `scale` from
+    there on (`position_scale`)."""
 
-    def __init__(self, model, prompt: Items, slots: int, restart_id: int | None = None):
+    def __init__(self, model, prompt: Items, slots: int, restart_id: int | None = None, scale: float = 1.0):
         self.model, self.state = model, {
             i: {k: torch.zeros(1, slots, model.num_kv_heads, model.head_dim) for k in ("key", "value")}
             for i in range(len(model.blocks))}
-        self.length, self.opened = 0, 0  # the slot positions count from
+        self.length, self.opened, self.scale = 0, 0, 1.0  # the slot positions count from, and their scale
         openers = [] if restart_id is None else (
             torch.nonzero((prompt.tokens == restart_id) & ~prompt.is_latent)[:, 0].tolist())
         bounds = [0, *openers, len(prompt.tokens)]
         for a, b in zip(bounds, bounds[1:]):  # the prompt in pieces, each opener starting one
-            self.opened = a if a in openers else self.opened
+            if a in openers:
+                self.opened, self.scale = a, scale
             self.feed(prompt.tokens[a:b], prompt.latents[a:b], prompt.is_latent[a:b])
 
     def feed(self, tokens: torch.Tensor, latents: torch.Tensor, is_latent: torch.Tensor) -> None:
         n = tokens.shape[0]
         if n == 0:
             return
-        positions = torch.arange(self.length - self.opened, self.length - self.opened + n)[None]
+        positions = torch.arange(self.length - self.opened, self.length - self.opened + n)[None] * self.scale
         cond, hidden = self.model.forward_tokens(tokens[None], latents[None], is_latent[None], self.length,
                                                  self.state, positions=positions)
         self.length += n
@@ -79,15 +81,16 @@ class _Row:
 def speak(model, prompt: Items, null_prompt: Items | None, *, sample_func: Callable, cfg_scale: float | None,
           max_frames: int, latent_stop_id: int, bod_id: int, stop_ids: tuple[int, ...],
           noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-          restart_positions: bool = False) -> tuple[torch.Tensor, bool]:
+          restart_positions: bool = False, position_scale: float = 1.0) -> tuple[torch.Tensor, bool]:
     """(the generated normalised latents [n, C], whether `<eod>` ended the span) after `prompt`, which ends inside a
     speech span (with `<bod>` or latents). `null_prompt` and `cfg_scale` turn on CFG (both or neither). `noise`
     [max_frames + 1, C] fixes x_T of loop step i (the JAX generator's per-step draws); by default torch.randn.
-    `restart_positions`: positions count again from the prompt's `<bod>` (an export's `positions="restart"`)."""
+    `restart_positions`: positions count again from the prompt's `<bod>` (an export's `positions="restart"`), times
+    `position_scale` (its `position_scale`)."""
     if (null_prompt is None) != (cfg_scale is None):
         raise ValueError("classifier-free guidance needs both a null prompt and cfg_scale (or neither)")
     max_new = max_frames + 1
-    rows = [_Row(model, p, len(p.tokens) + max_new, bod_id if restart_positions else None)
+    rows = [_Row(model, p, len(p.tokens) + max_new, bod_id if restart_positions else None, position_scale)
             for p in (prompt, null_prompt) if p is not None]
     # The trailing latents of the prompt count towards the span (as generation.prompt_state).
     trailing = int(prompt.is_latent.flip(0).int().cumprod(0).sum())
@@ -191,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
                      max_frames=args.max_frames or int(speech["max_frames"]),
                      latent_stop_id=int(speech["latent_stop_id"]), bod_id=special["<bod>"],
                      stop_ids=(special["<eod>"], special["<eos>"]), generator=gen,
-                     restart_positions=speech.get("positions", "continue") == "restart")
+                     restart_positions=speech.get("positions", "continue") == "restart",
+                     position_scale=float(speech.get("position_scale", 1.0)))
     # The prompt's μ and the new latents decode in one causal pass (the prompt is the decoder's left context).
     with torch.no_grad():
         frames = unstack_frames((z / norm["scale"] - norm["bias"]).numpy(), k)

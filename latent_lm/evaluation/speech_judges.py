@@ -165,6 +165,12 @@ def speaker_config() -> ml_collections.ConfigDict:
         channels=128, conv_layers=3, conv_kernel=5, strided_layers=1, embed_dim=128,
         margin=0.2, scale=30.0,  # additive-margin softmax over the training speakers
         crop_seconds=1.5,  # training crops (random offset; shorter clips padded and masked): one compiled shape
+        # Channel augmentation of the training crops (`_channel_augment`): white noise at an SNR drawn from
+        # [noise_snr_min_db, noise_snr_max_db] with probability noise_prob, a random smooth EQ of up to ±eq_db
+        # across the mel bands, and SpecAugment masks. A voice is then judged apart from its channel (a codec's
+        # resynthesis is the same speaker); 0 turns a part off.
+        noise_snr_min_db=10.0, noise_snr_max_db=40.0, noise_prob=0.5, eq_db=6.0, eq_bands=4,
+        spec_time_masks=2, spec_time_width=10, spec_freq_masks=2, spec_freq_width=8,
         steps=1000, batch_size=32, lr=2e-3, warmup_steps=100, weight_decay=0.01, clip_norm=1.0,
         pad_seconds=0.5, eval_batch_size=32, norm_examples=256, fast_compile=False))
 
@@ -279,6 +285,37 @@ def _norm_stats(waves: _Waveforms, c: Mapping[str, Any], seed: int, rows: np.nda
     mean = total / max(count, 1.0)
     std = np.sqrt(np.maximum(sq / max(count, 1.0) - mean ** 2, 1e-6))
     return dict(mean=mean.astype(np.float32), std=std.astype(np.float32))
+
+
+def _add_noise(key: jax.Array, audio: jax.Array, lengths: jax.Array, c: Mapping[str, Any]) -> jax.Array:
+    """White noise on each clip's own samples (the padding stays 0), with probability noise_prob, at an SNR drawn
+    uniformly from [noise_snr_min_db, noise_snr_max_db] against the clip's mean power."""
+    k_snr, k_on, k_noise = jax.random.split(key, 3)
+    b, t = audio.shape
+    valid = jnp.arange(t)[None] < lengths[:, None]
+    snr = jax.random.uniform(k_snr, (b, 1), minval=float(c["noise_snr_min_db"]), maxval=float(c["noise_snr_max_db"]))
+    power = jnp.sum(jnp.square(audio), axis=1, keepdims=True) / jnp.maximum(lengths[:, None], 1)
+    on = jax.random.uniform(k_on, (b, 1)) < float(c["noise_prob"])
+    noise = jax.random.normal(k_noise, audio.shape) * jnp.sqrt(power * 10.0 ** (-snr / 10.0))
+    return jnp.where(valid & on, audio + noise, audio)
+
+
+def _channel_augment(key: jax.Array, audio: jax.Array, lengths: jax.Array, c: Mapping[str, Any],
+                     norm: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+    """The speaker judge's training features under a random channel (speaker_config): `_add_noise`, then in the
+    log-mel domain a smooth EQ (the sum of `eq_bands` cosines over the mel axis with uniform amplitudes, at most
+    ±eq_db amplitude dB in all), then SpecAugment. → (standardised log-mels [B,F,M], frame mask [B,F]) as
+    `_features`."""
+    k_noise, k_eq, k_spec = jax.random.split(key, 3)
+    feats, mask = _features(_add_noise(k_noise, audio, lengths, c), lengths, c, norm)
+    bands = int(c["eq_bands"])
+    if bands and float(c["eq_db"]) > 0:
+        m = feats.shape[-1]
+        basis = jnp.cos(jnp.pi * jnp.arange(1, bands + 1)[:, None] * (jnp.arange(m)[None] + 0.5) / m)  # [K, M]
+        curve = jax.random.uniform(k_eq, (feats.shape[0], bands), minval=-1.0, maxval=1.0) @ basis / bands
+        gain = curve * float(c["eq_db"]) * math.log(10.0) / 20.0  # amplitude dB → natural log of the mel magnitude
+        feats = jnp.where(mask[..., None], feats + gain[:, None, :] / norm["std"], 0.0)
+    return _spec_augment(k_spec, feats, mask, c), mask
 
 
 def _spec_augment(key: jax.Array, feats: jax.Array, mask: jax.Array, c: Mapping[str, Any]) -> jax.Array:
@@ -610,6 +647,11 @@ def train_speaker_model(audio_list: Sequence[np.ndarray], speakers: Sequence[int
     (`_Waveforms`): only the lengths and a few prefetched batches are in memory."""
     c = _merge(speaker_config(), config)
     c.sample_rate = int(sample_rate)
+    if not (float(c.noise_snr_min_db) <= float(c.noise_snr_max_db) and 0.0 <= float(c.noise_prob) <= 1.0
+            and float(c.eq_db) >= 0 and int(c.eq_bands) >= 0):
+        raise ConfigError(f"speaker judge augmentation: need noise_snr_min_db ≤ noise_snr_max_db "
+                          f"({c.noise_snr_min_db}, {c.noise_snr_max_db}), noise_prob in [0, 1] ({c.noise_prob}), "
+                          f"eq_db ≥ 0 ({c.eq_db}) and eq_bands ≥ 0 ({c.eq_bands})")
     waves = _Waveforms(audio_list)
     speakers = np.asarray(speakers)
     if len(waves) != len(speakers) or not len(waves):
@@ -630,8 +672,8 @@ def train_speaker_model(audio_list: Sequence[np.ndarray], speakers: Sequence[int
     margin, scale = float(c.margin), float(c.scale)
 
     @functools.partial(_jit, c=cfg)
-    def step(params, opt_state, audio, lengths, labels):
-        feats, mask = _features(audio, lengths, cfg, norm)
+    def step(params, opt_state, audio, lengths, labels, key):
+        feats, mask = _channel_augment(key, audio, lengths, cfg, norm)
 
         def loss_fn(p):
             e = model.apply({"params": p["encoder"]}, feats, mask)
@@ -668,7 +710,7 @@ def train_speaker_model(audio_list: Sequence[np.ndarray], speakers: Sequence[int
         return audio, lengths, labels
 
     for i, (audio, lengths, labels) in enumerate(_prefetched(plan, make)):
-        params, opt_state, loss = step(params, opt_state, audio, lengths, labels)
+        params, opt_state, loss = step(params, opt_state, audio, lengths, labels, jax.random.fold_in(rng, i))
         if (i + 1) % max(int(c.steps) // 10, 1) == 0:
             logging.info("speaker model step %d: am-softmax loss %.4f", i + 1, float(loss))
     return dict(kind="speaker_model", config=cfg, norm=norm, params=jax.device_get(params["encoder"]),

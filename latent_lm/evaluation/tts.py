@@ -55,7 +55,8 @@ class TTSGenerator:
                                   num_steps=self.num_steps, cfg_scale=self.cfg_scale,
                                   prediction_type=self.task.prediction_type, x0_clip=self.x0_clip, boi_id=BOD,
                                   latent_stop_id=EOD, stop_ids=(EOD, EOS),
-                                  restart_positions=self.task.restart_positions)
+                                  restart_positions=self.task.restart_positions,
+                                  span_position_scale=self.task.span_position_scale)
 
     def _items(self, doc: dict, key: jax.Array) -> tuple[list, list]:
         """(conditional items, null items) of a prompt document: its latents σ-noised and normalised as in training

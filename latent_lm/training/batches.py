@@ -51,16 +51,17 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return (idx - first).astype(jnp.int32)
 
 
-def restart_positions(tokens: jax.Array, positions: jax.Array, open_id: int) -> jax.Array:
+def restart_positions(tokens: jax.Array, positions: jax.Array, open_id: int, scale: float = 1.0) -> jax.Array:
     """`positions` (restarting at 0 per document) counted again from each document's span-opening token `open_id`
     on, the opener at 0: speech positions then start where text positions do, as VALL-E's separate text and speech
-    positions (docs/method.md §12.2). One span per document; [B, T] int32."""
+    positions (docs/method.md §12.2); a span's positions are then multiplied by `scale` (phoneme symbols per speech
+    step: a step sits at the position of the symbol it says). One span per document; [B, T] float32 (RoPE's)."""
     chex.assert_rank([tokens, positions], 2)
     idx = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     opener = jax.lax.cummax(jnp.where(tokens == open_id, idx, -1), axis=1)  # the last opener so far
     start = jax.lax.cummax(jnp.where(positions == 0, idx, -1), axis=1)  # this document's first slot
     opened_at = jnp.take_along_axis(positions, jnp.maximum(opener, 0), axis=1)
-    return jnp.where(opener >= start, positions - opened_at, positions).astype(jnp.int32)
+    return jnp.where(opener >= start, (positions - opened_at) * jnp.float32(scale), positions).astype(jnp.float32)
 
 
 def image_span_ids(is_latent: jax.Array) -> jax.Array:

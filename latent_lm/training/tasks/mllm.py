@@ -56,6 +56,8 @@ class MultimodalTask:
     # Positions count again from the span's opening token (`span_open_id`) instead of running on from the text
     # (`positions="restart"` in the documents' config; docs/method.md §12.2).
     restart_positions: bool = False
+    # With `restart_positions`: a span's positions times this (`tts.position_scale`, docs/method.md §12.2).
+    span_position_scale: float = 1.0
     # Images have N latents each; a kind with variable-length spans (speech) names the token that ends one, which
     # the LM head learns at every latent (docs/method.md §12.3).
     latent_stop_id: ClassVar[int | None] = None
@@ -77,7 +79,8 @@ class MultimodalTask:
                    posterior=LatentPosterior.from_vae_config(tokenizer), norm=norm, seq_len=config.model.max_len,
                    head_capacity=config.model.head_capacity, num_latents=num_latents, dataset=dataset,
                    documents=documents, latent_input_dropout=documents.get("latent_input_dropout", 0.0),
-                   restart_positions=documents.get("positions", "continue") == "restart")
+                   restart_positions=documents.get("positions", "continue") == "restart",
+                   span_position_scale=float(documents.get("position_scale", 1.0)))
 
     @classmethod
     def config_checks(cls, config) -> list[tuple[bool, str]]:
@@ -148,8 +151,8 @@ class MultimodalTask:
 
     def make_batch(self, batch, rng, train: bool = False):
         """Packed rows → model inputs and targets (`model_latents`, `batches.document_targets`); with `train`, input
-        latents dropped at `latent_input_dropout`; positions restarted at each span's opener with
-        `restart_positions`."""
+        latents dropped at `latent_input_dropout`; positions restarted at each span's opener (and scaled by
+        `span_position_scale`) with `restart_positions`."""
         is_latent = batch["is_latent"]
         z = self.model_latents(rng, batch["latents"], is_latent)
         targets = document_targets(batch["tokens"], is_latent, z, batch["segment_ids"], (PAD_ID, NULL_ID),
@@ -161,7 +164,7 @@ class MultimodalTask:
             inputs = jnp.where(dropped[..., None], 0.0, z)
         positions = batch["positions"]
         if self.restart_positions:
-            positions = restart_positions(batch["tokens"], positions, self.span_open_id)
+            positions = restart_positions(batch["tokens"], positions, self.span_open_id, self.span_position_scale)
         return dict(tokens=batch["tokens"], latents=inputs, is_latent=is_latent, positions=positions,
                     segment_ids=batch["segment_ids"], **targets)
 

@@ -55,6 +55,10 @@ class TTSTask(MultimodalTask):
             (t.frames_per_step >= 1, f"tts.frames_per_step={t.frames_per_step} must be ≥ 1"),
             (t.get("positions", "continue") in POSITIONS,
              f"tts.positions={t.get('positions')!r} must be one of {list(POSITIONS)}"),
+            (t.get("position_scale", 1.0) > 0, f"tts.position_scale={t.get('position_scale')} must be > 0"),
+            (t.get("position_scale", 1.0) == 1.0 or t.get("positions", "continue") == "restart",
+             f"tts.position_scale={t.get('position_scale')} scales restarted speech positions: it needs "
+             f"tts.positions='restart'"),
             (0.0 <= t.get("latent_input_dropout", 0.0) < 1.0,
              f"tts.latent_input_dropout={t.get('latent_input_dropout')} must lie in [0, 1)"),
         ]
